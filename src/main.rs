@@ -1,0 +1,144 @@
+//! The `flagstream` command: parse the configuration, start logging, bind, run.
+
+use std::io::Read;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use flagstream::config::{Config, ConfigError, Overrides, TokenHash, render_markdown};
+use flagstream::server::{Listeners, check, run, telemetry};
+
+/// Streaming analytics and feature-flag edge service.
+#[derive(Debug, Parser)]
+#[command(name = "flagstream", version)]
+struct Cli {
+    #[command(flatten)]
+    overrides: Overrides,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the service.
+    Serve,
+    /// Prints the effective configuration (secrets redacted).
+    Config {
+        /// Prints the configuration reference (docs/config.md) instead.
+        #[arg(long)]
+        docs: bool,
+    },
+    /// Validates the configuration, flag files and saved queries; exits 2 on any problem.
+    Check,
+    /// Prints the sha256 of a token for `[[auth.tokens]]`; reads standard input when no
+    /// token is given.
+    HashToken {
+        /// The token.
+        token: Option<String>,
+    },
+}
+
+/// Exit status for configuration and validation problems.
+const EXIT_INVALID: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Config { docs: true } => {
+            print!("{}", render_markdown());
+            ExitCode::SUCCESS
+        }
+        Command::HashToken { token } => hash_token(token),
+        command => match Config::from_process(&cli.overrides) {
+            Ok(config) => dispatch(command, config),
+            Err(err) => invalid(&err),
+        },
+    }
+}
+
+fn dispatch(command: Command, config: Config) -> ExitCode {
+    match command {
+        Command::Serve => serve(config),
+        Command::Config { .. } => {
+            print!("{}", config.render());
+            ExitCode::SUCCESS
+        }
+        Command::Check => {
+            let problems = check(&config);
+            if problems.is_empty() {
+                println!("configuration, flags and saved queries are valid");
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("{} problem(s):", problems.len());
+            for problem in problems {
+                eprintln!("  - {problem}");
+            }
+            ExitCode::from(EXIT_INVALID)
+        }
+        Command::HashToken { .. } => unreachable!("handled before loading the configuration"),
+    }
+}
+
+fn invalid(err: &ConfigError) -> ExitCode {
+    eprint!("{err}");
+    ExitCode::from(EXIT_INVALID)
+}
+
+fn hash_token(token: Option<String>) -> ExitCode {
+    let token = match token {
+        Some(token) => token,
+        None => {
+            let mut input = String::new();
+            if let Err(err) = std::io::stdin().read_to_string(&mut input) {
+                eprintln!("cannot read the token from standard input: {err}");
+                return ExitCode::FAILURE;
+            }
+            input.trim().to_owned()
+        }
+    };
+    println!("{}", TokenHash::of(&token).to_hex());
+    ExitCode::SUCCESS
+}
+
+fn serve(config: Config) -> ExitCode {
+    telemetry::init(&config.telemetry);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: anyhow::Result<()> = runtime.block_on(async {
+        let listeners = Listeners::bind(&config).await?;
+        run(config, listeners, shutdown_signal()).await?;
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = format!("{err:#}"), "flagstream stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,113 @@
+//! Every metric the service exports, named in one place (Prometheus style: `flagstream_`
+//! prefix, unit suffixes, `_total` counters, explicit histogram buckets, bounded labels), the
+//! recorder, and the HTTP middleware that labels requests by matched route.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// HTTP requests answered, by matched route, method and status class.
+pub const HTTP_REQUESTS_TOTAL: &str = "flagstream_http_requests_total";
+/// HTTP request latency, by matched route and method.
+pub const HTTP_REQUEST_DURATION_SECONDS: &str = "flagstream_http_request_duration_seconds";
+/// Requests in flight.
+pub const HTTP_REQUESTS_IN_FLIGHT: &str = "flagstream_http_requests_in_flight";
+/// Always 1, labelled with the version.
+pub const BUILD_INFO: &str = "flagstream_build_info";
+/// 1 when the last readiness check passed, by check.
+pub const READY: &str = "flagstream_ready";
+
+/// Latency buckets for request handling, 100 µs to 10 s.
+const LATENCY_BUCKETS_SECONDS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// The route label of requests that matched no route, so raw paths never become labels.
+const UNMATCHED_ROUTE: &str = "unmatched";
+
+/// Installs the process-wide recorder once and returns its handle; later calls (several
+/// servers in one test process) share it.
+pub fn install() -> Result<PrometheusHandle, BuildError> {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_SECONDS)?
+        .build_recorder();
+    let handle = recorder.handle();
+    // Losing the race means another server installed first; use its handle.
+    if metrics::set_global_recorder(recorder).is_ok() {
+        describe();
+        let _ = HANDLE.set(handle.clone());
+    }
+    Ok(HANDLE.get().cloned().unwrap_or(handle))
+}
+
+fn describe() {
+    metrics::describe_counter!(
+        HTTP_REQUESTS_TOTAL,
+        "HTTP requests answered, by matched route, method and status class."
+    );
+    metrics::describe_histogram!(
+        HTTP_REQUEST_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "HTTP request latency by matched route and method."
+    );
+    metrics::describe_gauge!(HTTP_REQUESTS_IN_FLIGHT, "HTTP requests being handled.");
+    metrics::describe_gauge!(BUILD_INFO, "Always 1; the version is a label.");
+    metrics::describe_gauge!(
+        READY,
+        "1 when the readiness check passed at its last run, by check."
+    );
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// Counts and times every request by its matched route (never the raw path).
+pub async fn track_http(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_owned())
+        .unwrap_or_else(|| UNMATCHED_ROUTE.to_owned());
+    let method = method_label(request.method());
+    let started = Instant::now();
+    let in_flight = metrics::gauge!(HTTP_REQUESTS_IN_FLIGHT);
+    in_flight.increment(1.0);
+    let response = next.run(request).await;
+    in_flight.decrement(1.0);
+    let status = status_class(response.status().as_u16());
+    metrics::counter!(HTTP_REQUESTS_TOTAL, "route" => route.clone(), "method" => method, "status" => status)
+        .increment(1);
+    metrics::histogram!(HTTP_REQUEST_DURATION_SECONDS, "route" => route, "method" => method)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+fn method_label(method: &axum::http::Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        "PATCH" => "PATCH",
+        _ => "other",
+    }
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

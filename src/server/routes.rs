@@ -1,0 +1,122 @@
+//! The route table, the OpenAPI document generated beside it, and the middleware stack.
+//!
+//! Middleware, outermost first: request id and tracing → HTTP metrics by matched route →
+//! load shedding, a global concurrency limit and the request timeout → body limit.
+
+use std::sync::Arc;
+
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::get;
+use axum::{BoxError, Json, Router, middleware};
+use tokio::sync::Semaphore;
+use tower::ServiceBuilder;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::error::{self, ApiError, ErrorCode};
+use super::{AppState, metrics, ops};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "flagstream", description = "Streaming analytics and feature-flag edge service."),
+    modifiers(&BearerAuth),
+    components(schemas(error::ErrorBody)),
+    tags((name = "operations", description = "Health, readiness, metrics, configuration."))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+/// The whole route table, with its OpenAPI document.
+fn table(serve_metrics: bool) -> OpenApiRouter<AppState> {
+    let table = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::admin_config));
+    if serve_metrics {
+        table.routes(routes!(ops::metrics))
+    } else {
+        table
+    }
+}
+
+/// Returns the OpenAPI document of the API as served (with `/metrics` on the API listener).
+pub fn api_doc() -> utoipa::openapi::OpenApi {
+    table(true).split_for_parts().1
+}
+
+/// Builds the API router with its middleware.
+pub fn router(state: AppState, serve_metrics: bool) -> Router {
+    let (routes, openapi) = table(serve_metrics).split_for_parts();
+    let openapi = Arc::new(openapi);
+    let server = &state.config.server;
+    let per_route = ServiceBuilder::new()
+        .layer(middleware::from_fn(metrics::track_http))
+        .layer(HandleErrorLayer::new(answer_overload))
+        .load_shed()
+        .layer(GlobalConcurrencyLimitLayer::with_semaphore(Arc::new(
+            Semaphore::new(server.max_concurrent_requests),
+        )))
+        .timeout(server.request_timeout);
+    let outer = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(PropagateRequestIdLayer::x_request_id());
+    let body_limit = server.max_body.as_usize();
+    routes
+        .route(
+            "/openapi.json",
+            get(move || async move { Json(openapi.as_ref().clone()) }),
+        )
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(per_route)
+        .layer(outer)
+        .with_state(state)
+}
+
+/// The router of the separate metrics listener.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(ops::metrics))
+        .fallback(error::not_found)
+        .with_state(state)
+}
+
+/// Raw paths can carry identifiers, so the span records only the method and request id.
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("-");
+    tracing::info_span!("request", method = %request.method(), request_id)
+}
+
+async fn answer_overload(err: BoxError) -> ApiError {
+    if err.is::<tower::timeout::error::Elapsed>() {
+        ApiError::new(ErrorCode::Timeout, "the request took too long")
+    } else if err.is::<tower::load_shed::error::Overloaded>() {
+        ApiError::new(ErrorCode::Overloaded, "the service is at capacity")
+            .retry_after(std::time::Duration::from_secs(1))
+    } else {
+        ApiError::internal(err)
+    }
+}

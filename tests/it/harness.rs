@@ -1,0 +1,224 @@
+//! Test harness: a real `redis-server` and the real service, both on loopback.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flagstream::config::{Config, RedisUrl};
+use flagstream::{Listeners, RunError, run};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A `redis-server` of its own, on a unix socket in a temporary directory, without
+/// persistence. Killed on drop; its log is printed when the test fails.
+pub struct Redis {
+    child: Child,
+    dir: TempDir,
+}
+
+impl Redis {
+    /// Starts `redis-server` (or `$FLAGSTREAM_REDIS_SERVER`) and waits until it answers PING.
+    pub fn start() -> Self {
+        let binary =
+            std::env::var("FLAGSTREAM_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let dir = tempfile::tempdir().expect("temp dir for redis");
+        let child = Command::new(&binary)
+            .args(["--port", "0", "--save", "", "--appendonly", "no"])
+            .arg("--unixsocket")
+            .arg(dir.path().join("redis.sock"))
+            .args(["--unixsocketperm", "700"])
+            .arg("--dir")
+            .arg(dir.path())
+            .arg("--logfile")
+            .arg(dir.path().join("redis.log"))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|err| {
+                panic!(
+                    "cannot start {binary}: {err}. The integration tests need a real Redis: \
+                     install it with `apt-get install redis-server` (Debian/Ubuntu) or \
+                     `brew install redis` (macOS), or set FLAGSTREAM_REDIS_SERVER to its path"
+                )
+            });
+        let redis = Self { child, dir };
+        let started = Instant::now();
+        while !redis.answers_ping() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server did not answer PING within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        redis
+    }
+
+    /// Returns the socket path.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("redis.sock")
+    }
+
+    /// Returns the URL the service should use.
+    pub fn url(&self) -> RedisUrl {
+        format!("unix://{}", self.socket().display())
+            .parse()
+            .expect("valid redis url")
+    }
+
+    /// Returns whether the server answers PING right now.
+    pub fn answers_ping(&self) -> bool {
+        let Ok(mut stream) = UnixStream::connect(self.socket()) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut reply = [0u8; 7];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut reply).is_ok()
+            && &reply == b"+PONG\r\n"
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, `KILL`) to the server.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Kills the server and waits for it to exit.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.signal_quietly();
+        self.kill();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.path().join("redis.log"))
+                .unwrap_or_else(|err| format!("(no redis log: {err})"));
+            eprintln!("---- redis-server log ----\n{log}\n--------------------------");
+        }
+    }
+}
+
+impl Redis {
+    /// A stopped (SIGSTOP) server cannot be killed until continued.
+    fn signal_quietly(&self) {
+        let _ = Command::new("kill")
+            .arg("-CONT")
+            .arg(self.child.id().to_string())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A configuration for tests: loopback on port 0, a temporary data dir, the repo's flags and
+/// queries.
+pub fn test_config(data_dir: &Path) -> Config {
+    let mut config = Config::default();
+    config.server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.server.shutdown_grace = Duration::from_secs(2);
+    config.storage.data_dir = data_dir.to_path_buf();
+    config.flags.dir = repo_path("flags");
+    config.sql.queries_dir = repo_path("queries");
+    config.telemetry.log_filter = "warn".into();
+    config
+}
+
+/// Returns a path inside the repository.
+pub fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// The real service, running in this process on `127.0.0.1:0`.
+pub struct Service {
+    /// The API address.
+    pub addr: SocketAddr,
+    /// The metrics address, when served on its own listener.
+    pub metrics_addr: Option<SocketAddr>,
+    /// A client for it.
+    pub http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), RunError>>>,
+    _data_dir: Option<TempDir>,
+}
+
+impl Service {
+    /// Starts the service with the default test configuration.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts the service with a test configuration changed by `adjust`.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let data_dir = tempfile::tempdir().expect("temp data dir");
+        let mut config = test_config(data_dir.path());
+        adjust(&mut config);
+        let mut service = Self::start_config(config).await;
+        service._data_dir = Some(data_dir);
+        service
+    }
+
+    /// Starts the service with exactly this configuration.
+    pub async fn start_config(config: Config) -> Self {
+        let problems = config.validate();
+        assert!(
+            problems.is_empty(),
+            "invalid test configuration: {problems:?}"
+        );
+        flagstream::server::telemetry::init(&config.telemetry);
+        let listeners = Listeners::bind(&config).await.expect("bind loopback");
+        let addr = listeners.api_addr().expect("api address");
+        let metrics_addr = listeners.metrics.as_ref().map(|l| l.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(run(config, listeners, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            metrics_addr,
+            http: reqwest::Client::new(),
+            stop: Some(stop),
+            task: Some(task),
+            _data_dir: None,
+        }
+    }
+
+    /// Returns the URL of `path` on the API listener.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// GETs `path` and returns the status and the body as JSON.
+    pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let response = self.http.get(self.url(path)).send().await.expect("request");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("json body"))
+    }
+
+    /// Asks the service to stop and returns what `run` returned.
+    pub async fn stop(mut self) -> Result<(), RunError> {
+        let _ = self.stop.take().expect("running").send(());
+        self.task
+            .take()
+            .expect("running")
+            .await
+            .expect("service task panicked")
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! Integration tests: the real service on `127.0.0.1:0`, a real `redis-server`, real clients.
+//! One test binary, so DataFusion is linked once.
+
+mod cli;
+mod harness;
+mod ops;

@@ -1,0 +1,329 @@
+//! Operations endpoints, the error model, auth, limits and the OpenAPI document, against the
+//! real server.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use flagstream::config::{Role, TokenConfig, TokenHash};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::{Redis, Service};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_health_readiness_and_metrics_with_no_redis() {
+    let service = Service::start().await;
+
+    let (status, health) = service.get_json("/healthz").await;
+    assert_eq!(status, 200);
+    assert_eq!(health["status"], "ok");
+
+    let (status, ready) = service.get_json("/readyz").await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["checks"]["counters"]["detail"], "embedded store");
+    assert_eq!(ready["checks"]["data_dir"]["ok"], true);
+
+    let metrics = metrics_text(&service).await;
+    assert!(
+        metrics.contains("flagstream_build_info{version=\""),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "flagstream_http_requests_total{route=\"/healthz\",method=\"GET\",status=\"2xx\"}"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("flagstream_http_request_duration_seconds_bucket{"));
+    service.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_a_real_redis() {
+    let mut redis = Redis::start();
+    let url = redis.url();
+    let service = Service::start_with(|config| config.counters.redis_url = Some(url)).await;
+
+    let (status, ready) = service.get_json("/readyz").await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["checks"]["counters"]["detail"], "redis answers PING");
+
+    redis.kill();
+    let (status, ready) = service.get_json("/readyz").await;
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(ready["status"], "not_ready");
+    assert_eq!(ready["checks"]["counters"]["ok"], false);
+    // Liveness does not depend on Redis.
+    assert_eq!(service.get_json("/healthz").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_routes_and_wrong_methods_answer_the_json_error_body() {
+    let service = Service::start().await;
+    let (status, body) = service.get_json("/v1/nothing-here").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"], "not_found");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/nothing-here")
+    );
+
+    let response = service
+        .http
+        .delete(service.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "method_not_allowed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_operation_is_routed() {
+    let service = Service::start().await;
+    let (status, doc) = service.get_json("/openapi.json").await;
+    assert_eq!(status, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+    let paths = doc["paths"].as_object().expect("paths");
+    for expected in ["/healthz", "/readyz", "/metrics", "/v1/admin/config"] {
+        assert!(paths.contains_key(expected), "{expected} is not documented");
+    }
+    for (path, operations) in paths {
+        for method in operations.as_object().unwrap().keys() {
+            let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let response = service
+                .http
+                .request(method.clone(), service.url(path))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let body = response.text().await.unwrap();
+            assert!(
+                !body.contains("\"not_found\"") && !body.contains("\"method_not_allowed\""),
+                "{method} {path} is documented but not routed: {status} {body}"
+            );
+        }
+    }
+    // And the document is the one the library generates.
+    let generated = serde_json::to_value(flagstream::server::api_doc()).unwrap();
+    assert_eq!(generated["paths"], doc["paths"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool() {
+    let service = Service::start().await;
+    // Touch a few routes so every kind of series is present.
+    service.get_json("/healthz").await;
+    service.get_json("/readyz").await;
+    service.get_json("/missing").await;
+    let text = metrics_text(&service).await;
+
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = child.unwrap_or_else(|err| {
+        panic!(
+            "cannot run promtool: {err}. Install it with `apt-get install prometheus` \
+             (Debian/Ubuntu); .ci/run does this"
+        )
+    });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool rejected /metrics:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_guard_the_admin_configuration() {
+    let tokens = vec![
+        TokenConfig {
+            name: "ios-app".into(),
+            role: Role::Client,
+            sha256: TokenHash::of("client-secret"),
+        },
+        TokenConfig {
+            name: "ops".into(),
+            role: Role::Admin,
+            sha256: TokenHash::of("admin-secret"),
+        },
+    ];
+    let service = Service::start_with(|config| {
+        config.auth.tokens = tokens;
+        config.counters.redis_url = Some("redis://user:hunter2@127.0.0.1:1".parse().unwrap());
+    })
+    .await;
+    let get = |token: Option<&'static str>| {
+        let mut request = service.http.get(service.url("/v1/admin/config"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+
+    let response = get(None).await.unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["error"],
+        "unauthorized"
+    );
+    let response = get(Some("guess")).await.unwrap();
+    assert_eq!(response.status(), 401);
+    let response = get(Some("client-secret")).await.unwrap();
+    assert_eq!(response.status(), 403);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["error"],
+        "forbidden"
+    );
+
+    let response = get(Some("admin-secret")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let shown = response.text().await.unwrap();
+    assert!(
+        shown.contains("[server]") && shown.contains("ios-app"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("hunter2") && !shown.contains("client-secret"),
+        "{shown}"
+    );
+    // Operations endpoints stay open to probes.
+    assert_eq!(service.get_json("/healthz").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_can_have_their_own_listener() {
+    let service = Service::start_with(|config| {
+        config.server.metrics_listen = Some(([127, 0, 0, 1], 0).into());
+    })
+    .await;
+    let metrics_addr = service.metrics_addr.expect("metrics listener");
+    let response = service
+        .http
+        .get(service.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404, "metrics moved off the API listener");
+    let text = service
+        .http
+        .get(format!("http://{metrics_addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("flagstream_build_info"));
+    let (_, doc) = service.get_json("/openapi.json").await;
+    assert!(doc["paths"].get("/metrics").is_none());
+    service.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    let service = Service::start_with(|config| {
+        config.server.header_read_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(service.addr).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buffer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buffer))
+        .await
+        .expect("the server closes the connection");
+    assert!(read.is_ok());
+    let answer = String::from_utf8_lossy(&buffer);
+    assert!(!answer.contains("200 OK"), "{answer}");
+    // Everyone else is still served.
+    assert_eq!(service.get_json("/healthz").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_the_concurrency_limit_are_shed_with_retry_after() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let service = Service::start_with(|config| {
+        config.counters.redis_url = Some(url);
+        config.counters.redis_timeout = Duration::from_secs(3);
+        config.server.max_concurrent_requests = 1;
+    })
+    .await;
+    // Connect once while Redis answers, then freeze it so readiness checks hang.
+    assert_eq!(service.get_json("/readyz").await.0, 200);
+    redis.signal("STOP");
+    let slow = tokio::spawn({
+        let http = service.http.clone();
+        let url = service.url("/readyz");
+        async move { http.get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let shed = loop {
+        assert!(std::time::Instant::now() < deadline, "no request was shed");
+        let response = service
+            .http
+            .get(service.url("/healthz"))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 503 {
+            let retry = response.headers().get("retry-after").cloned();
+            break (retry, response.json::<Value>().await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let (retry_after, body) = shed;
+    assert_eq!(body["error"], "overloaded");
+    assert_eq!(retry_after.unwrap(), "1");
+    redis.signal("CONT");
+    assert!(slow.await.unwrap().is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_requests_time_out_with_the_json_error_body() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let service = Service::start_with(|config| {
+        config.counters.redis_url = Some(url);
+        config.counters.redis_timeout = Duration::from_secs(5);
+        config.server.request_timeout = Duration::from_millis(300);
+    })
+    .await;
+    assert_eq!(service.get_json("/readyz").await.0, 200);
+    redis.signal("STOP");
+    let (status, body) = service.get_json("/readyz").await;
+    redis.signal("CONT");
+    assert_eq!(status, 503);
+    assert_eq!(body["error"], "timeout");
+}
+
+async fn metrics_text(service: &Service) -> String {
+    let response = service
+        .http
+        .get(service.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.text().await.unwrap()
+}
