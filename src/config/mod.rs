@@ -458,13 +458,14 @@ impl Config {
                 ),
             );
         }
-        if let Some(metrics) = server.metrics_listen {
-            if metrics == server.listen && metrics.port() != 0 {
-                problem(
-                    "server.metrics_listen",
-                    "must differ from server.listen".into(),
-                );
-            }
+        if let Some(metrics) = server.metrics_listen
+            && metrics == server.listen
+            && metrics.port() != 0
+        {
+            problem(
+                "server.metrics_listen",
+                "must differ from server.listen".into(),
+            );
         }
         for (key, value) in [
             ("server.header_read_timeout", server.header_read_timeout),

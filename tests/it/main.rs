@@ -2,5 +2,6 @@
 //! One test binary, so DataFusion is linked once.
 
 mod cli;
+mod deploy;
 mod harness;
 mod ops;

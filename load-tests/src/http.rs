@@ -1,0 +1,124 @@
+//! A minimal HTTP/1.1 keep-alive client: it writes a prepared request and reads exactly one
+//! response (status line, headers, `Content-Length` body), timing each round trip.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Builds the bytes of a GET request.
+pub fn get_request(host: &str, path: &str, token: Option<&str>) -> Vec<u8> {
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n");
+    if let Some(token) = token {
+        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.into_bytes()
+}
+
+/// Sends `request` on one connection until the shared budget or the deadline runs out;
+/// returns the latencies in microseconds. A non-2xx answer or a broken connection counts as
+/// an error (and the connection is opened again).
+pub async fn drive(
+    addr: SocketAddr,
+    request: &[u8],
+    budget: &AtomicU64,
+    errors: &AtomicU64,
+    deadline: Instant,
+) -> Histogram<u64> {
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    let mut connection: Option<TcpStream> = None;
+    let mut buffer = Vec::with_capacity(4096);
+    while Instant::now() < deadline && take_one(budget) {
+        let stream = match connection.as_mut() {
+            Some(stream) => stream,
+            None => match TcpStream::connect(addr).await {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    connection.insert(stream)
+                }
+                Err(_) => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            },
+        };
+        let sent = Instant::now();
+        match round_trip(stream, request, &mut buffer).await {
+            Ok(status) => {
+                let micros = sent.elapsed().as_micros().max(1) as u64;
+                let _ = histogram.record(micros.min(60_000_000));
+                if !(200..300).contains(&status) {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(_) => {
+                errors.fetch_add(1, Ordering::Relaxed);
+                connection = None;
+            }
+        }
+    }
+    histogram
+}
+
+fn take_one(budget: &AtomicU64) -> bool {
+    budget
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+            left.checked_sub(1)
+        })
+        .is_ok()
+}
+
+async fn round_trip(
+    stream: &mut TcpStream,
+    request: &[u8],
+    buffer: &mut Vec<u8>,
+) -> std::io::Result<u16> {
+    stream.write_all(request).await?;
+    buffer.clear();
+    let header_end = loop {
+        if let Some(at) = find(buffer, b"\r\n\r\n") {
+            break at + 4;
+        }
+        read_more(stream, buffer).await?;
+    };
+    let head = std::str::from_utf8(&buffer[..header_end]).map_err(invalid)?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| invalid("no status"))?;
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .ok_or_else(|| invalid("no content-length"))?;
+    while buffer.len() < header_end + length {
+        read_more(stream, buffer).await?;
+    }
+    Ok(status)
+}
+
+async fn read_more(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut chunk = [0u8; 4096];
+    let n = stream.read(&mut chunk).await?;
+    if n == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    buffer.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn invalid(err: impl ToString) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, err.to_string())
+}
