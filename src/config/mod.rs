@@ -206,6 +206,14 @@ section! {
     pub struct FlagsConfig = "flags" {
         /// Directory of `*.json` and `*.yaml` flag files.
         pub dir: PathBuf = PathBuf::from("./flags"),
+        /// How often the directory is checked for changes; a change is live within this time.
+        pub reload_interval: Duration = Duration::from_millis(500),
+        /// Largest evaluation request body (the context) on OFREP and `/v1/config`.
+        pub max_request_body: ByteSize = ByteSize::kib(64),
+        /// `Cache-Control: max-age` of `/v1/config` answers.
+        pub config_max_age: Duration = Duration::from_secs(60),
+        /// Exposures remembered per day for deduplication; past this, repeats pass through.
+        pub exposure_dedup_capacity: usize = 1_000_000,
     }
 }
 
@@ -468,6 +476,7 @@ impl Config {
             );
         }
         for (key, value) in [
+            ("flags.reload_interval", self.flags.reload_interval),
             ("server.header_read_timeout", server.header_read_timeout),
             ("server.request_timeout", server.request_timeout),
             ("counters.redis_timeout", self.counters.redis_timeout),
@@ -481,6 +490,9 @@ impl Config {
                 "server.max_concurrent_requests",
                 "must be at least 1".into(),
             );
+        }
+        if self.flags.max_request_body.0 < 1024 {
+            problem("flags.max_request_body", "must be at least 1KiB".into());
         }
         if server.max_body.0 < 1024 {
             problem("server.max_body", "must be at least 1KiB".into());

@@ -14,3 +14,20 @@ pub enum Outcome {
     /// Not stored, for this reason.
     Rejected(String),
 }
+
+/// Where server-side exposure records go: the ingest path stores them like any event. Until
+/// the write-ahead log exists, [`CountingExposureSink`] only counts them.
+pub trait ExposureSink: Send + Sync + 'static {
+    /// Takes one exposure (already deduplicated per subject, flag and variant per day).
+    fn submit(&self, exposure: crate::flags::exposure::Exposure);
+}
+
+/// Counts exposures in `flagstream_exposures_total` and keeps nothing.
+#[derive(Debug, Default)]
+pub struct CountingExposureSink;
+
+impl ExposureSink for CountingExposureSink {
+    fn submit(&self, _exposure: crate::flags::exposure::Exposure) {
+        metrics::counter!(crate::server::metrics::EXPOSURES_TOTAL).increment(1);
+    }
+}

@@ -127,7 +127,14 @@ where
             .headers
             .get(AUTHORIZATION)
             .and_then(|value| value.to_str().ok());
-        let principal = Tokens::from_ref(state).authorize(header, R::ROLE)?;
+        // OFREP clients may send the key as `X-API-Key` instead.
+        let api_key = parts
+            .headers
+            .get("x-api-key")
+            .and_then(|value| value.to_str().ok())
+            .map(|key| format!("Bearer {key}"));
+        let presented = header.or(api_key.as_deref());
+        let principal = Tokens::from_ref(state).authorize(presented, R::ROLE)?;
         Ok(Self {
             principal,
             _role: PhantomData,

@@ -122,6 +122,11 @@ impl ApiError {
     pub fn code(&self) -> ErrorCode {
         self.code
     }
+
+    /// Returns the description sent to the client.
+    pub fn description(&self) -> &str {
+        &self.description
+    }
 }
 
 impl IntoResponse for ApiError {

@@ -21,10 +21,29 @@ pub const BUILD_INFO: &str = "flagstream_build_info";
 /// 1 when the last readiness check passed, by check.
 pub const READY: &str = "flagstream_ready";
 
+/// Flag directory reloads, by outcome (applied, unchanged, failed).
+pub const FLAG_RELOADS_TOTAL: &str = "flagstream_flag_reloads_total";
+/// Problems in the flag files as last loaded (rejected files, broken rules, duplicates).
+pub const FLAG_PROBLEMS: &str = "flagstream_flag_problems";
+/// Flags in the snapshot in force.
+pub const FLAGS_LOADED: &str = "flagstream_flags_loaded";
+/// Flag evaluations, by endpoint (ofrep, ofrep_bulk, config) and reason.
+pub const FLAG_EVALUATIONS_TOTAL: &str = "flagstream_flag_evaluations_total";
+/// Time to evaluate the flags of one request, by endpoint.
+pub const FLAG_EVALUATION_DURATION_SECONDS: &str = "flagstream_flag_evaluation_duration_seconds";
+/// Experiment exposures handed to ingest (first per subject, flag and variant per day).
+pub const EXPOSURES_TOTAL: &str = "flagstream_exposures_total";
+
 /// Latency buckets for request handling, 100 µs to 10 s.
 const LATENCY_BUCKETS_SECONDS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
+];
+
+/// Evaluation buckets, 1 µs to 10 ms: a request evaluates in microseconds.
+const EVALUATION_BUCKETS_SECONDS: &[f64] = &[
+    0.000001, 0.0000025, 0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001,
+    0.0025, 0.01,
 ];
 
 /// The route label of requests that matched no route, so raw paths never become labels.
@@ -38,6 +57,10 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         return Ok(handle.clone());
     }
     let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(FLAG_EVALUATION_DURATION_SECONDS.into()),
+            EVALUATION_BUCKETS_SECONDS,
+        )?
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_SECONDS)?
         .build_recorder();
     let handle = recorder.handle();
@@ -64,6 +87,28 @@ fn describe() {
     metrics::describe_gauge!(
         READY,
         "1 when the readiness check passed at its last run, by check."
+    );
+    metrics::describe_counter!(
+        FLAG_RELOADS_TOTAL,
+        "Flag directory reloads, by outcome (applied, unchanged, failed)."
+    );
+    metrics::describe_gauge!(
+        FLAG_PROBLEMS,
+        "Problems in the flag files as last loaded; the last good flags keep serving."
+    );
+    metrics::describe_gauge!(FLAGS_LOADED, "Flags in the snapshot in force.");
+    metrics::describe_counter!(
+        FLAG_EVALUATIONS_TOTAL,
+        "Flag evaluations, by endpoint and reason."
+    );
+    metrics::describe_histogram!(
+        FLAG_EVALUATION_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to evaluate the flags of one request, by endpoint."
+    );
+    metrics::describe_counter!(
+        EXPOSURES_TOTAL,
+        "Experiment exposures handed to ingest (first per subject, flag and variant per day)."
     );
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }

@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod flags_api;
 pub mod metrics;
 pub mod ops;
 mod routes;
@@ -25,7 +26,8 @@ pub use routes::{api_doc, router};
 
 use crate::config::Config;
 use crate::counters::{CounterStore, RedisError};
-use crate::flags::files::DirReport;
+use crate::flags::{FlagStore, Snapshot};
+use crate::ingest::CountingExposureSink;
 
 /// The listeners the service answers on, bound before `run` is called.
 #[derive(Debug)]
@@ -75,40 +77,6 @@ pub enum RunError {
     Serve(#[from] io::Error),
 }
 
-/// What the flag directory held at start.
-#[derive(Debug)]
-pub struct FlagsStatus {
-    /// Flags loaded.
-    pub flags: usize,
-    /// Files loaded.
-    pub files: usize,
-    /// Problems found, as `file:line: reason`.
-    pub problems: Vec<String>,
-}
-
-impl FlagsStatus {
-    fn from_report(report: &DirReport) -> Self {
-        Self {
-            flags: report.flag_count(),
-            files: report.files.len(),
-            problems: report.problems.iter().map(ToString::to_string).collect(),
-        }
-    }
-
-    /// Describes the status in one line.
-    pub fn summary(&self) -> String {
-        if self.problems.is_empty() {
-            format!("{} flags from {} files", self.flags, self.files)
-        } else {
-            format!(
-                "{} problem(s): {}",
-                self.problems.len(),
-                self.problems.join("; ")
-            )
-        }
-    }
-}
-
 /// What every handler can reach; each extracts the slice it needs.
 #[derive(Clone)]
 pub struct AppState {
@@ -120,23 +88,27 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// The counter store.
     pub counters: CounterStore,
-    /// The flags loaded at start.
-    pub flags: Arc<FlagsStatus>,
+    /// The flags in force.
+    pub flags: Arc<FlagStore>,
+    /// Experiment exposures on their way to ingest.
+    pub exposures: Arc<flags_api::Exposures>,
 }
 
 impl AppState {
     /// Builds the state from the configuration: opens stores and reads the flag directory.
     pub fn new(config: &Config) -> Result<Self, RunError> {
-        let flags = crate::flags::files::read_dir(&config.flags.dir);
-        for problem in &flags.problems {
-            tracing::error!(%problem, "flag file rejected");
-        }
+        let flags = FlagStore::load(config.flags.dir.clone());
+        let exposures = flags_api::Exposures::new(
+            config.flags.exposure_dedup_capacity,
+            Arc::new(CountingExposureSink),
+        );
         Ok(Self {
             config: Arc::new(config.clone()),
             tokens: auth::Tokens::new(&config.auth.tokens),
             metrics: metrics::install()?,
             counters: CounterStore::open(&config.counters)?,
-            flags: Arc::new(FlagsStatus::from_report(&flags)),
+            flags,
+            exposures: Arc::new(exposures),
         })
     }
 }
@@ -166,6 +138,7 @@ pub async fn run(
         );
     }
     let state = AppState::new(&config)?;
+    state.flags.watch(config.flags.reload_interval)?;
     let serve_metrics_on_api = listeners.metrics.is_none();
     let app = router(state.clone(), serve_metrics_on_api);
 
@@ -197,10 +170,12 @@ pub async fn run(
 
 /// Checks the configuration's flag files and saved queries; returns every problem found.
 pub fn check(config: &Config) -> Vec<String> {
-    let flags = crate::flags::files::read_dir(&config.flags.dir);
+    let flags = match crate::flags::files::read_dir(&config.flags.dir) {
+        Ok(contents) => Snapshot::build(contents, None).problems,
+        Err(problem) => vec![problem],
+    };
     let (_, queries) = crate::sql::saved::read_dir(&config.sql.queries_dir);
     flags
-        .problems
         .iter()
         .map(ToString::to_string)
         .chain(queries.iter().map(ToString::to_string))

@@ -20,14 +20,17 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{self, ApiError, ErrorCode};
-use super::{AppState, metrics, ops};
+use super::{AppState, flags_api, metrics, ops};
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "flagstream", description = "Streaming analytics and feature-flag edge service."),
     modifiers(&BearerAuth),
     components(schemas(error::ErrorBody)),
-    tags((name = "operations", description = "Health, readiness, metrics, configuration."))
+    tags(
+        (name = "operations", description = "Health, readiness, metrics, configuration."),
+        (name = "flags", description = "Flag evaluation: OFREP and app-launch config.")
+    )
 )]
 struct ApiDoc;
 
@@ -43,12 +46,19 @@ impl Modify for BearerAuth {
     }
 }
 
-/// The whole route table, with its OpenAPI document.
-fn table(serve_metrics: bool) -> OpenApiRouter<AppState> {
+/// The whole route table, with its OpenAPI document. `flag_body` is the body limit of the
+/// flag-evaluation routes.
+fn table(serve_metrics: bool, flag_body: usize) -> OpenApiRouter<AppState> {
+    let flags = OpenApiRouter::new()
+        .routes(routes!(flags_api::ofrep_flag))
+        .routes(routes!(flags_api::ofrep_bulk))
+        .routes(routes!(flags_api::config_get, flags_api::config_post))
+        .layer(DefaultBodyLimit::max(flag_body));
     let table = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
-        .routes(routes!(ops::admin_config));
+        .routes(routes!(ops::admin_config))
+        .merge(flags);
     if serve_metrics {
         table.routes(routes!(ops::metrics))
     } else {
@@ -58,14 +68,15 @@ fn table(serve_metrics: bool) -> OpenApiRouter<AppState> {
 
 /// Returns the OpenAPI document of the API as served (with `/metrics` on the API listener).
 pub fn api_doc() -> utoipa::openapi::OpenApi {
-    table(true).split_for_parts().1
+    table(true, 0).split_for_parts().1
 }
 
 /// Builds the API router with its middleware.
 pub fn router(state: AppState, serve_metrics: bool) -> Router {
-    let (routes, openapi) = table(serve_metrics).split_for_parts();
-    let openapi = Arc::new(openapi);
     let server = &state.config.server;
+    let flag_body = state.config.flags.max_request_body.as_usize();
+    let (routes, openapi) = table(serve_metrics, flag_body).split_for_parts();
+    let openapi = Arc::new(openapi);
     let per_route = ServiceBuilder::new()
         .layer(middleware::from_fn(metrics::track_http))
         .layer(HandleErrorLayer::new(answer_overload))

@@ -3,5 +3,7 @@
 
 mod cli;
 mod deploy;
+mod flags;
 mod harness;
 mod ops;
+mod peers;
