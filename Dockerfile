@@ -8,6 +8,7 @@ COPY load-tests/Cargo.toml load-tests/Cargo.toml
 COPY src src
 COPY load-tests/src load-tests/src
 COPY tests tests
+COPY benches benches
 RUN cargo build --release --locked --bin flagstream
 
 FROM debian:bookworm-slim

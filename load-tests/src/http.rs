@@ -9,22 +9,56 @@ use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Builds the bytes of a GET request.
-pub fn get_request(host: &str, path: &str, token: Option<&str>) -> Vec<u8> {
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n");
-    if let Some(token) = token {
-        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
-    }
-    request.push_str("\r\n");
-    request.into_bytes()
+/// A request to send, where `{n}` in the path or body becomes a per-request number (so each
+/// request can name another subject).
+#[derive(Debug, Clone)]
+pub struct Template {
+    method: String,
+    host: String,
+    path: String,
+    body: String,
+    token: Option<String>,
 }
 
-/// Sends `request` on one connection until the shared budget or the deadline runs out;
+impl Template {
+    /// Describes the request.
+    pub fn new(method: &str, host: &str, path: &str, body: &str, token: Option<&str>) -> Self {
+        Self {
+            method: method.to_uppercase(),
+            host: host.to_owned(),
+            path: path.to_owned(),
+            body: body.to_owned(),
+            token: token.map(str::to_owned),
+        }
+    }
+
+    /// Returns the bytes of request number `n`.
+    pub fn render(&self, n: u64) -> Vec<u8> {
+        let number = n.to_string();
+        let path = self.path.replace("{n}", &number);
+        let body = self.body.replace("{n}", &number);
+        let mut request = format!("{} {path} HTTP/1.1\r\nHost: {}\r\n", self.method, self.host);
+        if let Some(token) = &self.token {
+            request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+        }
+        if !body.is_empty() || self.method == "POST" {
+            request.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
+        }
+        request.push_str("\r\n");
+        request.push_str(&body);
+        request.into_bytes()
+    }
+}
+
+/// Sends requests made from `template` on one connection until the shared budget or the deadline runs out;
 /// returns the latencies in microseconds. A non-2xx answer or a broken connection counts as
 /// an error (and the connection is opened again).
 pub async fn drive(
     addr: SocketAddr,
-    request: &[u8],
+    template: &Template,
     budget: &AtomicU64,
     errors: &AtomicU64,
     deadline: Instant,
@@ -32,7 +66,8 @@ pub async fn drive(
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
     let mut connection: Option<TcpStream> = None;
     let mut buffer = Vec::with_capacity(4096);
-    while Instant::now() < deadline && take_one(budget) {
+    while let Some(n) = take_one(budget).filter(|_| Instant::now() < deadline) {
+        let request = template.render(n);
         let stream = match connection.as_mut() {
             Some(stream) => stream,
             None => match TcpStream::connect(addr).await {
@@ -47,7 +82,7 @@ pub async fn drive(
             },
         };
         let sent = Instant::now();
-        match round_trip(stream, request, &mut buffer).await {
+        match round_trip(stream, &request, &mut buffer).await {
             Ok(status) => {
                 let micros = sent.elapsed().as_micros().max(1) as u64;
                 let _ = histogram.record(micros.min(60_000_000));
@@ -64,12 +99,14 @@ pub async fn drive(
     histogram
 }
 
-fn take_one(budget: &AtomicU64) -> bool {
+/// Takes one request from the budget; returns its number (counting down), or `None` when the
+/// budget is spent.
+fn take_one(budget: &AtomicU64) -> Option<u64> {
     budget
         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
             left.checked_sub(1)
         })
-        .is_ok()
+        .ok()
 }
 
 async fn round_trip(

@@ -25,13 +25,20 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Scenario {
-    /// GETs one path over keep-alive connections, as fast as the server answers.
-    Get {
+    /// Sends one kind of request over keep-alive connections, as fast as the server answers.
+    /// `{n}` in the path or body becomes a per-request number.
+    Request {
         #[command(flatten)]
         run: RunArgs,
-        /// The path to request.
+        /// GET or POST.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// The path (and query).
         #[arg(long, default_value = "/healthz")]
         path: String,
+        /// The request body (JSON).
+        #[arg(long, default_value = "")]
+        body: String,
     },
 }
 
@@ -97,7 +104,12 @@ fn resolve(run: &RunArgs) -> Result<SocketAddr, String> {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let Scenario::Get { run, path } = cli.scenario;
+    let Scenario::Request {
+        run,
+        method,
+        path,
+        body,
+    } = cli.scenario;
     let addr = match resolve(&run) {
         Ok(addr) => addr,
         Err(err) => {
@@ -105,16 +117,22 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let request = Arc::new(http::get_request(&run.target, &path, run.token.as_deref()));
+    let template = Arc::new(http::Template::new(
+        &method,
+        &run.target,
+        &path,
+        &body,
+        run.token.as_deref(),
+    ));
     let budget = Arc::new(AtomicU64::new(run.requests));
     let errors = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(run.seconds);
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..run.connections.max(1) {
-        let (request, budget, errors) = (request.clone(), budget.clone(), errors.clone());
+        let (template, budget, errors) = (template.clone(), budget.clone(), errors.clone());
         workers.push(tokio::spawn(async move {
-            http::drive(addr, &request, &budget, &errors, deadline).await
+            http::drive(addr, &template, &budget, &errors, deadline).await
         }));
     }
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");

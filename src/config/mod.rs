@@ -202,6 +202,65 @@ section! {
 }
 
 section! {
+    /// Event intake: limits, late arrivals, deduplication and the write-ahead log.
+    pub struct IngestConfig = "ingest" {
+        /// Largest request body as sent (possibly compressed).
+        pub max_body: ByteSize = ByteSize::mib(2),
+        /// Largest request body after decompression.
+        pub max_decompressed: ByteSize = ByteSize::mib(2),
+        /// Largest single event.
+        pub max_event: ByteSize = ByteSize::kib(32),
+        /// Most events in one batch or WebSocket message.
+        pub max_batch_events: usize = 2000,
+        /// Events older than this (after clock-skew correction) are rejected as too_old.
+        pub late_horizon: Duration = Duration::from_secs(30 * 86_400),
+        /// Event times further in the future than this are clamped to the receive time.
+        pub future_tolerance: Duration = Duration::from_secs(60),
+        /// Events per second each client key may send; 0 turns the limit off.
+        pub rate_limit: usize = 50_000,
+        /// Events a client key may send in a burst above its rate.
+        pub rate_burst: usize = 100_000,
+        /// Event ids remembered to deduplicate events without device_id + seq.
+        pub dedup_event_ids: usize = 1_000_000,
+        /// Missing sequence numbers remembered per device.
+        pub dedup_gaps_per_device: usize = 4096,
+        /// A write-ahead log segment is closed at this size.
+        pub wal_segment_size: ByteSize = ByteSize::mib(64),
+        /// Requests that may wait for the write-ahead log; more are answered 503.
+        pub wal_queue: usize = 4096,
+        /// Most bytes one group commit gathers.
+        pub wal_group_size: ByteSize = ByteSize::mib(8),
+        /// Declared event types (JSON); `none` uses the reading app's schema.
+        pub schema_file: Option<PathBuf> = None,
+    }
+}
+
+section! {
+    /// Live sessions on the `/v1/stream` WebSocket.
+    pub struct StreamConfig = "stream" {
+        /// Largest client message.
+        pub max_message: ByteSize = ByteSize::mib(1),
+        /// Largest WebSocket frame.
+        pub max_frame: ByteSize = ByteSize::kib(256),
+        /// A session that sends nothing (not even a pong) for this long is closed.
+        pub idle_timeout: Duration = Duration::from_secs(60),
+        /// How often the server pings each session.
+        pub ping_interval: Duration = Duration::from_secs(20),
+        /// Sessions open at once; more are refused with 503.
+        pub max_sessions: usize = 10_000,
+    }
+}
+
+section! {
+    /// Children's data: pseudonyms.
+    pub struct PrivacyConfig = "privacy" {
+        /// File of versioned pseudonymization peppers (`<version> <64 hex>` lines); `none` uses
+        /// `<data_dir>/keys/pepper`, created with a random pepper on first start.
+        pub pepper_file: Option<PathBuf> = None,
+    }
+}
+
+section! {
     /// Flag definitions in flagd's format.
     pub struct FlagsConfig = "flags" {
         /// Directory of `*.json` and `*.yaml` flag files.
@@ -290,6 +349,12 @@ pub struct Config {
     pub server: ServerConfig,
     /// Durable state.
     pub storage: StorageConfig,
+    /// Event intake.
+    pub ingest: IngestConfig,
+    /// Live sessions.
+    pub stream: StreamConfig,
+    /// Privacy.
+    pub privacy: PrivacyConfig,
     /// Flag definitions.
     pub flags: FlagsConfig,
     /// SQL.
@@ -307,6 +372,9 @@ macro_rules! for_each_section {
     ($visit:ident) => {
         $visit!(server, ServerConfig);
         $visit!(storage, StorageConfig);
+        $visit!(ingest, IngestConfig);
+        $visit!(stream, StreamConfig);
+        $visit!(privacy, PrivacyConfig);
         $visit!(flags, FlagsConfig);
         $visit!(sql, SqlConfig);
         $visit!(counters, CountersConfig);
@@ -477,6 +545,8 @@ impl Config {
         }
         for (key, value) in [
             ("flags.reload_interval", self.flags.reload_interval),
+            ("stream.idle_timeout", self.stream.idle_timeout),
+            ("stream.ping_interval", self.stream.ping_interval),
             ("server.header_read_timeout", server.header_read_timeout),
             ("server.request_timeout", server.request_timeout),
             ("counters.redis_timeout", self.counters.redis_timeout),
@@ -490,6 +560,59 @@ impl Config {
                 "server.max_concurrent_requests",
                 "must be at least 1".into(),
             );
+        }
+        let ingest = &self.ingest;
+        if ingest.max_event.0 < 256 {
+            problem("ingest.max_event", "must be at least 256B".into());
+        }
+        if ingest.max_decompressed < ingest.max_event {
+            problem(
+                "ingest.max_decompressed",
+                "must be at least ingest.max_event".into(),
+            );
+        }
+        for (key, value) in [
+            ("ingest.max_batch_events", ingest.max_batch_events),
+            ("ingest.wal_queue", ingest.wal_queue),
+            ("ingest.dedup_event_ids", ingest.dedup_event_ids),
+        ] {
+            if value == 0 {
+                problem(key, "must be at least 1".into());
+            }
+        }
+        if ingest.rate_limit > 0 && ingest.rate_burst < ingest.max_batch_events {
+            problem(
+                "ingest.rate_burst",
+                "must be at least ingest.max_batch_events, or no batch could pass".into(),
+            );
+        }
+        if self.stream.max_frame > self.stream.max_message {
+            problem(
+                "stream.max_frame",
+                "must not exceed stream.max_message".into(),
+            );
+        }
+        if self.stream.ping_interval >= self.stream.idle_timeout {
+            problem(
+                "stream.ping_interval",
+                "must be shorter than stream.idle_timeout".into(),
+            );
+        }
+        if ingest.wal_segment_size < ByteSize::mib(1) {
+            problem("ingest.wal_segment_size", "must be at least 1MiB".into());
+        }
+        if let Some(path) = &ingest.schema_file {
+            match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    if let Err(err) = crate::events::Schema::parse(&text) {
+                        problem("ingest.schema_file", err.to_string());
+                    }
+                }
+                Err(err) => problem(
+                    "ingest.schema_file",
+                    format!("cannot read {}: {err}", path.display()),
+                ),
+            }
         }
         if self.flags.max_request_body.0 < 1024 {
             problem("flags.max_request_body", "must be at least 1KiB".into());

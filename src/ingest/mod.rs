@@ -1,10 +1,34 @@
-//! Ingest: `POST /v1/batch` and the `/v1/stream` WebSocket.
+//! Ingest: from decoded events to durable, acknowledged ones.
 //!
-//! Decodes and validates events, applies the privacy gate, deduplicates, appends to the
-//! write-ahead log and acknowledges only once the record is durable. Every event gets its own
-//! outcome; one bad event never loses the others.
+//! Per event: validate against the schema and correct the clock, pseudonymize the user id,
+//! deduplicate, then append every new event of the request to the write-ahead log in one go and
+//! answer only once it is durable. Every event gets its own [`Outcome`]; one bad event never
+//! loses the others. The HTTP and WebSocket endpoints (in `server`) call [`Ingestor::ingest`].
 
-/// What happened to one event of a batch.
+pub mod decode;
+pub mod dedup;
+pub mod rate;
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::events::schema::EXPOSURE_TYPE;
+use crate::events::time::Millis;
+use crate::events::{Event, Limits, Rejection, Schema, validate};
+use crate::flags::exposure::Exposure;
+use crate::privacy::Pepper;
+use crate::server::metrics::{
+    DEDUP_DEVICES, DEDUP_EVENT_IDS, EVENTS_TOTAL, EXPOSURES_TOTAL, FIELDS_DROPPED_TOTAL,
+    INGEST_ACK_DURATION_SECONDS, INGEST_BATCH_EVENTS, INGEST_CLOCK_SKEW_SECONDS,
+    INGEST_LATENESS_SECONDS, TIMESTAMPS_CLAMPED_TOTAL,
+};
+use crate::wal::{Epoch, Recovery, Wal, WalError, WalOptions};
+use dedup::{Dedup, Seen};
+
+/// What happened to one event of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Durable in the write-ahead log.
@@ -12,22 +36,311 @@ pub enum Outcome {
     /// Seen before; not stored again.
     Duplicate,
     /// Not stored, for this reason.
-    Rejected(String),
+    Rejected(Rejection),
 }
 
-/// Where server-side exposure records go: the ingest path stores them like any event. Until
-/// the write-ahead log exists, [`CountingExposureSink`] only counts them.
+impl Outcome {
+    /// Returns the status as answered to clients.
+    pub fn status(&self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Rejected(_) => "rejected",
+        }
+    }
+}
+
+/// Which endpoint events came through, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// `POST /v1/batch`.
+    Http,
+    /// `/v1/stream`.
+    WebSocket,
+    /// Exposures recorded by the flag endpoints.
+    Exposure,
+}
+
+impl Transport {
+    fn as_str(self) -> &'static str {
+        match self {
+            Transport::Http => "http",
+            Transport::WebSocket => "websocket",
+            Transport::Exposure => "exposure",
+        }
+    }
+}
+
+/// Everything ingest needs, built once at start.
+pub struct IngestOptions {
+    /// The declared event types.
+    pub schema: Schema,
+    /// Time limits per event.
+    pub limits: Limits,
+    /// The pseudonymization key.
+    pub pepper: Pepper,
+    /// The write-ahead log.
+    pub wal: WalOptions,
+    /// Event ids remembered for dedup.
+    pub dedup_ids: usize,
+    /// Missing sequence numbers remembered per device.
+    pub dedup_gaps: usize,
+}
+
+/// The ingest path.
+pub struct Ingestor {
+    schema: Schema,
+    limits: Limits,
+    pepper: Pepper,
+    dedup: Mutex<Dedup>,
+    wal: Wal,
+}
+
+/// Why a whole request could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The write-ahead log refused or failed.
+    #[error(transparent)]
+    Wal(#[from] WalError),
+}
+
+impl Ingestor {
+    /// Opens the write-ahead log, rebuilding the dedup state from it.
+    pub fn open(options: IngestOptions) -> Result<(Self, Recovery), IngestError> {
+        let mut dedup = Dedup::new(options.dedup_ids, options.dedup_gaps);
+        let (wal, recovery) = Wal::open(options.wal, |_, events| {
+            for bytes in events {
+                if let Ok(event) = serde_json::from_slice::<Event>(bytes) {
+                    dedup.check(&event);
+                }
+            }
+        })?;
+        publish_dedup(&dedup);
+        Ok((
+            Self {
+                schema: options.schema,
+                limits: options.limits,
+                pepper: options.pepper,
+                dedup: Mutex::new(dedup),
+                wal,
+            },
+            recovery,
+        ))
+    }
+
+    /// Returns the declared schema.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// Returns the write-ahead log.
+    pub fn wal(&self) -> &Wal {
+        &self.wal
+    }
+
+    /// Validates, pseudonymizes, deduplicates and stores `events`; completes once the new
+    /// ones are durable. `Err` means nothing of this request was stored.
+    pub async fn ingest(
+        &self,
+        events: Vec<Result<Value, Rejection>>,
+        batch_sent_at: Option<Millis>,
+        received_at: Millis,
+        transport: Transport,
+    ) -> Result<Vec<Outcome>, IngestError> {
+        let started = Instant::now();
+        metrics::histogram!(INGEST_BATCH_EVENTS, "transport" => transport.as_str())
+            .record(events.len() as f64);
+        let mut outcomes = Vec::with_capacity(events.len());
+        let mut accepted: Vec<Event> = Vec::new();
+        for raw in events {
+            let checked = raw.and_then(|value| {
+                validate(
+                    &value,
+                    batch_sent_at,
+                    received_at,
+                    &self.schema,
+                    &self.limits,
+                )
+            });
+            match checked {
+                Ok(valid) => {
+                    if valid.dropped > 0 {
+                        metrics::counter!(FIELDS_DROPPED_TOTAL).increment(valid.dropped as u64);
+                    }
+                    if valid.correction.clamped {
+                        metrics::counter!(TIMESTAMPS_CLAMPED_TOTAL).increment(1);
+                    }
+                    metrics::histogram!(INGEST_CLOCK_SKEW_SECONDS)
+                        .record((valid.correction.skew as f64 / 1000.0).abs());
+                    metrics::histogram!(INGEST_LATENESS_SECONDS)
+                        .record((received_at - valid.event.event_time).max(0) as f64 / 1000.0);
+                    let mut event = valid.event;
+                    event.subject = valid.user_id.map(|id| self.pepper.pseudonymize(&id).0);
+                    outcomes.push(Outcome::Ok);
+                    accepted.push(event);
+                }
+                Err(rejection) => outcomes.push(Outcome::Rejected(rejection)),
+            }
+        }
+        let stored = self.store(accepted, &mut outcomes).await?;
+        count_outcomes(&outcomes, transport);
+        if stored > 0 {
+            metrics::histogram!(INGEST_ACK_DURATION_SECONDS, "transport" => transport.as_str())
+                .record(started.elapsed().as_secs_f64());
+        }
+        Ok(outcomes)
+    }
+
+    /// Deduplicates `accepted` (whose outcomes are the `Ok`s of `outcomes`, in order) and
+    /// appends the new ones; returns how many were stored.
+    async fn store(
+        &self,
+        accepted: Vec<Event>,
+        outcomes: &mut [Outcome],
+    ) -> Result<usize, IngestError> {
+        let mut new = Vec::with_capacity(accepted.len());
+        {
+            let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slots = outcomes.iter_mut().filter(|o| matches!(o, Outcome::Ok));
+            for event in accepted {
+                let slot = slots.next().expect("one Ok per accepted event");
+                match dedup.check(&event) {
+                    Seen::New => new.push(event),
+                    Seen::Duplicate => *slot = Outcome::Duplicate,
+                }
+            }
+            publish_dedup(&dedup);
+        }
+        if new.is_empty() {
+            return Ok(0);
+        }
+        let encoded: Vec<Vec<u8>> = new
+            .iter()
+            .map(|e| serde_json::to_vec(e).expect("events serialize"))
+            .collect();
+        match self.wal.append(encoded).await {
+            Ok(Epoch(_)) => Ok(new.len()),
+            Err(err) => {
+                let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
+                for event in &new {
+                    dedup.forget(event);
+                }
+                Err(err.into())
+            }
+        }
+    }
+
+    /// Builds the stored form of a server-side exposure: a `$exposure` event whose id is
+    /// derived from (flag, variant, subject, day), so a replay never counts it twice.
+    pub fn exposure_event(&self, exposure: &Exposure) -> Event {
+        let subject = self.pepper.pseudonymize(&exposure.subject).0;
+        let day = exposure.at_ms.div_euclid(86_400_000);
+        let key = format!(
+            "{}\u{0}{}\u{0}{subject}\u{0}{day}",
+            exposure.flag.0, exposure.variant
+        );
+        let digest = murmur3::murmur3_x64_128(&mut key.as_bytes(), 0).unwrap_or(0);
+        let mut properties = serde_json::Map::new();
+        properties.insert("flag".into(), Value::String(exposure.flag.0.clone()));
+        properties.insert("variant".into(), Value::String(exposure.variant.clone()));
+        Event {
+            event_id: format!("exposure-{digest:032x}"),
+            device_id: None,
+            seq: None,
+            subject: Some(subject),
+            session_id: None,
+            event_type: EXPOSURE_TYPE.to_owned(),
+            event_time: exposure.at_ms,
+            device_time: exposure.at_ms,
+            sent_at: None,
+            received_at: exposure.at_ms,
+            context: Default::default(),
+            properties,
+        }
+    }
+
+    /// Stores already-built events (server-side exposures), deduplicated like any other.
+    pub async fn store_internal(
+        &self,
+        events: Vec<Event>,
+        transport: Transport,
+    ) -> Result<usize, IngestError> {
+        let mut outcomes = vec![Outcome::Ok; events.len()];
+        let stored = self.store(events, &mut outcomes).await?;
+        count_outcomes(&outcomes, transport);
+        Ok(stored)
+    }
+}
+
+fn publish_dedup(dedup: &Dedup) {
+    metrics::gauge!(DEDUP_DEVICES).set(dedup.devices() as f64);
+    metrics::gauge!(DEDUP_EVENT_IDS).set(dedup.ids() as f64);
+}
+
+fn count_outcomes(outcomes: &[Outcome], transport: Transport) {
+    let mut ok = 0u64;
+    let mut duplicate = 0u64;
+    for outcome in outcomes {
+        match outcome {
+            Outcome::Ok => ok += 1,
+            Outcome::Duplicate => duplicate += 1,
+            Outcome::Rejected(rejection) => {
+                metrics::counter!(EVENTS_TOTAL, "transport" => transport.as_str(), "outcome" => "rejected", "reason" => rejection.reason.as_str())
+                    .increment(1);
+            }
+        }
+    }
+    for (outcome, count) in [("ok", ok), ("duplicate", duplicate)] {
+        if count > 0 {
+            metrics::counter!(EVENTS_TOTAL, "transport" => transport.as_str(), "outcome" => outcome, "reason" => "")
+                .increment(count);
+        }
+    }
+}
+
+/// Where server-side exposure records go.
 pub trait ExposureSink: Send + Sync + 'static {
     /// Takes one exposure (already deduplicated per subject, flag and variant per day).
-    fn submit(&self, exposure: crate::flags::exposure::Exposure);
+    fn submit(&self, exposure: Exposure);
 }
 
-/// Counts exposures in `flagstream_exposures_total` and keeps nothing.
-#[derive(Debug, Default)]
-pub struct CountingExposureSink;
+/// Hands exposures to a task that stores them through the ingest path, in batches. When the
+/// queue is full, exposures are dropped and counted rather than slowing flag evaluation.
+pub struct IngestExposureSink {
+    tx: mpsc::Sender<Exposure>,
+}
 
-impl ExposureSink for CountingExposureSink {
-    fn submit(&self, _exposure: crate::flags::exposure::Exposure) {
-        metrics::counter!(crate::server::metrics::EXPOSURES_TOTAL).increment(1);
+impl IngestExposureSink {
+    /// Starts the storing task on the current runtime.
+    pub fn start(ingestor: Arc<Ingestor>, queue: usize) -> Self {
+        let (tx, mut rx) = mpsc::channel::<Exposure>(queue.max(1));
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while rx.recv_many(&mut batch, 1024).await > 0 {
+                let events: Vec<Event> = batch
+                    .drain(..)
+                    .map(|e| ingestor.exposure_event(&e))
+                    .collect();
+                let count = events.len() as u64;
+                match ingestor.store_internal(events, Transport::Exposure).await {
+                    Ok(_) => {
+                        metrics::counter!(EXPOSURES_TOTAL, "outcome" => "stored").increment(count)
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, count, "exposures not stored");
+                        metrics::counter!(EXPOSURES_TOTAL, "outcome" => "failed").increment(count);
+                    }
+                }
+            }
+        });
+        Self { tx }
+    }
+}
+
+impl ExposureSink for IngestExposureSink {
+    fn submit(&self, exposure: Exposure) {
+        if self.tx.try_send(exposure).is_err() {
+            metrics::counter!(EXPOSURES_TOTAL, "outcome" => "dropped").increment(1);
+        }
     }
 }

@@ -4,8 +4,12 @@
 //! Sits between event validation and the write-ahead log: nothing reaches storage with a raw
 //! user id, and nothing from a subject without granted consent (where the project requires it).
 
-/// A subject's pseudonym: `HMAC-SHA256(pepper, user_id)`, hex encoded, tagged with the pepper
-/// version. Raw user ids never leave the ingest path.
+pub mod pseudonym;
+
+pub use pseudonym::{Pepper, PepperError};
+
+/// A subject's pseudonym: `HMAC-SHA256(pepper, user_id)`, tagged with the pepper version.
+/// Raw user ids never leave the ingest path.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SubjectId(pub String);
 

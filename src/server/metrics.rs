@@ -31,8 +31,46 @@ pub const FLAGS_LOADED: &str = "flagstream_flags_loaded";
 pub const FLAG_EVALUATIONS_TOTAL: &str = "flagstream_flag_evaluations_total";
 /// Time to evaluate the flags of one request, by endpoint.
 pub const FLAG_EVALUATION_DURATION_SECONDS: &str = "flagstream_flag_evaluation_duration_seconds";
-/// Experiment exposures handed to ingest (first per subject, flag and variant per day).
+/// Server-side experiment exposures (first per subject, flag and variant per day), by outcome
+/// (stored, failed, dropped).
 pub const EXPOSURES_TOTAL: &str = "flagstream_exposures_total";
+/// Events received, by transport, outcome (ok, duplicate, rejected) and rejection reason.
+pub const EVENTS_TOTAL: &str = "flagstream_events_total";
+/// Undeclared properties, context keys and fields dropped from accepted events.
+pub const FIELDS_DROPPED_TOTAL: &str = "flagstream_event_fields_dropped_total";
+/// Event times in the future, clamped to the receive time.
+pub const TIMESTAMPS_CLAMPED_TOTAL: &str = "flagstream_event_timestamps_clamped_total";
+/// How far device clocks were off (absolute), per event.
+pub const INGEST_CLOCK_SKEW_SECONDS: &str = "flagstream_ingest_clock_skew_seconds";
+/// How long after it happened an event arrived.
+pub const INGEST_LATENESS_SECONDS: &str = "flagstream_ingest_lateness_seconds";
+/// From receiving a request's events to their durable acknowledgement, by transport.
+pub const INGEST_ACK_DURATION_SECONDS: &str = "flagstream_ingest_ack_duration_seconds";
+/// Events per request, by transport.
+pub const INGEST_BATCH_EVENTS: &str = "flagstream_ingest_batch_events";
+/// Devices in the dedup state.
+pub const DEDUP_DEVICES: &str = "flagstream_dedup_devices";
+/// Event ids in the dedup state.
+pub const DEDUP_EVENT_IDS: &str = "flagstream_dedup_event_ids";
+/// Live WebSocket sessions.
+pub const STREAM_SESSIONS: &str = "flagstream_stream_sessions";
+/// WebSocket client messages, by outcome (ack, error).
+pub const STREAM_MESSAGES_TOTAL: &str = "flagstream_stream_messages_total";
+/// Requests refused by the per-key rate limit.
+pub const RATE_LIMITED_TOTAL: &str = "flagstream_rate_limited_total";
+
+/// Epochs (group commits) written to the write-ahead log.
+pub const WAL_EPOCHS_TOTAL: &str = "flagstream_wal_epochs_total";
+/// Bytes written to the write-ahead log.
+pub const WAL_BYTES_TOTAL: &str = "flagstream_wal_bytes_total";
+/// Time of each fsync of the write-ahead log.
+pub const WAL_FSYNC_DURATION_SECONDS: &str = "flagstream_wal_fsync_duration_seconds";
+/// Write or sync failures of the write-ahead log (after one, ingest stops acknowledging).
+pub const WAL_ERRORS_TOTAL: &str = "flagstream_wal_errors_total";
+/// Damaged records found by recovery.
+pub const WAL_CORRUPT_RECORDS_TOTAL: &str = "flagstream_wal_corrupt_records_total";
+/// Bytes of torn tails cut off by recovery.
+pub const WAL_TRUNCATED_BYTES_TOTAL: &str = "flagstream_wal_truncated_bytes_total";
 
 /// Latency buckets for request handling, 100 µs to 10 s.
 const LATENCY_BUCKETS_SECONDS: &[f64] = &[
@@ -44,6 +82,26 @@ const LATENCY_BUCKETS_SECONDS: &[f64] = &[
 const EVALUATION_BUCKETS_SECONDS: &[f64] = &[
     0.000001, 0.0000025, 0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001,
     0.0025, 0.01,
+];
+
+/// Clock skew and lateness, 1 s to 60 days: offline tablets come back after days.
+const DELAY_BUCKETS_SECONDS: &[f64] = &[
+    1.0,
+    10.0,
+    60.0,
+    600.0,
+    3_600.0,
+    21_600.0,
+    86_400.0,
+    259_200.0,
+    604_800.0,
+    2_592_000.0,
+    5_184_000.0,
+];
+
+/// Events per request.
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1_000.0, 2_000.0,
 ];
 
 /// The route label of requests that matched no route, so raw paths never become labels.
@@ -61,6 +119,15 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
             Matcher::Full(FLAG_EVALUATION_DURATION_SECONDS.into()),
             EVALUATION_BUCKETS_SECONDS,
         )?
+        .set_buckets_for_metric(
+            Matcher::Full(INGEST_CLOCK_SKEW_SECONDS.into()),
+            DELAY_BUCKETS_SECONDS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(INGEST_LATENESS_SECONDS.into()),
+            DELAY_BUCKETS_SECONDS,
+        )?
+        .set_buckets_for_metric(Matcher::Full(INGEST_BATCH_EVENTS.into()), BATCH_BUCKETS)?
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_SECONDS)?
         .build_recorder();
     let handle = recorder.handle();
@@ -108,7 +175,73 @@ fn describe() {
     );
     metrics::describe_counter!(
         EXPOSURES_TOTAL,
-        "Experiment exposures handed to ingest (first per subject, flag and variant per day)."
+        "Server-side experiment exposures by outcome (stored, failed, dropped)."
+    );
+    metrics::describe_counter!(
+        EVENTS_TOTAL,
+        "Events received, by transport, outcome (ok, duplicate, rejected) and rejection reason."
+    );
+    metrics::describe_counter!(
+        FIELDS_DROPPED_TOTAL,
+        "Undeclared properties, context keys and fields dropped from accepted events."
+    );
+    metrics::describe_counter!(
+        TIMESTAMPS_CLAMPED_TOTAL,
+        "Event times in the future, clamped to the receive time."
+    );
+    metrics::describe_histogram!(
+        INGEST_CLOCK_SKEW_SECONDS,
+        metrics::Unit::Seconds,
+        "How far device clocks were off (absolute), per event."
+    );
+    metrics::describe_histogram!(
+        INGEST_LATENESS_SECONDS,
+        metrics::Unit::Seconds,
+        "How long after it happened an event arrived."
+    );
+    metrics::describe_histogram!(
+        INGEST_ACK_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "From receiving a request's events to their durable acknowledgement."
+    );
+    metrics::describe_histogram!(INGEST_BATCH_EVENTS, "Events per request, by transport.");
+    metrics::describe_gauge!(DEDUP_DEVICES, "Devices in the dedup state.");
+    metrics::describe_gauge!(DEDUP_EVENT_IDS, "Event ids in the dedup state.");
+    metrics::describe_counter!(
+        RATE_LIMITED_TOTAL,
+        "Requests refused by the per-key rate limit."
+    );
+    metrics::describe_gauge!(STREAM_SESSIONS, "Live WebSocket sessions.");
+    metrics::describe_counter!(
+        STREAM_MESSAGES_TOTAL,
+        "WebSocket client messages, by outcome (ack, error)."
+    );
+    metrics::describe_counter!(
+        WAL_EPOCHS_TOTAL,
+        "Epochs (group commits) written to the write-ahead log."
+    );
+    metrics::describe_counter!(
+        WAL_BYTES_TOTAL,
+        metrics::Unit::Bytes,
+        "Bytes written to the write-ahead log."
+    );
+    metrics::describe_histogram!(
+        WAL_FSYNC_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Time of each fsync of the write-ahead log."
+    );
+    metrics::describe_counter!(
+        WAL_ERRORS_TOTAL,
+        "Write or sync failures of the write-ahead log; after one, ingest stops acknowledging."
+    );
+    metrics::describe_counter!(
+        WAL_CORRUPT_RECORDS_TOTAL,
+        "Damaged write-ahead log records found by recovery."
+    );
+    metrics::describe_counter!(
+        WAL_TRUNCATED_BYTES_TOTAL,
+        metrics::Unit::Bytes,
+        "Bytes of torn write-ahead log tails cut off by recovery."
     );
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }

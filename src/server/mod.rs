@@ -6,10 +6,12 @@
 pub mod auth;
 pub mod error;
 pub mod flags_api;
+pub mod ingest_api;
 pub mod metrics;
 pub mod ops;
 mod routes;
 mod serve;
+pub mod stream_api;
 pub mod telemetry;
 
 use std::future::Future;
@@ -26,8 +28,11 @@ pub use routes::{api_doc, router};
 
 use crate::config::Config;
 use crate::counters::{CounterStore, RedisError};
+use crate::events::{Limits, Schema};
 use crate::flags::{FlagStore, Snapshot};
-use crate::ingest::CountingExposureSink;
+use crate::ingest::{IngestExposureSink, IngestOptions, Ingestor};
+use crate::privacy::Pepper;
+use crate::wal::WalOptions;
 
 /// The listeners the service answers on, bound before `run` is called.
 #[derive(Debug)]
@@ -72,6 +77,15 @@ pub enum RunError {
     /// The counter store could not be opened.
     #[error("cannot open the counter store: {0}")]
     Counters(#[from] RedisError),
+    /// The pseudonymization pepper could not be loaded.
+    #[error(transparent)]
+    Pepper(#[from] crate::privacy::PepperError),
+    /// The event schema file is invalid.
+    #[error(transparent)]
+    Schema(#[from] crate::events::schema::SchemaError),
+    /// The write-ahead log could not be opened.
+    #[error("cannot open the write-ahead log: {0}")]
+    Ingest(#[from] crate::ingest::IngestError),
     /// A listener failed.
     #[error("serving failed: {0}")]
     Serve(#[from] io::Error),
@@ -92,15 +106,21 @@ pub struct AppState {
     pub flags: Arc<FlagStore>,
     /// Experiment exposures on their way to ingest.
     pub exposures: Arc<flags_api::Exposures>,
+    /// The ingest path.
+    pub ingest: Arc<Ingestor>,
+    /// Per-key event rate limits.
+    pub rate: Arc<ingest_api::RateLimiter>,
 }
 
 impl AppState {
-    /// Builds the state from the configuration: opens stores and reads the flag directory.
+    /// Builds the state from the configuration: recovers the write-ahead log, opens stores and
+    /// reads the flag directory. Runs inside the runtime (it starts background tasks).
     pub fn new(config: &Config) -> Result<Self, RunError> {
+        let ingest = Arc::new(open_ingest(config)?);
         let flags = FlagStore::load(config.flags.dir.clone());
         let exposures = flags_api::Exposures::new(
             config.flags.exposure_dedup_capacity,
-            Arc::new(CountingExposureSink),
+            Arc::new(IngestExposureSink::start(ingest.clone(), 65_536)),
         );
         Ok(Self {
             config: Arc::new(config.clone()),
@@ -109,8 +129,60 @@ impl AppState {
             counters: CounterStore::open(&config.counters)?,
             flags,
             exposures: Arc::new(exposures),
+            ingest,
+            rate: Arc::new(ingest_api::RateLimiter::new(
+                config.ingest.rate_limit,
+                config.ingest.rate_burst,
+            )),
         })
     }
+}
+
+/// Opens the ingest path: schema, pepper, and the write-ahead log (replayed into dedup).
+fn open_ingest(config: &Config) -> Result<Ingestor, RunError> {
+    let ingest = &config.ingest;
+    let schema = match &ingest.schema_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)?;
+            Schema::parse(&text)?
+        }
+        None => Schema::reading_app(),
+    };
+    let data_dir = &config.storage.data_dir;
+    let pepper_file = config
+        .privacy
+        .pepper_file
+        .clone()
+        .unwrap_or_else(|| data_dir.join("keys").join("pepper"));
+    let started = std::time::Instant::now();
+    let (ingestor, recovery) = Ingestor::open(IngestOptions {
+        schema,
+        limits: Limits {
+            late_horizon: ingest.late_horizon.as_millis() as i64,
+            future_tolerance: ingest.future_tolerance.as_millis() as i64,
+        },
+        pepper: Pepper::load_or_create(&pepper_file)?,
+        wal: WalOptions {
+            dir: data_dir.join("wal"),
+            segment_bytes: ingest.wal_segment_size.0,
+            queue: ingest.wal_queue,
+            group_bytes: ingest.wal_group_size.as_usize(),
+        },
+        dedup_ids: ingest.dedup_event_ids,
+        dedup_gaps: ingest.dedup_gaps_per_device,
+    })?;
+    tracing::info!(
+        epochs = recovery.epochs,
+        events = recovery.events,
+        truncated_bytes = recovery.truncated_bytes,
+        damaged = recovery.damaged.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "write-ahead log recovered"
+    );
+    for damage in &recovery.damaged {
+        tracing::error!(%damage, "write-ahead log damage found during recovery");
+    }
+    Ok(ingestor)
 }
 
 impl FromRef<AppState> for auth::Tokens {

@@ -20,7 +20,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{self, ApiError, ErrorCode};
-use super::{AppState, flags_api, metrics, ops};
+use super::{AppState, flags_api, ingest_api, metrics, ops, stream_api};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -29,7 +29,8 @@ use super::{AppState, flags_api, metrics, ops};
     components(schemas(error::ErrorBody)),
     tags(
         (name = "operations", description = "Health, readiness, metrics, configuration."),
-        (name = "flags", description = "Flag evaluation: OFREP and app-launch config.")
+        (name = "flags", description = "Flag evaluation: OFREP and app-launch config."),
+        (name = "ingest", description = "Event intake: batches and the event schema.")
     )
 )]
 struct ApiDoc;
@@ -48,7 +49,10 @@ impl Modify for BearerAuth {
 
 /// The whole route table, with its OpenAPI document. `flag_body` is the body limit of the
 /// flag-evaluation routes.
-fn table(serve_metrics: bool, flag_body: usize) -> OpenApiRouter<AppState> {
+fn table(serve_metrics: bool, flag_body: usize, batch_body: usize) -> OpenApiRouter<AppState> {
+    let ingest = OpenApiRouter::new()
+        .routes(routes!(ingest_api::batch))
+        .layer(DefaultBodyLimit::max(batch_body));
     let flags = OpenApiRouter::new()
         .routes(routes!(flags_api::ofrep_flag))
         .routes(routes!(flags_api::ofrep_bulk))
@@ -58,6 +62,9 @@ fn table(serve_metrics: bool, flag_body: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::admin_config))
+        .routes(routes!(ingest_api::schema))
+        .routes(routes!(stream_api::stream))
+        .merge(ingest)
         .merge(flags);
     if serve_metrics {
         table.routes(routes!(ops::metrics))
@@ -68,14 +75,15 @@ fn table(serve_metrics: bool, flag_body: usize) -> OpenApiRouter<AppState> {
 
 /// Returns the OpenAPI document of the API as served (with `/metrics` on the API listener).
 pub fn api_doc() -> utoipa::openapi::OpenApi {
-    table(true, 0).split_for_parts().1
+    table(true, 0, 0).split_for_parts().1
 }
 
 /// Builds the API router with its middleware.
 pub fn router(state: AppState, serve_metrics: bool) -> Router {
     let server = &state.config.server;
     let flag_body = state.config.flags.max_request_body.as_usize();
-    let (routes, openapi) = table(serve_metrics, flag_body).split_for_parts();
+    let batch_body = state.config.ingest.max_body.as_usize();
+    let (routes, openapi) = table(serve_metrics, flag_body, batch_body).split_for_parts();
     let openapi = Arc::new(openapi);
     let per_route = ServiceBuilder::new()
         .layer(middleware::from_fn(metrics::track_http))

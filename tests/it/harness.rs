@@ -192,6 +192,14 @@ impl Service {
         }
     }
 
+    /// Returns the data directory (when the harness made it).
+    pub fn data_dir(&self) -> &Path {
+        self._data_dir
+            .as_ref()
+            .expect("a harness-made data dir")
+            .path()
+    }
+
     /// Returns the URL of `path` on the API listener.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
@@ -221,4 +229,83 @@ impl Drop for Service {
             let _ = stop.send(());
         }
     }
+}
+
+/// The `flagstream` binary running as its own process, for crash tests.
+pub struct Process {
+    child: std::process::Child,
+    /// The API address it listens on.
+    pub addr: SocketAddr,
+}
+
+impl Process {
+    /// Runs `flagstream serve` on `127.0.0.1:0` with `data_dir`, waiting until it listens.
+    pub fn spawn(data_dir: &Path, env: &[(&str, &str)]) -> Self {
+        use std::io::BufRead;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_flagstream"));
+        for (name, _) in std::env::vars() {
+            if name.starts_with("FLAGSTREAM_") {
+                command.env_remove(name);
+            }
+        }
+        let mut child = command
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .arg("--flags-dir")
+            .arg(repo_path("flags"))
+            .env("FLAGSTREAM_TELEMETRY__LOG_FORMAT", "json")
+            .env("FLAGSTREAM_TELEMETRY__LOG_FILTER", "info")
+            .envs(env.iter().copied())
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("flagstream runs");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if !sent
+                    && let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
+                    && event["message"] == "serving the api"
+                {
+                    let _ = tx.send(event["addr"].as_str().unwrap_or_default().to_owned());
+                    sent = true;
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("flagstream starts listening within 60 s")
+            .parse()
+            .expect("a socket address");
+        Self { child, addr }
+    }
+
+    /// Kills the process with SIGKILL and waits for it.
+    pub fn kill_9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill_9();
+    }
+}
+
+/// Every stored event of the write-ahead log under `data_dir`, as JSON.
+pub fn stored_events(data_dir: &Path) -> Vec<serde_json::Value> {
+    let mut events = Vec::new();
+    flagstream::wal::recover(&data_dir.join("wal"), false, |_, records| {
+        for bytes in records {
+            events.push(serde_json::from_slice(bytes).expect("stored events are JSON"));
+        }
+    })
+    .expect("the write-ahead log reads");
+    events
 }

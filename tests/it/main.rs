@@ -5,5 +5,7 @@ mod cli;
 mod deploy;
 mod flags;
 mod harness;
+mod ingest;
 mod ops;
 mod peers;
+mod stream;

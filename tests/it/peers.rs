@@ -223,20 +223,20 @@ fn parse_feature(text: &str) -> Vec<Scenario> {
             continue;
         }
         for keyword in ["Given ", "When ", "Then ", "And ", "But "] {
-            if let Some(text) = line.strip_prefix(keyword) {
-                if let Some(open) = open.as_mut() {
-                    open.steps.push(Step {
-                        text: text.to_owned(),
-                        table: Vec::new(),
-                    });
-                }
+            if let Some(text) = line.strip_prefix(keyword)
+                && let Some(open) = open.as_mut()
+            {
+                open.steps.push(Step {
+                    text: text.to_owned(),
+                    table: Vec::new(),
+                });
             }
         }
     }
-    if let Some(done) = open.take() {
-        if !done.in_background {
-            close(Some(done), &background, &mut scenarios);
-        }
+    if let Some(done) = open.take()
+        && !done.in_background
+    {
+        close(Some(done), &background, &mut scenarios);
     }
     scenarios
 }

@@ -1,0 +1,458 @@
+//! Validation of one event: from the JSON a device sent to the typed [`Event`] that is stored,
+//! or a [`Rejection`] with a reason. The raw `user_id` is handed back separately so that the
+//! privacy gate can pseudonymize it; it never enters an `Event`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::schema::{CONTEXT_KEYS, Schema};
+use super::time::{Corrected, Millis, correct, parse_rfc3339};
+
+/// An event as stored: validated, time-corrected, pseudonymous.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Client-generated unique id.
+    pub event_id: String,
+    /// The installation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    /// Monotonic per device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// The subject's pseudonym (never the raw user id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// The app session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// The declared event type.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Corrected event time, ms since the Unix epoch.
+    pub event_time: Millis,
+    /// The device's own timestamp, ms.
+    pub device_time: Millis,
+    /// The device's send time, ms, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<Millis>,
+    /// When the service received it, ms.
+    pub received_at: Millis,
+    /// Declared context keys (app version, platform, locale, country, school, class).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub context: BTreeMap<String, String>,
+    /// Declared properties of its type.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub properties: Map<String, Value>,
+}
+
+/// Why an event was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// Not a JSON object.
+    Malformed,
+    /// Over the per-event size limit.
+    TooLarge,
+    /// A required field is absent.
+    MissingField,
+    /// A field is present but invalid (empty, too long, out of range).
+    InvalidField,
+    /// A field or property has the wrong JSON type.
+    WrongType,
+    /// The event type is not declared.
+    UnknownType,
+    /// A timestamp is not RFC 3339.
+    InvalidTimestamp,
+    /// Older than the late-arrival horizon.
+    TooOld,
+    /// The subject has not given the consent the project requires.
+    NoConsent,
+}
+
+impl RejectReason {
+    /// Returns the reason as answered to clients and used as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Malformed => "malformed",
+            RejectReason::TooLarge => "too_large",
+            RejectReason::MissingField => "missing_field",
+            RejectReason::InvalidField => "invalid_field",
+            RejectReason::WrongType => "wrong_type",
+            RejectReason::UnknownType => "unknown_type",
+            RejectReason::InvalidTimestamp => "invalid_timestamp",
+            RejectReason::TooOld => "too_old",
+            RejectReason::NoConsent => "no_consent",
+        }
+    }
+
+    /// Every reason, for metrics.
+    pub const ALL: [RejectReason; 9] = [
+        RejectReason::Malformed,
+        RejectReason::TooLarge,
+        RejectReason::MissingField,
+        RejectReason::InvalidField,
+        RejectReason::WrongType,
+        RejectReason::UnknownType,
+        RejectReason::InvalidTimestamp,
+        RejectReason::TooOld,
+        RejectReason::NoConsent,
+    ];
+}
+
+/// A rejected event: the reason and a detail for the developer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The reason.
+    pub reason: RejectReason,
+    /// Which field and what is wrong.
+    pub detail: String,
+}
+
+impl Rejection {
+    fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Limits applied to each event.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Events older than this (after correction) are rejected.
+    pub late_horizon: Millis,
+    /// Events later than `received_at` by more than this are clamped.
+    pub future_tolerance: Millis,
+}
+
+/// A valid event, its raw user id (for the privacy gate), and what validation did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Validated {
+    /// The event, with `subject` still empty.
+    pub event: Event,
+    /// The raw user id, to be pseudonymized and dropped.
+    pub user_id: Option<String>,
+    /// Properties, context keys and top-level fields dropped as undeclared.
+    pub dropped: usize,
+    /// The clock-skew correction.
+    pub correction: Corrected,
+}
+
+const KNOWN_FIELDS: [&str; 10] = [
+    "event_id",
+    "device_id",
+    "seq",
+    "user_id",
+    "session_id",
+    "type",
+    "timestamp",
+    "sent_at",
+    "context",
+    "properties",
+];
+
+fn text_field(
+    object: &Map<String, Value>,
+    name: &'static str,
+    max: usize,
+    required: bool,
+) -> Result<Option<String>, Rejection> {
+    match object.get(name) {
+        None | Some(Value::Null) if required => Err(Rejection::new(
+            RejectReason::MissingField,
+            format!("{name} is required"),
+        )),
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() || s.len() > max => Err(Rejection::new(
+            RejectReason::InvalidField,
+            format!("{name} must have 1 to {max} bytes"),
+        )),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(Rejection::new(
+            RejectReason::WrongType,
+            format!("{name} must be a string"),
+        )),
+    }
+}
+
+fn time_field(
+    object: &Map<String, Value>,
+    name: &'static str,
+) -> Result<Option<Millis>, Rejection> {
+    match text_field(object, name, 64, false)? {
+        None => Ok(None),
+        Some(text) => parse_rfc3339(&text).map(Some).ok_or_else(|| {
+            Rejection::new(
+                RejectReason::InvalidTimestamp,
+                format!("{name} must be an RFC 3339 timestamp such as 2026-11-20T09:14:03.120Z"),
+            )
+        }),
+    }
+}
+
+/// Validates one event received at `received_at`; `batch_sent_at` applies when the event
+/// carries no `sent_at` of its own.
+pub fn validate(
+    raw: &Value,
+    batch_sent_at: Option<Millis>,
+    received_at: Millis,
+    schema: &Schema,
+    limits: &Limits,
+) -> Result<Validated, Rejection> {
+    let object = raw
+        .as_object()
+        .ok_or_else(|| Rejection::new(RejectReason::Malformed, "an event is a JSON object"))?;
+    let mut dropped = object
+        .keys()
+        .filter(|k| !KNOWN_FIELDS.contains(&k.as_str()))
+        .count();
+    let event_id = text_field(object, "event_id", 128, true)?.expect("required");
+    let device_id = text_field(object, "device_id", 128, false)?;
+    let seq = match object.get("seq") {
+        None | Some(Value::Null) => None,
+        Some(value) => match value.as_u64() {
+            Some(seq) if seq >= 1 => Some(seq),
+            _ => {
+                return Err(Rejection::new(
+                    RejectReason::InvalidField,
+                    "seq must be a whole number from 1",
+                ));
+            }
+        },
+    };
+    if seq.is_some() && device_id.is_none() {
+        return Err(Rejection::new(
+            RejectReason::MissingField,
+            "seq needs device_id",
+        ));
+    }
+    let user_id = text_field(object, "user_id", 256, false)?;
+    let session_id = text_field(object, "session_id", 128, false)?;
+    let event_type = text_field(object, "type", 64, true)?.expect("required");
+    let declared = schema.get(&event_type).ok_or_else(|| {
+        Rejection::new(
+            RejectReason::UnknownType,
+            format!("event type {event_type:?} is not declared"),
+        )
+    })?;
+    let device_time = time_field(object, "timestamp")?
+        .ok_or_else(|| Rejection::new(RejectReason::MissingField, "timestamp is required"))?;
+    let sent_at = time_field(object, "sent_at")?.or(batch_sent_at);
+
+    let mut context = BTreeMap::new();
+    match object.get("context") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(map)) => {
+            for (key, value) in map {
+                if !CONTEXT_KEYS.contains(&key.as_str()) {
+                    dropped += 1;
+                    continue;
+                }
+                match value {
+                    Value::String(s) if s.len() <= 128 => {
+                        context.insert(key.clone(), s.clone());
+                    }
+                    Value::String(_) => {
+                        return Err(Rejection::new(
+                            RejectReason::InvalidField,
+                            format!("context.{key} must have at most 128 bytes"),
+                        ));
+                    }
+                    _ => {
+                        return Err(Rejection::new(
+                            RejectReason::WrongType,
+                            format!("context.{key} must be a string"),
+                        ));
+                    }
+                }
+            }
+        }
+        Some(_) => {
+            return Err(Rejection::new(
+                RejectReason::WrongType,
+                "context must be an object",
+            ));
+        }
+    }
+
+    let mut properties = Map::new();
+    let given = match object.get("properties") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(map)) => Some(map),
+        Some(_) => {
+            return Err(Rejection::new(
+                RejectReason::WrongType,
+                "properties must be an object",
+            ));
+        }
+    };
+    for (name, value) in given.into_iter().flatten() {
+        match declared.properties.get(name) {
+            None => dropped += 1,
+            Some(_) if value.is_null() => {}
+            Some(property) if property.kind.admits(value) => {
+                properties.insert(name.clone(), value.clone());
+            }
+            Some(property) => {
+                return Err(Rejection::new(
+                    RejectReason::WrongType,
+                    format!("properties.{name} must be {}", property.kind.json_type()),
+                ));
+            }
+        }
+    }
+    if let Some((name, _)) = declared
+        .properties
+        .iter()
+        .find(|(name, p)| p.required && !properties.contains_key(*name))
+    {
+        return Err(Rejection::new(
+            RejectReason::MissingField,
+            format!("properties.{name} is required for {event_type}"),
+        ));
+    }
+
+    let correction = correct(device_time, sent_at, received_at, limits.future_tolerance);
+    if received_at.saturating_sub(correction.event_time) > limits.late_horizon {
+        return Err(Rejection::new(
+            RejectReason::TooOld,
+            "the event is older than the late-arrival horizon",
+        ));
+    }
+    Ok(Validated {
+        event: Event {
+            event_id,
+            device_id,
+            seq,
+            subject: None,
+            session_id,
+            event_type,
+            event_time: correction.event_time,
+            device_time,
+            sent_at,
+            received_at,
+            context,
+            properties,
+        },
+        user_id,
+        dropped,
+        correction,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const NOW: Millis = 1_795_500_000_000;
+    const LIMITS: Limits = Limits {
+        late_horizon: 30 * 86_400_000,
+        future_tolerance: 60_000,
+    };
+
+    fn check(event: Value) -> Result<Validated, Rejection> {
+        validate(&event, None, NOW, &Schema::reading_app(), &LIMITS)
+    }
+
+    fn lesson() -> Value {
+        json!({
+            "event_id": "e-1", "device_id": "tab-42", "seq": 7, "user_id": "child-7781",
+            "session_id": "s-19", "type": "lesson_completed",
+            "timestamp": "2026-11-20T09:14:03.120Z", "sent_at": "2026-11-20T09:15:00.000Z",
+            "context": {"app_version": "3.2.0", "platform": "android", "locale": "fr-FR", "country": "FR", "ip": "10.0.0.1"},
+            "properties": {"lesson_id": "g-14", "duration_ms": 41000, "score": 0.8, "child_name": "Léa"},
+            "email": "parent@example.com"
+        })
+    }
+
+    #[test]
+    fn a_good_event_is_typed_corrected_and_minimized() {
+        let valid = check(lesson()).unwrap();
+        assert_eq!(valid.user_id.as_deref(), Some("child-7781"));
+        assert_eq!(valid.event.subject, None);
+        // ip, child_name and email were not declared: dropped, and counted.
+        assert_eq!(valid.dropped, 3);
+        assert!(!valid.event.context.contains_key("ip"));
+        assert!(!valid.event.properties.contains_key("child_name"));
+        // Sent 56.88 s after it happened, by the device's clock.
+        assert_eq!(valid.event.event_time, NOW - 56_880);
+        let stored = serde_json::to_string(&valid.event).unwrap();
+        assert!(!stored.contains("child-7781") && !stored.contains("parent@"));
+    }
+
+    #[test]
+    fn every_kind_of_bad_event_gets_its_reason() {
+        let cases: Vec<(Value, RejectReason)> = vec![
+            (json!([1]), RejectReason::Malformed),
+            (
+                json!({"type": "app_opened", "timestamp": "2026-11-20T09:14:03Z"}),
+                RejectReason::MissingField,
+            ),
+            (
+                json!({"event_id": "", "type": "app_opened", "timestamp": "2026-11-20T09:14:03Z"}),
+                RejectReason::InvalidField,
+            ),
+            (
+                json!({"event_id": 5, "type": "app_opened", "timestamp": "2026-11-20T09:14:03Z"}),
+                RejectReason::WrongType,
+            ),
+            (
+                json!({"event_id": "e", "type": "dance", "timestamp": "2026-11-20T09:14:03Z"}),
+                RejectReason::UnknownType,
+            ),
+            (
+                json!({"event_id": "e", "type": "app_opened", "timestamp": "yesterday"}),
+                RejectReason::InvalidTimestamp,
+            ),
+            (
+                json!({"event_id": "e", "type": "app_opened"}),
+                RejectReason::MissingField,
+            ),
+            (
+                json!({"event_id": "e", "type": "app_opened", "timestamp": "2026-11-20T09:14:03Z", "seq": 3}),
+                RejectReason::MissingField,
+            ),
+            (
+                json!({"event_id": "e", "device_id": "d", "type": "app_opened", "timestamp": "2026-11-20T09:14:03Z", "seq": 0}),
+                RejectReason::InvalidField,
+            ),
+            (
+                json!({"event_id": "e", "type": "lesson_started", "timestamp": "2026-11-20T09:14:03Z"}),
+                RejectReason::MissingField,
+            ),
+            (
+                json!({"event_id": "e", "type": "lesson_started", "timestamp": "2026-11-20T09:14:03Z", "properties": {"lesson_id": 14}}),
+                RejectReason::WrongType,
+            ),
+            (
+                json!({"event_id": "e", "type": "app_opened", "timestamp": "2026-11-20T09:14:03Z", "context": {"platform": 1}}),
+                RejectReason::WrongType,
+            ),
+            (
+                json!({"event_id": "e", "type": "app_opened", "timestamp": "2020-01-01T00:00:00Z"}),
+                RejectReason::TooOld,
+            ),
+        ];
+        for (event, reason) in cases {
+            let rejection = check(event.clone()).unwrap_err();
+            assert_eq!(rejection.reason, reason, "{event}: {}", rejection.detail);
+            assert!(!rejection.detail.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_week_old_offline_event_is_accepted_and_a_future_one_clamped() {
+        let week_ago = super::super::time::format_rfc3339(NOW - 7 * 86_400_000);
+        let valid =
+            check(json!({"event_id": "e", "type": "app_opened", "timestamp": week_ago})).unwrap();
+        assert_eq!(valid.event.event_time, NOW - 7 * 86_400_000);
+        let future = super::super::time::format_rfc3339(NOW + 86_400_000);
+        let valid =
+            check(json!({"event_id": "e", "type": "app_opened", "timestamp": future})).unwrap();
+        assert!(valid.correction.clamped);
+        assert_eq!(valid.event.event_time, NOW);
+    }
+}

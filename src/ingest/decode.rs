@@ -1,0 +1,291 @@
+//! Request bodies to events: decompression with a cap on the decompressed size, then a JSON
+//! body `{"sent_at": …, "batch": [ … ]}` (or a bare array) or NDJSON, one event a line.
+//! Each event is checked for size on its own, so one oversized event rejects only itself.
+
+use std::borrow::Cow;
+use std::io::Read;
+
+use serde::Deserialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::events::time::{Millis, parse_rfc3339};
+use crate::events::{RejectReason, Rejection};
+
+/// `Content-Encoding` values the batch endpoint takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// No compression.
+    Identity,
+    /// gzip.
+    Gzip,
+    /// Zstandard.
+    Zstd,
+}
+
+impl Encoding {
+    /// Reads a `Content-Encoding` header value.
+    pub fn from_header(value: Option<&str>) -> Option<Self> {
+        match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+            None | Some("") | Some("identity") => Some(Encoding::Identity),
+            Some("gzip") | Some("x-gzip") => Some(Encoding::Gzip),
+            Some("zstd") => Some(Encoding::Zstd),
+            Some(_) => None,
+        }
+    }
+}
+
+/// How the events are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// One JSON document.
+    Json,
+    /// One JSON event per line.
+    Ndjson,
+}
+
+impl BodyFormat {
+    /// Reads a `Content-Type` header value; no header means JSON.
+    pub fn from_header(value: Option<&str>) -> Option<Self> {
+        let media = value.map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+        match media.as_deref() {
+            None | Some("") | Some("application/json") => Some(BodyFormat::Json),
+            Some("application/x-ndjson")
+            | Some("application/ndjson")
+            | Some("application/jsonl") => Some(BodyFormat::Ndjson),
+            Some(_) => None,
+        }
+    }
+}
+
+/// Limits on one request.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeLimits {
+    /// Bytes after decompression.
+    pub max_decompressed: usize,
+    /// Bytes of one event.
+    pub max_event: usize,
+    /// Events in one batch.
+    pub max_events: usize,
+}
+
+/// Why a whole request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The body does not decompress.
+    #[error("the body is not valid {0}")]
+    Corrupt(&'static str),
+    /// Over the decompressed size limit.
+    #[error("the body decompresses to more than {0} bytes")]
+    TooLarge(usize),
+    /// More events than a batch may hold.
+    #[error("a batch holds at most {0} events")]
+    TooManyEvents(usize),
+    /// Not the expected JSON shape.
+    #[error("{0}")]
+    Malformed(String),
+}
+
+/// The events of one request, each decoded or rejected on its own.
+#[derive(Debug)]
+pub struct Decoded {
+    /// The batch's `sent_at`, for events without their own.
+    pub sent_at: Option<Millis>,
+    /// The events, in order.
+    pub events: Vec<Result<Value, Rejection>>,
+}
+
+/// Decompresses `body`, refusing output beyond `max` bytes.
+pub fn decompress(
+    body: &[u8],
+    encoding: Encoding,
+    max: usize,
+) -> Result<Cow<'_, [u8]>, DecodeError> {
+    let mut out = Vec::new();
+    let limit = max as u64 + 1;
+    let read = match encoding {
+        Encoding::Identity => {
+            return if body.len() > max {
+                Err(DecodeError::TooLarge(max))
+            } else {
+                Ok(Cow::Borrowed(body))
+            };
+        }
+        Encoding::Gzip => flate2::read::GzDecoder::new(body)
+            .take(limit)
+            .read_to_end(&mut out)
+            .map_err(|_| DecodeError::Corrupt("gzip")),
+        Encoding::Zstd => zstd::stream::read::Decoder::new(body)
+            .and_then(|decoder| decoder.take(limit).read_to_end(&mut out))
+            .map_err(|_| DecodeError::Corrupt("zstd")),
+    };
+    read?;
+    if out.len() > max {
+        return Err(DecodeError::TooLarge(max));
+    }
+    Ok(Cow::Owned(out))
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(default)]
+    sent_at: Option<String>,
+    #[serde(borrow)]
+    batch: Vec<&'a RawValue>,
+}
+
+fn one_event(text: &str, limits: &DecodeLimits) -> Result<Value, Rejection> {
+    if text.len() > limits.max_event {
+        return Err(Rejection {
+            reason: RejectReason::TooLarge,
+            detail: format!("an event may have at most {} bytes", limits.max_event),
+        });
+    }
+    serde_json::from_str(text).map_err(|err| Rejection {
+        reason: RejectReason::Malformed,
+        detail: format!("not valid JSON: {err}"),
+    })
+}
+
+fn batch_sent_at(text: Option<&str>) -> Result<Option<Millis>, DecodeError> {
+    match text {
+        None => Ok(None),
+        Some(text) => parse_rfc3339(text)
+            .map(Some)
+            .ok_or_else(|| DecodeError::Malformed("sent_at must be an RFC 3339 timestamp".into())),
+    }
+}
+
+/// Splits a decompressed body into events.
+pub fn decode(
+    bytes: &[u8],
+    format: BodyFormat,
+    limits: &DecodeLimits,
+) -> Result<Decoded, DecodeError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| DecodeError::Malformed("the body is not UTF-8".into()))?;
+    match format {
+        BodyFormat::Json => {
+            let trimmed = text.trim_start();
+            let (sent_at, raws): (Option<String>, Vec<&RawValue>) = if trimmed.starts_with('[') {
+                let raws: Vec<&RawValue> = serde_json::from_str(text).map_err(|err| {
+                    DecodeError::Malformed(format!("the body is not valid JSON: {err}"))
+                })?;
+                (None, raws)
+            } else {
+                let envelope: Envelope<'_> = serde_json::from_str(text).map_err(|err| {
+                    DecodeError::Malformed(format!(
+                        "the body must be {{\"sent_at\": …, \"batch\": [events]}}: {err}"
+                    ))
+                })?;
+                (envelope.sent_at, envelope.batch)
+            };
+            if raws.len() > limits.max_events {
+                return Err(DecodeError::TooManyEvents(limits.max_events));
+            }
+            Ok(Decoded {
+                sent_at: batch_sent_at(sent_at.as_deref())?,
+                events: raws
+                    .iter()
+                    .map(|raw| one_event(raw.get(), limits))
+                    .collect(),
+            })
+        }
+        BodyFormat::Ndjson => {
+            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            if lines.len() > limits.max_events {
+                return Err(DecodeError::TooManyEvents(limits.max_events));
+            }
+            Ok(Decoded {
+                sent_at: None,
+                events: lines.iter().map(|line| one_event(line, limits)).collect(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const LIMITS: DecodeLimits = DecodeLimits {
+        max_decompressed: 1024,
+        max_event: 64,
+        max_events: 3,
+    };
+
+    #[test]
+    fn json_and_ndjson_bodies_split_into_events() {
+        let decoded = decode(
+            br#"{"sent_at": "2026-11-23T16:02:00Z", "batch": [{"a": 1}, {"b": 2}]}"#,
+            BodyFormat::Json,
+            &LIMITS,
+        )
+        .unwrap();
+        assert_eq!(decoded.events.len(), 2);
+        assert!(decoded.sent_at.is_some());
+        let decoded = decode(b"{\"a\":1}\n\n not json\n", BodyFormat::Ndjson, &LIMITS).unwrap();
+        assert!(decoded.events[0].is_ok());
+        assert_eq!(
+            decoded.events[1].as_ref().unwrap_err().reason,
+            RejectReason::Malformed
+        );
+    }
+
+    #[test]
+    fn limits_apply_per_event_and_per_batch() {
+        let big = format!("[{{\"pad\": \"{}\"}}, {{}}]", "x".repeat(100));
+        let decoded = decode(big.as_bytes(), BodyFormat::Json, &LIMITS).unwrap();
+        assert_eq!(
+            decoded.events[0].as_ref().unwrap_err().reason,
+            RejectReason::TooLarge
+        );
+        assert!(decoded.events[1].is_ok());
+        assert_eq!(
+            decode(b"[{},{},{},{}]", BodyFormat::Json, &LIMITS).unwrap_err(),
+            DecodeError::TooManyEvents(3)
+        );
+        assert!(matches!(
+            decode(b"{\"batch\": 3}", BodyFormat::Json, &LIMITS),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode(&[0xff, 0xfe], BodyFormat::Json, &LIMITS),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn decompression_is_capped_and_checked() {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&vec![b'x'; 5000]).unwrap();
+        let bomb = gz.finish().unwrap();
+        assert_eq!(
+            decompress(&bomb, Encoding::Gzip, 1024).unwrap_err(),
+            DecodeError::TooLarge(1024)
+        );
+        assert_eq!(
+            decompress(&bomb, Encoding::Gzip, 10_000).unwrap().len(),
+            5000
+        );
+        let zst = zstd::encode_all(&b"[{}]"[..], 3).unwrap();
+        assert_eq!(&*decompress(&zst, Encoding::Zstd, 100).unwrap(), b"[{}]");
+        assert_eq!(
+            decompress(b"garbage", Encoding::Zstd, 100).unwrap_err(),
+            DecodeError::Corrupt("zstd")
+        );
+        assert_eq!(Encoding::from_header(Some("br")), None);
+        assert_eq!(BodyFormat::from_header(Some("text/csv")), None);
+        assert_eq!(
+            BodyFormat::from_header(Some("application/json; charset=utf-8")),
+            Some(BodyFormat::Json)
+        );
+    }
+}

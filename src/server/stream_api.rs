@@ -1,0 +1,216 @@
+//! Live ingest over WebSocket: `GET /v1/stream`.
+//!
+//! The client is authenticated before the upgrade (an `Authorization` or `X-API-Key` header, or
+//! for browsers a `Sec-WebSocket-Protocol` list `flagstream, key.<client key>`). Each client
+//! message `{"seq": n, "sent_at"?: …, "events": [ … ]}` (or `"event": { … }`) is answered
+//! `{"type": "ack", "seq": n, "results": [ … ]}` only once its events are durable. Messages are
+//! handled one at a time, so a client that does not read its acks stops being read: memory per
+//! connection stays bounded. The server pings, closes idle connections, and pushes
+//! `{"type": "config_changed", "etag": …}` when the flags change.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::error::{ApiError, ErrorBody, ErrorCode};
+use super::ingest_api::{answer, decode_limits, event_ids, now_ms, store_error};
+use super::metrics::{RATE_LIMITED_TOTAL, STREAM_MESSAGES_TOTAL, STREAM_SESSIONS};
+use crate::config::Role;
+use crate::events::Rejection;
+use crate::events::time::parse_rfc3339;
+use crate::ingest::Transport;
+
+/// The subprotocol a browser names, with its key as `key.<client key>`.
+const PROTOCOL: &str = "flagstream";
+
+static SESSIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// Upgrades to a live ingest session.
+#[utoipa::path(get, path = "/v1/stream", tag = "ingest",
+    security(("bearer" = [])),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol."),
+        (status = 400, description = "Not a WebSocket upgrade request.", body = ErrorBody),
+        (status = 401, description = "Missing or unknown client key.", body = ErrorBody),
+        (status = 403, description = "Not a client key.", body = ErrorBody),
+        (status = 503, description = "Too many sessions.", body = ErrorBody)))]
+pub async fn stream(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let from_protocol = headers
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|list| {
+            list.split(',')
+                .map(str::trim)
+                .find_map(|p| p.strip_prefix("key."))
+        })
+        .map(|key| format!("Bearer {key}"));
+    let from_header = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| {
+            headers
+                .get("x-api-key")
+                .and_then(|v| v.to_str().ok())
+                .map(|key| format!("Bearer {key}"))
+        });
+    let presented = from_header.as_deref().or(from_protocol.as_deref());
+    let caller = state.tokens.authorize(presented, Role::Client)?;
+    let upgrade = upgrade
+        .map_err(|rejection| ApiError::new(ErrorCode::InvalidRequest, rejection.body_text()))?;
+    let limits = &state.config.stream;
+    if SESSIONS.load(Ordering::Relaxed) >= limits.max_sessions {
+        return Err(
+            ApiError::new(ErrorCode::Overloaded, "too many live sessions")
+                .retry_after(Duration::from_secs(5)),
+        );
+    }
+    let upgrade = upgrade
+        .max_message_size(limits.max_message.as_usize())
+        .max_frame_size(limits.max_frame.as_usize())
+        .protocols([PROTOCOL]);
+    Ok(upgrade
+        .on_upgrade(move |socket| session(socket, state, caller.name))
+        .into_response())
+}
+
+async fn session(mut socket: WebSocket, state: AppState, key: std::sync::Arc<str>) {
+    SESSIONS.fetch_add(1, Ordering::Relaxed);
+    metrics::gauge!(STREAM_SESSIONS).increment(1.0);
+    let limits = state.config.stream.clone();
+    let mut changes = state.flags.subscribe();
+    let mut ping = tokio::time::interval(limits.ping_interval);
+    ping.tick().await;
+    let mut last_heard = Instant::now();
+    let close = loop {
+        tokio::select! {
+            message = socket.recv() => {
+                let Some(Ok(message)) = message else { break None };
+                last_heard = Instant::now();
+                let reply = match message {
+                    Message::Text(text) => handle(&state, &key, text.as_bytes()).await,
+                    Message::Binary(bytes) => handle(&state, &key, &bytes).await,
+                    Message::Ping(_) | Message::Pong(_) => continue,
+                    Message::Close(_) => break None,
+                };
+                if socket.send(Message::Text(reply.to_string().into())).await.is_err() {
+                    break None;
+                }
+            }
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    continue;
+                }
+                let etag = format!("\"{:016x}\"", *changes.borrow_and_update());
+                let push = json!({"type": "config_changed", "etag": etag});
+                if socket.send(Message::Text(push.to_string().into())).await.is_err() {
+                    break None;
+                }
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() > limits.idle_timeout {
+                    break Some(CloseFrame { code: close_code::AWAY, reason: "idle".into() });
+                }
+                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                    break None;
+                }
+            }
+        }
+    };
+    if let Some(frame) = close {
+        let _ = socket.send(Message::Close(Some(frame))).await;
+    }
+    SESSIONS.fetch_sub(1, Ordering::Relaxed);
+    metrics::gauge!(STREAM_SESSIONS).decrement(1.0);
+}
+
+fn error_reply(seq: Option<u64>, error: &str, description: impl Into<String>) -> Value {
+    metrics::counter!(STREAM_MESSAGES_TOTAL, "outcome" => "error").increment(1);
+    json!({"type": "error", "seq": seq, "error": error, "error_description": description.into()})
+}
+
+/// Handles one client message and returns the reply.
+async fn handle(state: &AppState, key: &std::sync::Arc<str>, bytes: &[u8]) -> Value {
+    let received_at = now_ms();
+    let message: Value = match serde_json::from_slice(bytes) {
+        Ok(message) => message,
+        Err(err) => return error_reply(None, "invalid_request", format!("not JSON: {err}")),
+    };
+    let seq = message.get("seq").and_then(Value::as_u64);
+    let Some(seq_number) = seq else {
+        return error_reply(None, "invalid_request", "a message needs a numeric seq");
+    };
+    let raw: Vec<&Value> = match (message.get("events"), message.get("event")) {
+        (Some(Value::Array(events)), None) => events.iter().collect(),
+        (None, Some(event)) => vec![event],
+        _ => {
+            return error_reply(
+                seq,
+                "invalid_request",
+                "a message carries `events` (an array) or `event`",
+            );
+        }
+    };
+    let limits = decode_limits(&state.config.ingest);
+    if raw.len() > limits.max_events {
+        return error_reply(
+            seq,
+            "payload_too_large",
+            format!("a message holds at most {} events", limits.max_events),
+        );
+    }
+    let sent_at = match message.get("sent_at").and_then(Value::as_str) {
+        None => None,
+        Some(text) => match parse_rfc3339(text) {
+            Some(at) => Some(at),
+            None => {
+                return error_reply(
+                    seq,
+                    "invalid_request",
+                    "sent_at must be an RFC 3339 timestamp",
+                );
+            }
+        },
+    };
+    let events: Vec<Result<Value, Rejection>> = raw.into_iter().map(|e| Ok(e.clone())).collect();
+    if let Err(wait) = state.rate.admit(key, events.len().max(1)) {
+        metrics::counter!(RATE_LIMITED_TOTAL).increment(1);
+        let mut reply = error_reply(
+            seq,
+            "rate_limited",
+            "this key sends more events than its rate limit",
+        );
+        reply["retry_after"] = json!(wait.as_secs().max(1));
+        return reply;
+    }
+    let ids = event_ids(&events);
+    match state
+        .ingest
+        .ingest(events, sent_at, received_at, Transport::WebSocket)
+        .await
+    {
+        Ok(outcomes) => {
+            metrics::counter!(STREAM_MESSAGES_TOTAL, "outcome" => "ack").increment(1);
+            let answer = answer(ids, outcomes);
+            json!({"type": "ack", "seq": seq_number, "accepted": answer.accepted,
+                   "duplicates": answer.duplicates, "rejected": answer.rejected, "results": answer.results})
+        }
+        Err(err) => {
+            let api = store_error(err);
+            let mut reply = error_reply(seq, api.code().as_str(), api.description().to_owned());
+            reply["retry_after"] = json!(1);
+            reply
+        }
+    }
+}
