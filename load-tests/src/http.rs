@@ -17,18 +17,24 @@ pub struct Template {
     host: String,
     path: String,
     body: String,
-    token: Option<String>,
+    authorization: Option<String>,
 }
 
 impl Template {
     /// Describes the request.
-    pub fn new(method: &str, host: &str, path: &str, body: &str, token: Option<&str>) -> Self {
+    pub fn new(
+        method: &str,
+        host: &str,
+        path: &str,
+        body: &str,
+        authorization: Option<&str>,
+    ) -> Self {
         Self {
             method: method.to_uppercase(),
             host: host.to_owned(),
             path: path.to_owned(),
             body: body.to_owned(),
-            token: token.map(str::to_owned),
+            authorization: authorization.map(str::to_owned),
         }
     }
 
@@ -38,8 +44,8 @@ impl Template {
         let path = self.path.replace("{n}", &number);
         let body = self.body.replace("{n}", &number);
         let mut request = format!("{} {path} HTTP/1.1\r\nHost: {}\r\n", self.method, self.host);
-        if let Some(token) = &self.token {
-            request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+        if let Some(authorization) = &self.authorization {
+            request.push_str(&format!("Authorization: {authorization}\r\n"));
         }
         if !body.is_empty() || self.method == "POST" {
             request.push_str(&format!(

@@ -4,7 +4,9 @@
 //! It targets loopback addresses only unless `--allow-remote` is given, and every run is
 //! bounded in requests and in time, so it always stops by itself.
 
+mod clock;
 mod http;
+mod live;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -40,6 +42,23 @@ enum Scenario {
         #[arg(long, default_value = "")]
         body: String,
     },
+    /// Posts batches of new events to `/v1/batch` (each event acknowledged only once durable).
+    Batch {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Events per batch.
+        #[arg(long, default_value_t = 100)]
+        events: usize,
+    },
+    /// Opens `--connections` WebSocket sessions on `/v1/stream`; each sends messages of
+    /// `--events` events and waits for each acknowledgement.
+    Live {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Events per message.
+        #[arg(long, default_value_t = 10)]
+        events: usize,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -50,18 +69,21 @@ struct RunArgs {
     /// Allow a target that is not a loopback address.
     #[arg(long)]
     allow_remote: bool,
-    /// Concurrent connections.
+    /// Concurrent connections (or sessions).
     #[arg(long, default_value_t = 64)]
     connections: usize,
-    /// Requests in all (an upper bound).
+    /// Requests (or messages) in all: an upper bound.
     #[arg(long, default_value_t = 200_000)]
     requests: u64,
-    /// Longest run time in seconds (an upper bound).
+    /// Longest run time in seconds: an upper bound.
     #[arg(long, default_value_t = 30)]
     seconds: u64,
     /// Bearer token to send.
     #[arg(long)]
     token: Option<String>,
+    /// A whole `Authorization` header value, for servers that do not take bearer tokens.
+    #[arg(long, conflicts_with = "token")]
+    authorization: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -70,10 +92,13 @@ struct RunArgs {
 /// The outcome of a run.
 #[derive(Debug, Serialize)]
 struct Report {
+    scenario: &'static str,
     requests: u64,
+    events: u64,
     errors: u64,
     seconds: f64,
     requests_per_second: f64,
+    events_per_second: f64,
     latency_us: Percentiles,
 }
 
@@ -101,29 +126,35 @@ fn resolve(run: &RunArgs) -> Result<SocketAddr, String> {
     Ok(addr)
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    let Scenario::Request {
-        run,
-        method,
-        path,
-        body,
-    } = cli.scenario;
-    let addr = match resolve(&run) {
-        Ok(addr) => addr,
-        Err(err) => {
-            eprintln!("{err}");
-            return std::process::ExitCode::from(2);
-        }
-    };
-    let template = Arc::new(http::Template::new(
-        &method,
-        &run.target,
-        &path,
-        &body,
-        run.token.as_deref(),
-    ));
+/// The `Authorization` header value to send, if any.
+fn authorization(run: &RunArgs) -> Option<String> {
+    run.authorization
+        .clone()
+        .or_else(|| run.token.as_ref().map(|token| format!("Bearer {token}")))
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds")
+}
+
+/// The body of a batch of `events` new events; `{n}` makes each request's ids unique.
+fn batch_body(events: usize) -> String {
+    let items: Vec<String> = (0..events)
+        .map(|i| {
+            format!(
+                r#"{{"event_id":"load-RUN-{{n}}-{i}","user_id":"child-{i}","session_id":"s-{{n}}","type":"lesson_completed","timestamp":"TS","context":{{"app_version":"3.2.0","platform":"ios","country":"BR"}},"properties":{{"lesson_id":"g-14","duration_ms":41000,"score":0.8}}}}"#
+            )
+        })
+        .collect();
+    format!(r#"{{"sent_at":"TS","batch":[{}]}}"#, items.join(","))
+}
+
+async fn run_http(
+    run: &RunArgs,
+    addr: SocketAddr,
+    template: http::Template,
+) -> (Histogram<u64>, u64, f64) {
+    let template = Arc::new(template);
     let budget = Arc::new(AtomicU64::new(run.requests));
     let errors = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(run.seconds);
@@ -135,19 +166,114 @@ async fn main() -> std::process::ExitCode {
             http::drive(addr, &template, &budget, &errors, deadline).await
         }));
     }
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    let mut merged = histogram();
     for worker in workers {
         match worker.await {
-            Ok(partial) => histogram.add(&partial).expect("same bounds"),
+            Ok(partial) => merged.add(&partial).expect("same bounds"),
             Err(err) => eprintln!("worker failed: {err}"),
         }
     }
-    let seconds = started.elapsed().as_secs_f64();
+    (
+        merged,
+        errors.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64(),
+    )
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let run = match &cli.scenario {
+        Scenario::Request { run, .. }
+        | Scenario::Batch { run, .. }
+        | Scenario::Live { run, .. } => run,
+    };
+    let addr = match resolve(run) {
+        Ok(addr) => addr,
+        Err(err) => {
+            eprintln!("{err}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let (name, histogram, errors, seconds, per_request) = match &cli.scenario {
+        Scenario::Request {
+            run,
+            method,
+            path,
+            body,
+        } => {
+            let template = http::Template::new(
+                method,
+                &run.target,
+                path,
+                body,
+                authorization(run).as_deref(),
+            );
+            let (h, e, s) = run_http(run, addr, template).await;
+            ("request", h, e, s, 1)
+        }
+        Scenario::Batch { run, events } => {
+            let run_id = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            let body = batch_body(*events)
+                .replace("TS", &clock::rfc3339_now())
+                .replace("RUN", &run_id.to_string());
+            let template = http::Template::new(
+                "POST",
+                &run.target,
+                "/v1/batch",
+                &body,
+                authorization(run).as_deref(),
+            );
+            let (h, e, s) = run_http(run, addr, template).await;
+            ("batch", h, e, s, *events as u64)
+        }
+        Scenario::Live { run, events } => {
+            let deadline = Instant::now() + Duration::from_secs(run.seconds);
+            let sessions = run.connections.max(1);
+            let per_session = (run.requests / sessions as u64).max(1);
+            let started = Instant::now();
+            let run_id = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            let tasks: Vec<_> = (0..sessions)
+                .map(|id| {
+                    let token = run.token.clone();
+                    let events = *events;
+                    tokio::spawn(async move {
+                        live::session(run_id, addr, token, id, per_session, events, deadline).await
+                    })
+                })
+                .collect();
+            let mut merged = histogram();
+            let mut errors = 0;
+            for task in tasks {
+                match task.await {
+                    Ok(report) => {
+                        merged.add(&report.histogram).expect("same bounds");
+                        errors += report.errors;
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            (
+                "live",
+                merged,
+                errors,
+                started.elapsed().as_secs_f64(),
+                *events as u64,
+            )
+        }
+    };
     let report = Report {
+        scenario: name,
         requests: histogram.len(),
-        errors: errors.load(Ordering::Relaxed),
+        events: histogram.len() * per_request,
+        errors,
         seconds,
         requests_per_second: histogram.len() as f64 / seconds,
+        events_per_second: (histogram.len() * per_request) as f64 / seconds,
         latency_us: Percentiles {
             p50: histogram.value_at_quantile(0.5),
             p90: histogram.value_at_quantile(0.9),
@@ -161,10 +287,13 @@ async fn main() -> std::process::ExitCode {
     } else {
         let l = &report.latency_us;
         println!(
-            "{} requests in {:.2}s: {:.0} req/s, {} errors\nlatency µs: p50 {} p90 {} p99 {} p99.9 {} max {}",
+            "{}: {} requests ({} events) in {:.2}s: {:.0} req/s, {:.0} events/s, {} errors\nlatency µs: p50 {} p90 {} p99 {} p99.9 {} max {}",
+            report.scenario,
             report.requests,
+            report.events,
             report.seconds,
             report.requests_per_second,
+            report.events_per_second,
             report.errors,
             l.p50,
             l.p90,

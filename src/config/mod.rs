@@ -26,7 +26,7 @@ use toml::Value;
 
 pub use auth::{Role, TokenConfig, TokenHash};
 pub use docs::render_markdown;
-pub use value::{ByteSize, ConfigValue, RedisUrl};
+pub use value::{ByteSize, ConfigValue, RedisUrl, Secret};
 
 /// One problem found in the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -257,6 +257,9 @@ section! {
         /// File of versioned pseudonymization peppers (`<version> <64 hex>` lines); `none` uses
         /// `<data_dir>/keys/pepper`, created with a random pepper on first start.
         pub pepper_file: Option<PathBuf> = None,
+        /// The peppers themselves (`<version> <64 hex>`, several separated by `;`), for
+        /// deployments that pass secrets in the environment; overrides `pepper_file`.
+        pub pepper: Option<Secret> = None,
     }
 }
 
@@ -614,6 +617,14 @@ impl Config {
                 ),
             }
         }
+        if let Some(pepper) = &self.privacy.pepper
+            && let Err(line) = crate::privacy::Pepper::parse(pepper.expose())
+        {
+            problem(
+                "privacy.pepper",
+                format!("entry {line} is not `<version> <64 hex characters>`"),
+            );
+        }
         if self.flags.max_request_body.0 < 1024 {
             problem("flags.max_request_body", "must be at least 1KiB".into());
         }
@@ -783,6 +794,16 @@ mod tests {
         assert_eq!(config.server.listen.port(), 3000);
         assert_eq!(config.storage.data_dir, PathBuf::from("/env"));
         assert_eq!(config.server.request_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn peppers_from_the_environment_are_checked_and_never_shown() {
+        let good = format!("1 {}", "ab".repeat(32));
+        let config = load("", &[("FLAGSTREAM_PRIVACY__PEPPER", &good)]).unwrap();
+        assert!(!config.render().contains("abab"));
+        assert!(!format!("{config:?}").contains("abab"));
+        let err = load("", &[("FLAGSTREAM_PRIVACY__PEPPER", "1 zz")]).unwrap_err();
+        assert!(err.to_string().contains("privacy.pepper"), "{err}");
     }
 
     #[test]

@@ -263,6 +263,33 @@ impl ConfigValue for RedisUrl {
     }
 }
 
+/// A secret string: shown as `[redacted]` in `Debug`, logs and `flagstream config`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Returns the secret itself, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl ConfigValue for Secret {
+    const KIND: &'static str = "secret string";
+    fn parse(value: &Value) -> Result<Self, String> {
+        as_str(value, "string").map(|s| Secret(s.to_owned()))
+    }
+    fn render(&self) -> Value {
+        Value::String("[redacted]".into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -94,10 +94,11 @@ impl Pepper {
         }
     }
 
-    /// Parses pepper lines; returns the newest, or the 1-based number of a bad line.
-    fn parse(text: &str) -> Result<Self, usize> {
+    /// Parses pepper entries (one a line, or separated by `;`); returns the newest, or the
+    /// 1-based number of a bad entry.
+    pub fn parse(text: &str) -> Result<Self, usize> {
         let mut newest: Option<Pepper> = None;
-        for (index, line) in text.lines().enumerate() {
+        for (index, line) in text.split(['\n', ';']).enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;

@@ -63,6 +63,8 @@ pub const RATE_LIMITED_TOTAL: &str = "flagstream_rate_limited_total";
 pub const WAL_EPOCHS_TOTAL: &str = "flagstream_wal_epochs_total";
 /// Bytes written to the write-ahead log.
 pub const WAL_BYTES_TOTAL: &str = "flagstream_wal_bytes_total";
+/// Appends waiting for the write-ahead log writer.
+pub const WAL_QUEUE_DEPTH: &str = "flagstream_wal_queue_depth";
 /// Time of each fsync of the write-ahead log.
 pub const WAL_FSYNC_DURATION_SECONDS: &str = "flagstream_wal_fsync_duration_seconds";
 /// Write or sync failures of the write-ahead log (after one, ingest stops acknowledging).
@@ -242,6 +244,10 @@ fn describe() {
         WAL_TRUNCATED_BYTES_TOTAL,
         metrics::Unit::Bytes,
         "Bytes of torn write-ahead log tails cut off by recovery."
+    );
+    metrics::describe_gauge!(
+        WAL_QUEUE_DEPTH,
+        "Appends waiting for the write-ahead log writer."
     );
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }

@@ -161,7 +161,15 @@ fn open_ingest(config: &Config) -> Result<Ingestor, RunError> {
             late_horizon: ingest.late_horizon.as_millis() as i64,
             future_tolerance: ingest.future_tolerance.as_millis() as i64,
         },
-        pepper: Pepper::load_or_create(&pepper_file)?,
+        pepper: match &config.privacy.pepper {
+            Some(secret) => Pepper::parse(secret.expose()).map_err(|line| {
+                crate::privacy::PepperError::Format {
+                    path: "privacy.pepper".into(),
+                    line,
+                }
+            })?,
+            None => Pepper::load_or_create(&pepper_file)?,
+        },
         wal: WalOptions {
             dir: data_dir.join("wal"),
             segment_bytes: ingest.wal_segment_size.0,
@@ -218,6 +226,19 @@ pub async fn run(
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
+    });
+    // Histograms hold their samples until upkeep drains them: without it, a node nobody
+    // scrapes would grow without bound.
+    let handle = state.metrics.clone();
+    let mut stopping = stop_rx.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => handle.run_upkeep(),
+                _ = stopping.wait_for(|stopped| *stopped) => break,
+            }
+        }
     });
     let limits = serve::Limits {
         header_read_timeout: config.server.header_read_timeout,

@@ -23,8 +23,8 @@ use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::ingest_api::{answer, decode_limits, event_ids, now_ms, store_error};
 use super::metrics::{RATE_LIMITED_TOTAL, STREAM_MESSAGES_TOTAL, STREAM_SESSIONS};
 use crate::config::Role;
-use crate::events::Rejection;
 use crate::events::time::parse_rfc3339;
+use crate::events::{RejectReason, Rejection};
 use crate::ingest::Transport;
 
 /// The subprotocol a browser names, with its key as `key.<client key>`.
@@ -143,7 +143,7 @@ fn error_reply(seq: Option<u64>, error: &str, description: impl Into<String>) ->
 /// Handles one client message and returns the reply.
 async fn handle(state: &AppState, key: &std::sync::Arc<str>, bytes: &[u8]) -> Value {
     let received_at = now_ms();
-    let message: Value = match serde_json::from_slice(bytes) {
+    let mut message: Value = match serde_json::from_slice(bytes) {
         Ok(message) => message,
         Err(err) => return error_reply(None, "invalid_request", format!("not JSON: {err}")),
     };
@@ -151,8 +151,10 @@ async fn handle(state: &AppState, key: &std::sync::Arc<str>, bytes: &[u8]) -> Va
     let Some(seq_number) = seq else {
         return error_reply(None, "invalid_request", "a message needs a numeric seq");
     };
-    let raw: Vec<&Value> = match (message.get("events"), message.get("event")) {
-        (Some(Value::Array(events)), None) => events.iter().collect(),
+    let events = message.get_mut("events").map(Value::take);
+    let single = message.get_mut("event").map(Value::take);
+    let raw: Vec<Value> = match (events, single) {
+        (Some(Value::Array(events)), None) => events,
         (None, Some(event)) => vec![event],
         _ => {
             return error_reply(
@@ -183,7 +185,21 @@ async fn handle(state: &AppState, key: &std::sync::Arc<str>, bytes: &[u8]) -> Va
             }
         },
     };
-    let events: Vec<Result<Value, Rejection>> = raw.into_iter().map(|e| Ok(e.clone())).collect();
+    // A message within the per-event limit cannot hold an oversized event; otherwise measure.
+    let small = bytes.len() <= limits.max_event;
+    let events: Vec<Result<Value, Rejection>> = raw
+        .into_iter()
+        .map(|e| {
+            if small || serde_json::to_vec(&e).map_or(0, |v| v.len()) <= limits.max_event {
+                Ok(e)
+            } else {
+                Err(Rejection {
+                    reason: RejectReason::TooLarge,
+                    detail: format!("an event may have at most {} bytes", limits.max_event),
+                })
+            }
+        })
+        .collect();
     if let Err(wait) = state.rate.admit(key, events.len().max(1)) {
         metrics::counter!(RATE_LIMITED_TOTAL).increment(1);
         let mut reply = error_reply(

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::server::metrics::{
     WAL_BYTES_TOTAL, WAL_CORRUPT_RECORDS_TOTAL, WAL_EPOCHS_TOTAL, WAL_ERRORS_TOTAL,
-    WAL_FSYNC_DURATION_SECONDS, WAL_TRUNCATED_BYTES_TOTAL,
+    WAL_FSYNC_DURATION_SECONDS, WAL_QUEUE_DEPTH, WAL_TRUNCATED_BYTES_TOTAL,
 };
 use frame::{Format, Scan};
 
@@ -123,6 +123,7 @@ impl Wal {
             return Err(WalError::Stopped);
         }
         let (done, result) = oneshot::channel();
+        metrics::gauge!(WAL_QUEUE_DEPTH).set(self.queued() as f64);
         self.tx
             .try_send(Append { events, done })
             .map_err(|err| match err {
@@ -146,6 +147,81 @@ impl Wal {
     pub fn queued(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
     }
+}
+
+/// The consumers of the log and the last epoch each has made durable on its side. A segment is
+/// deleted only when every registered consumer has checkpointed past its last epoch; with no
+/// consumer registered, nothing is deleted.
+pub struct Checkpoints {
+    dir: PathBuf,
+    positions: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+const CHECKPOINT_FILE: &str = "checkpoints.json";
+
+impl Checkpoints {
+    /// Loads the checkpoints kept beside the segments in `dir`.
+    pub fn load(dir: &Path) -> Result<Self, WalError> {
+        let positions = match std::fs::read(dir.join(CHECKPOINT_FILE)) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|err| {
+                WalError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, err))
+            })?,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Default::default(),
+            Err(err) => return Err(err.into()),
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            positions: std::sync::Mutex::new(positions),
+        })
+    }
+
+    /// Registers `consumer`, which starts from its saved position (0 when new); returns it.
+    pub fn register(&self, consumer: &str) -> Result<Epoch, WalError> {
+        let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
+        let position = *positions.entry(consumer.to_owned()).or_insert(0);
+        self.save(&positions)?;
+        Ok(Epoch(position))
+    }
+
+    /// Records that `consumer` has everything up to `epoch` durable on its side, then deletes
+    /// the segments every consumer has passed. Returns how many segments were deleted.
+    pub fn advance(&self, consumer: &str, epoch: Epoch) -> Result<usize, WalError> {
+        let low = {
+            let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
+            let position = positions.entry(consumer.to_owned()).or_insert(0);
+            *position = (*position).max(epoch.0);
+            self.save(&positions)?;
+            positions.values().copied().min().unwrap_or(0)
+        };
+        let paths = segments(&self.dir)?;
+        let mut deleted = 0;
+        // A segment's last epoch is one less than the next segment's first; the newest segment
+        // (being written) is never deleted.
+        for pair in paths.windows(2) {
+            let next_first = first_epoch(&pair[1]).unwrap_or(0);
+            if next_first == 0 || next_first - 1 > low {
+                break;
+            }
+            std::fs::remove_file(&pair[0])?;
+            deleted += 1;
+        }
+        Ok(deleted)
+    }
+
+    fn save(&self, positions: &std::collections::BTreeMap<String, u64>) -> Result<(), WalError> {
+        let tmp = self.dir.join(format!("{CHECKPOINT_FILE}.tmp"));
+        let mut file = File::create(&tmp)?;
+        file.write_all(&serde_json::to_vec(positions).expect("a map serializes"))?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, self.dir.join(CHECKPOINT_FILE))?;
+        File::open(&self.dir)?.sync_all()?;
+        Ok(())
+    }
+}
+
+/// Reads a segment's first epoch from its file name.
+fn first_epoch(path: &Path) -> Option<u64> {
+    path.file_stem()?.to_str()?.parse().ok()
 }
 
 struct Segment {
@@ -456,6 +532,52 @@ mod tests {
         let (_, recovery) = Wal::open(options(dir.path()), |_, _| {}).unwrap();
         assert_eq!(recovery.damaged.len(), 1, "{recovery:?}");
         assert_eq!(recovery.truncated_bytes, 0);
+    }
+
+    #[tokio::test]
+    async fn segments_are_deleted_only_after_every_consumer_passed_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(options(dir.path()), |_, _| {}).unwrap();
+        for i in 0..40u32 {
+            let event = format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(300));
+            wal.append(vec![event.into_bytes()]).await.unwrap();
+        }
+        let before = segments(dir.path()).unwrap();
+        assert!(before.len() >= 4, "{before:?}");
+        let checkpoints = Checkpoints::load(dir.path()).unwrap();
+        assert_eq!(checkpoints.register("pipeline").unwrap(), Epoch(0));
+        assert_eq!(checkpoints.register("sql").unwrap(), Epoch(0));
+        assert_eq!(
+            checkpoints.advance("pipeline", Epoch(40)).unwrap(),
+            0,
+            "sql has not moved"
+        );
+        let checkpoints = Checkpoints::load(dir.path()).unwrap();
+        assert_eq!(
+            checkpoints.register("pipeline").unwrap(),
+            Epoch(40),
+            "positions persist"
+        );
+        let second_first = first_epoch(&before[1]).unwrap();
+        assert_eq!(
+            checkpoints.advance("sql", Epoch(second_first - 1)).unwrap(),
+            1
+        );
+        assert_eq!(
+            checkpoints.advance("sql", Epoch(40)).unwrap(),
+            before.len() - 2
+        );
+        let after = segments(dir.path()).unwrap();
+        assert_eq!(
+            after,
+            before[before.len() - 1..],
+            "the newest segment stays"
+        );
+        // What is left still reads and the log goes on.
+        drop(wal);
+        let (wal, recovery) = Wal::open(options(dir.path()), |_, _| {}).unwrap();
+        assert_eq!(recovery.last_epoch, Epoch(40));
+        assert_eq!(wal.append(vec![b"{}".to_vec()]).await.unwrap(), Epoch(41));
     }
 
     #[tokio::test]

@@ -117,6 +117,18 @@ async fn acks_come_after_durability_with_per_event_results() {
     assert_eq!(response.json::<Value>().await.unwrap()["duplicates"], 1);
     send(&mut socket, json!({"seq": 2, "event": event("w-2")})).await;
     assert_eq!(next_of(&mut socket, "ack").await["duplicates"], 1);
+
+    // One oversized event is rejected on its own; its neighbour is stored.
+    let mut big = event("w-big");
+    big["pad"] = json!("x".repeat(40_000));
+    send(
+        &mut socket,
+        json!({"seq": 3, "events": [event("w-4"), big]}),
+    )
+    .await;
+    let ack = next_of(&mut socket, "ack").await;
+    assert_eq!(ack["results"][0]["status"], "ok");
+    assert_eq!(ack["results"][1]["reason"], "too_large");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
