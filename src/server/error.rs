@@ -146,6 +146,18 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<axum::extract::rejection::BytesRejection> for ApiError {
+    /// A body that could not be read: over its route's limit (413) or broken (400).
+    fn from(rejection: axum::extract::rejection::BytesRejection) -> Self {
+        let code = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ErrorCode::PayloadTooLarge
+        } else {
+            ErrorCode::InvalidRequest
+        };
+        ApiError::new(code, rejection.body_text())
+    }
+}
+
 /// Logs an internal error's detail, at most once a second so a failure storm cannot flood
 /// the log.
 fn log_internal(detail: &dyn std::fmt::Display) {

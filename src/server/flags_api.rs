@@ -475,14 +475,7 @@ pub async fn config_post(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|rejection| {
-        let code = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiCode::PayloadTooLarge
-        } else {
-            ApiCode::InvalidRequest
-        };
-        ApiError::new(code, rejection.body_text())
-    })?;
+    let body = body?;
     let context =
         context_from_body(&body).map_err(|d| ApiError::new(ApiCode::InvalidRequest, d))?;
     Ok(app_config(&state, &headers, &context))

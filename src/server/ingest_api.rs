@@ -9,7 +9,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -199,14 +199,7 @@ pub async fn batch(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<BatchAnswer>, ApiError> {
     let received_at = now_ms();
-    let body = body.map_err(|rejection| {
-        let code = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ErrorCode::PayloadTooLarge
-        } else {
-            ErrorCode::InvalidRequest
-        };
-        ApiError::new(code, rejection.body_text())
-    })?;
+    let body = body?;
     let header_text = |name| {
         headers
             .get(name)

@@ -184,15 +184,7 @@ async fn dashboards_query_only_metrics_the_service_exports() {
     for path in ["/healthz", "/readyz", "/nope"] {
         service.get_json(path).await;
     }
-    let metrics = service
-        .http
-        .get(service.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = service.get_text("/metrics").await;
     let exported: BTreeSet<&str> = metrics
         .lines()
         .filter_map(|line| line.strip_prefix("# TYPE "))

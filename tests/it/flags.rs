@@ -379,15 +379,7 @@ async fn hot_reload_applies_changes_and_rejects_broken_files_while_serving_the_l
     write_flags(dir.path(), "app.json", "{ \"flags\": { \"pacing\": ");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let metrics = service
-            .http
-            .get(service.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = service.get_text("/metrics").await;
         let (_, ready) = service.get_json("/readyz").await;
         let detail = ready["checks"]["flags"]["detail"]
             .as_str()

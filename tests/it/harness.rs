@@ -205,6 +205,17 @@ impl Service {
         format!("http://{}{path}", self.addr)
     }
 
+    /// GETs `path` and returns the body as text (for `/metrics`).
+    pub async fn get_text(&self, path: &str) -> String {
+        let response = self.http.get(self.url(path)).send().await.expect("request");
+        assert!(
+            response.status().is_success(),
+            "GET {path}: {}",
+            response.status()
+        );
+        response.text().await.expect("text body")
+    }
+
     /// GETs `path` and returns the status and the body as JSON.
     pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
         let response = self.http.get(self.url(path)).send().await.expect("request");

@@ -25,7 +25,7 @@ async fn serves_health_readiness_and_metrics_with_no_redis() {
     assert_eq!(ready["checks"]["counters"]["detail"], "embedded store");
     assert_eq!(ready["checks"]["data_dir"]["ok"], true);
 
-    let metrics = metrics_text(&service).await;
+    let metrics = service.get_text("/metrics").await;
     assert!(
         metrics.contains("flagstream_build_info{version=\""),
         "{metrics}"
@@ -122,7 +122,7 @@ async fn metrics_pass_promtool() {
     service.get_json("/healthz").await;
     service.get_json("/readyz").await;
     service.get_json("/missing").await;
-    let text = metrics_text(&service).await;
+    let text = service.get_text("/metrics").await;
 
     let child = Command::new("promtool")
         .args(["check", "metrics"])
@@ -315,15 +315,4 @@ async fn slow_requests_time_out_with_the_json_error_body() {
     redis.signal("CONT");
     assert_eq!(status, 503);
     assert_eq!(body["error"], "timeout");
-}
-
-async fn metrics_text(service: &Service) -> String {
-    let response = service
-        .http
-        .get(service.url("/metrics"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response.text().await.unwrap()
 }
