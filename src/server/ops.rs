@@ -49,12 +49,13 @@ pub struct Check {
 pub struct Readiness {
     /// `ready` or `not_ready`.
     pub status: &'static str,
-    /// Each check by name: `data_dir`, `flags`, `counters`.
+    /// Each check by name: `data_dir`, `flags`, `counters`, `wal`.
     pub checks: BTreeMap<&'static str, Check>,
 }
 
 /// Answers 200 when the service can do its work: the data dir is writable, the flags are
-/// loaded, and the counter store answers (Redis, when configured).
+/// loaded, the counter store answers (Redis, when configured), and the write-ahead log accepts
+/// appends.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "Ready to serve.", body = Readiness),
@@ -77,10 +78,27 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             ),
         },
     };
+    let wal = state.ingest.wal();
+    let wal = if wal.is_stopped() {
+        Check {
+            ok: false,
+            detail: "stopped after a write error: ingest acknowledges nothing until restart".into(),
+        }
+    } else {
+        Check {
+            ok: true,
+            detail: format!(
+                "epoch {}, {} appends queued",
+                wal.last_epoch().0,
+                wal.queued()
+            ),
+        }
+    };
     let checks = BTreeMap::from([
         ("data_dir", data_dir),
         ("flags", flags),
         ("counters", counters),
+        ("wal", wal),
     ]);
     for (name, check) in &checks {
         metrics::gauge!(READY, "check" => *name).set(if check.ok { 1.0 } else { 0.0 });

@@ -24,6 +24,7 @@ async fn serves_health_readiness_and_metrics_with_no_redis() {
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["checks"]["counters"]["detail"], "embedded store");
     assert_eq!(ready["checks"]["data_dir"]["ok"], true);
+    assert_eq!(ready["checks"]["wal"]["ok"], true);
 
     let metrics = service.get_text("/metrics").await;
     assert!(
