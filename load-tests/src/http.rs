@@ -59,20 +59,67 @@ impl Template {
     }
 }
 
-/// Sends requests made from `template` on one connection until the shared budget or the deadline runs out;
-/// returns the latencies in microseconds. A non-2xx answer or a broken connection counts as
-/// an error (and the connection is opened again).
+/// When a connection sends: as fast as answers come (closed model), or on a fixed schedule
+/// (open model) where this connection owns every `connections`-th slot of a global rate.
+#[derive(Debug, Clone, Copy)]
+pub enum Pace {
+    /// Send the next request as soon as the previous answer arrived.
+    Closed,
+    /// Send request k at `start + (k × connections + index) / rate`; latency is measured from
+    /// that scheduled time, so a slow server cannot hide its queueing (no coordinated omission).
+    Open {
+        /// Requests per second, over all connections.
+        rate: f64,
+        /// This connection's position.
+        index: usize,
+        /// All connections.
+        connections: usize,
+        /// When the schedule starts.
+        start: Instant,
+    },
+}
+
+impl Pace {
+    fn scheduled(&self, k: u64) -> Option<Instant> {
+        match *self {
+            Pace::Closed => None,
+            Pace::Open {
+                rate,
+                index,
+                connections,
+                start,
+            } => {
+                let slot = k as f64 * connections as f64 + index as f64;
+                Some(start + std::time::Duration::from_secs_f64(slot / rate))
+            }
+        }
+    }
+}
+
+/// Sends requests made from `template` on one connection until the shared budget or the
+/// deadline runs out; returns the latencies in microseconds. A non-2xx answer or a broken
+/// connection counts as an error (and the connection is opened again).
 pub async fn drive(
     addr: SocketAddr,
     template: &Template,
     budget: &AtomicU64,
     errors: &AtomicU64,
     deadline: Instant,
+    pace: Pace,
 ) -> Histogram<u64> {
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
     let mut connection: Option<TcpStream> = None;
     let mut buffer = Vec::with_capacity(4096);
+    let mut k = 0u64;
     while let Some(n) = take_one(budget).filter(|_| Instant::now() < deadline) {
+        let scheduled = pace.scheduled(k);
+        k += 1;
+        if let Some(at) = scheduled {
+            if at >= deadline {
+                break;
+            }
+            tokio::time::sleep_until(at.into()).await;
+        }
         let request = template.render(n);
         let stream = match connection.as_mut() {
             Some(stream) => stream,
@@ -87,7 +134,7 @@ pub async fn drive(
                 }
             },
         };
-        let sent = Instant::now();
+        let sent = scheduled.unwrap_or_else(Instant::now);
         match round_trip(stream, &request, &mut buffer).await {
             Ok(status) => {
                 let micros = sent.elapsed().as_micros().max(1) as u64;

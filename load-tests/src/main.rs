@@ -81,6 +81,11 @@ struct RunArgs {
     /// Bearer token to send.
     #[arg(long)]
     token: Option<String>,
+    /// Open model: send this many requests per second in all, on a fixed schedule, measuring
+    /// latency from each request's scheduled time. Without it, each connection sends as fast
+    /// as it gets answers.
+    #[arg(long)]
+    rate: Option<f64>,
     /// A whole `Authorization` header value, for servers that do not take bearer tokens.
     #[arg(long, conflicts_with = "token")]
     authorization: Option<String>,
@@ -159,11 +164,21 @@ async fn run_http(
     let errors = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(run.seconds);
     let started = Instant::now();
+    let connections = run.connections.max(1);
     let mut workers = Vec::new();
-    for _ in 0..run.connections.max(1) {
+    for index in 0..connections {
         let (template, budget, errors) = (template.clone(), budget.clone(), errors.clone());
+        let pace = match run.rate {
+            Some(rate) if rate > 0.0 => http::Pace::Open {
+                rate,
+                index,
+                connections,
+                start: started,
+            },
+            _ => http::Pace::Closed,
+        };
         workers.push(tokio::spawn(async move {
-            http::drive(addr, &template, &budget, &errors, deadline).await
+            http::drive(addr, &template, &budget, &errors, deadline, pace).await
         }));
     }
     let mut merged = histogram();
