@@ -4,10 +4,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use flagstream::config::{Role, TokenConfig, TokenHash};
+use flagstream::config::TokenConfig;
 use serde_json::{Value, json};
 
-use crate::harness::Service;
+use crate::harness::{Service, client_and_analyst_tokens};
 
 const FLAGS: &str = r#"{
   "flags": {
@@ -49,31 +49,10 @@ async fn start(flags: &str, tokens: Vec<TokenConfig>) -> (Service, tempfile::Tem
     (service, dir)
 }
 
-fn client_token() -> Vec<TokenConfig> {
-    vec![
-        TokenConfig {
-            name: "tablet-app".into(),
-            role: Role::Client,
-            sha256: TokenHash::of("client-key"),
-        },
-        TokenConfig {
-            name: "analyst".into(),
-            role: Role::Analyst,
-            sha256: TokenHash::of("analyst-key"),
-        },
-    ]
-}
-
 async fn ofrep(service: &Service, key: &str, body: Value) -> (u16, Value) {
-    let response = service
-        .http
-        .post(service.url(&format!("/ofrep/v1/evaluate/flags/{key}")))
-        .json(&body)
-        .send()
+    service
+        .post_json(&format!("/ofrep/v1/evaluate/flags/{key}"), &body)
         .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,7 +186,7 @@ async fn bulk_evaluation_has_etags_that_follow_flags_and_context() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn app_config_serves_every_value_with_caching_headers() {
-    let (service, _dir) = start(FLAGS, client_token()).await;
+    let (service, _dir) = start(FLAGS, client_and_analyst_tokens()).await;
     let response = service
         .http
         .get(service.url("/v1/config?targetingKey=child-9&app_version=3.4.1"))
@@ -252,7 +231,7 @@ async fn app_config_serves_every_value_with_caching_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flag_endpoints_refuse_missing_wrong_and_unauthorized_keys() {
-    let (service, _dir) = start(FLAGS, client_token()).await;
+    let (service, _dir) = start(FLAGS, client_and_analyst_tokens()).await;
     let cases = [
         (None, 401),
         (Some("guess"), 401),

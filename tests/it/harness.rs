@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flagstream::config::{Config, RedisUrl};
+use flagstream::config::{Config, RedisUrl, Role, TokenConfig, TokenHash};
 use flagstream::{Listeners, RunError, run};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -120,6 +120,22 @@ impl Redis {
     }
 }
 
+/// Two tokens: `client-key` (role client) and `analyst-key` (role analyst).
+pub fn client_and_analyst_tokens() -> Vec<TokenConfig> {
+    vec![
+        TokenConfig {
+            name: "app".into(),
+            role: Role::Client,
+            sha256: TokenHash::of("client-key"),
+        },
+        TokenConfig {
+            name: "team".into(),
+            role: Role::Analyst,
+            sha256: TokenHash::of("analyst-key"),
+        },
+    ]
+}
+
 /// A configuration for tests: loopback on port 0, a temporary data dir, the repo's flags and
 /// queries.
 pub fn test_config(data_dir: &Path) -> Config {
@@ -214,6 +230,23 @@ impl Service {
             response.status()
         );
         response.text().await.expect("text body")
+    }
+
+    /// POSTs `body` as JSON to `path` and returns the status and the answer as JSON.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let response = self
+            .http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("json body"))
     }
 
     /// GETs `path` and returns the status and the body as JSON.

@@ -5,11 +5,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use flagstream::config::{Role, TokenConfig, TokenHash};
 use flagstream::events::time::format_rfc3339;
 use serde_json::{Value, json};
 
-use crate::harness::{Process, Service, stored_events};
+use crate::harness::{Process, Service, client_and_analyst_tokens, stored_events};
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -28,15 +27,7 @@ fn event(id: &str, user: &str, at: i64) -> Value {
 }
 
 async fn post_batch(service: &Service, body: &Value) -> (u16, Value) {
-    let response = service
-        .http
-        .post(service.url("/v1/batch"))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
+    service.post_json("/v1/batch", body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,18 +265,7 @@ async fn every_request_limit_answers_its_status_and_json_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_needs_a_client_key() {
-    let tokens = vec![
-        TokenConfig {
-            name: "app".into(),
-            role: Role::Client,
-            sha256: TokenHash::of("client-key"),
-        },
-        TokenConfig {
-            name: "team".into(),
-            role: Role::Analyst,
-            sha256: TokenHash::of("analyst-key"),
-        },
-    ];
+    let tokens = client_and_analyst_tokens();
     let service = Service::start_with(|config| config.auth.tokens = tokens).await;
     let body = json!({"batch": [event("a-1", "c", now_ms())]});
     for (token, status) in [

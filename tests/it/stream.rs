@@ -2,7 +2,6 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use flagstream::config::{Role, TokenConfig, TokenHash};
 use flagstream::events::time::format_rfc3339;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -10,7 +9,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-use crate::harness::{Service, stored_events};
+use crate::harness::{Service, client_and_analyst_tokens, stored_events};
 
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -24,21 +23,6 @@ fn now_ms() -> i64 {
 
 fn event(id: &str) -> Value {
     json!({"event_id": id, "user_id": "child-ws", "type": "app_opened", "timestamp": format_rfc3339(now_ms())})
-}
-
-fn tokens() -> Vec<TokenConfig> {
-    vec![
-        TokenConfig {
-            name: "app".into(),
-            role: Role::Client,
-            sha256: TokenHash::of("client-key"),
-        },
-        TokenConfig {
-            name: "team".into(),
-            role: Role::Analyst,
-            sha256: TokenHash::of("analyst-key"),
-        },
-    ]
 }
 
 async fn connect(service: &Service, header: Option<(&'static str, &str)>) -> Result<Socket, u16> {
@@ -86,7 +70,7 @@ async fn send(socket: &mut Socket, message: Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_come_after_durability_with_per_event_results() {
-    let service = Service::start_with(|c| c.auth.tokens = tokens()).await;
+    let service = Service::start_with(|c| c.auth.tokens = client_and_analyst_tokens()).await;
     let mut socket = connect(&service, Some(("authorization", "Bearer client-key")))
         .await
         .unwrap();
@@ -133,7 +117,7 @@ async fn acks_come_after_durability_with_per_event_results() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_key_is_checked_before_the_upgrade() {
-    let service = Service::start_with(|c| c.auth.tokens = tokens()).await;
+    let service = Service::start_with(|c| c.auth.tokens = client_and_analyst_tokens()).await;
     assert_eq!(connect(&service, None).await.err(), Some(401));
     assert_eq!(
         connect(&service, Some(("authorization", "Bearer wrong")))
