@@ -19,17 +19,38 @@ pub struct SessionReport {
     pub errors: u64,
 }
 
-/// Runs one session: `messages` messages of `per_message` events, until `deadline`. `run`
-/// makes device and event ids unique to this run, so repeated runs send new events.
-pub async fn session(
-    run: u128,
-    addr: SocketAddr,
-    token: Option<String>,
-    id: usize,
-    messages: u64,
-    per_message: usize,
-    deadline: Instant,
-) -> SessionReport {
+/// What one session does.
+pub struct Plan {
+    /// Makes device and event ids unique to this run, so repeated runs send new events.
+    pub run: u128,
+    /// The server.
+    pub addr: SocketAddr,
+    /// Bearer token, if any.
+    pub token: Option<String>,
+    /// The session's number.
+    pub id: usize,
+    /// Messages to send.
+    pub messages: u64,
+    /// Events per message.
+    pub per_message: usize,
+    /// No message is sent after this.
+    pub deadline: Instant,
+    /// How long to stay connected afterwards, answering pings, as an idle app does.
+    pub hold: Duration,
+}
+
+/// Runs one session: sends its messages, waiting for each acknowledgement, then holds.
+pub async fn session(plan: Plan) -> SessionReport {
+    let Plan {
+        run,
+        addr,
+        token,
+        id,
+        messages,
+        per_message,
+        deadline,
+        hold,
+    } = plan;
     let mut report = SessionReport {
         histogram: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
         events: 0,
@@ -92,6 +113,13 @@ pub async fn session(
             }
             _ => report.errors += 1,
         }
+    }
+    if !hold.is_zero() {
+        // Stay connected and answer pings, as an idle app does.
+        let _ = tokio::time::timeout(hold, async {
+            while let Some(Ok(_)) = socket.next().await {}
+        })
+        .await;
     }
     let _ = socket.close(None).await;
     report

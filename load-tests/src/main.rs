@@ -58,6 +58,9 @@ enum Scenario {
         /// Events per message.
         #[arg(long, default_value_t = 10)]
         events: usize,
+        /// Seconds to keep each session open after its messages (to measure idle sessions).
+        #[arg(long, default_value_t = 0)]
+        hold: u64,
     },
 }
 
@@ -244,7 +247,7 @@ async fn main() -> std::process::ExitCode {
             let (h, e, s) = run_http(run, addr, template).await;
             ("batch", h, e, s, *events as u64)
         }
-        Scenario::Live { run, events } => {
+        Scenario::Live { run, events, hold } => {
             let deadline = Instant::now() + Duration::from_secs(run.seconds);
             let sessions = run.connections.max(1);
             let per_session = (run.requests / sessions as u64).max(1);
@@ -255,10 +258,17 @@ async fn main() -> std::process::ExitCode {
             let tasks: Vec<_> = (0..sessions)
                 .map(|id| {
                     let token = run.token.clone();
-                    let events = *events;
-                    tokio::spawn(async move {
-                        live::session(run_id, addr, token, id, per_session, events, deadline).await
-                    })
+                    let plan = live::Plan {
+                        run: run_id,
+                        addr,
+                        token,
+                        id,
+                        messages: per_session,
+                        per_message: *events,
+                        deadline,
+                        hold: Duration::from_secs(*hold),
+                    };
+                    tokio::spawn(live::session(plan))
                 })
                 .collect();
             let mut merged = histogram();
