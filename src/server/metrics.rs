@@ -250,6 +250,19 @@ fn describe() {
         "Appends waiting for the write-ahead log writer."
     );
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    // Export the error counters and the gauges from the start, at zero: a dashboard or alert
+    // can then tell "no errors" from "no data".
+    for counter in [
+        WAL_ERRORS_TOTAL,
+        WAL_CORRUPT_RECORDS_TOTAL,
+        WAL_TRUNCATED_BYTES_TOTAL,
+        RATE_LIMITED_TOTAL,
+    ] {
+        metrics::counter!(counter).absolute(0);
+    }
+    for gauge in [STREAM_SESSIONS, WAL_QUEUE_DEPTH, FLAG_PROBLEMS] {
+        metrics::gauge!(gauge).increment(0.0);
+    }
 }
 
 /// Counts and times every request by its matched route (never the raw path).

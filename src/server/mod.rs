@@ -116,6 +116,8 @@ impl AppState {
     /// Builds the state from the configuration: recovers the write-ahead log, opens stores and
     /// reads the flag directory. Runs inside the runtime (it starts background tasks).
     pub fn new(config: &Config) -> Result<Self, RunError> {
+        // First, so that what recovery and the first flag load record is kept.
+        let metrics = metrics::install()?;
         let ingest = Arc::new(open_ingest(config)?);
         let flags = FlagStore::load(config.flags.dir.clone());
         let exposures = flags_api::Exposures::new(
@@ -125,7 +127,7 @@ impl AppState {
         Ok(Self {
             config: Arc::new(config.clone()),
             tokens: auth::Tokens::new(&config.auth.tokens),
-            metrics: metrics::install()?,
+            metrics,
             counters: CounterStore::open(&config.counters)?,
             flags,
             exposures: Arc::new(exposures),

@@ -184,7 +184,30 @@ async fn dashboards_query_only_metrics_the_service_exports() {
     for path in ["/healthz", "/readyz", "/nope"] {
         service.get_json(path).await;
     }
-    let metrics = service.get_text("/metrics").await;
+    // Exercise ingest (accepted and rejected events) and flags (with an experiment exposure).
+    let at = flagstream::events::time::format_rfc3339(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64,
+    );
+    let batch = serde_json::json!({"batch": [
+        {"event_id": "d-1", "type": "app_opened", "timestamp": at},
+        {"event_id": "d-2", "type": "nope", "timestamp": at}
+    ]});
+    assert_eq!(service.post_json("/v1/batch", &batch).await.0, 200);
+    let context = serde_json::json!({"context": {"targetingKey": "child-dashboard"}});
+    service
+        .post_json("/ofrep/v1/evaluate/flags", &context)
+        .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let metrics = loop {
+        let metrics = service.get_text("/metrics").await;
+        if metrics.contains("flagstream_exposures_total") || std::time::Instant::now() > deadline {
+            break metrics;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     let exported: BTreeSet<&str> = metrics
         .lines()
         .filter_map(|line| line.strip_prefix("# TYPE "))
