@@ -70,6 +70,19 @@ impl Tokens {
     }
 }
 
+/// Returns the key a request presents, as an `Authorization` value: the `Authorization` header
+/// itself, or `Bearer <key>` from `X-API-Key` (which OFREP clients may send instead).
+pub fn presented_key(headers: &axum::http::HeaderMap) -> Option<String> {
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &axum::http::HeaderValue| v.to_str().ok())
+    };
+    text(AUTHORIZATION.as_str())
+        .map(str::to_owned)
+        .or_else(|| text("x-api-key").map(|key| format!("Bearer {key}")))
+}
+
 /// Who made a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
@@ -123,18 +136,8 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get(AUTHORIZATION)
-            .and_then(|value| value.to_str().ok());
-        // OFREP clients may send the key as `X-API-Key` instead.
-        let api_key = parts
-            .headers
-            .get("x-api-key")
-            .and_then(|value| value.to_str().ok())
-            .map(|key| format!("Bearer {key}"));
-        let presented = header.or(api_key.as_deref());
-        let principal = Tokens::from_ref(state).authorize(presented, R::ROLE)?;
+        let presented = presented_key(&parts.headers);
+        let principal = Tokens::from_ref(state).authorize(presented.as_deref(), R::ROLE)?;
         Ok(Self {
             principal,
             _role: PhantomData,

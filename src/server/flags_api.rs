@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -21,6 +21,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::auth::{Authorized, Client};
 use super::error::{ApiError, ErrorBody, ErrorCode as ApiCode};
+use super::ingest_api::now_ms;
 use super::metrics::{FLAG_EVALUATION_DURATION_SECONDS, FLAG_EVALUATIONS_TOTAL};
 use crate::flags::exposure::{DailyDedup, Exposure};
 use crate::flags::{ErrorCode, Flag, Reason, Resolution, Snapshot, Variant, evaluate};
@@ -175,11 +176,10 @@ impl IntoResponse for OfrepError {
     }
 }
 
+/// Returns now as (seconds, milliseconds) since the Unix epoch.
 fn now() -> (i64, i64) {
-    let elapsed = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    (elapsed.as_secs() as i64, elapsed.as_millis() as i64)
+    let millis = now_ms();
+    (millis.div_euclid(1000), millis)
 }
 
 /// Reads `{"context": {...}}`; an empty body or a missing context is an empty context.

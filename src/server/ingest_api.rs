@@ -106,16 +106,17 @@ pub fn answer(ids: Vec<Option<String>>, outcomes: Vec<Outcome>) -> BatchAnswer {
         .zip(outcomes)
         .enumerate()
         .map(|(index, (event_id, outcome))| {
-            let (status, reason, detail) = match outcome {
+            let status = outcome.status();
+            let (slot, reason, detail) = match outcome {
                 Outcome::Ok => (0, None, None),
                 Outcome::Duplicate => (1, None, None),
                 Outcome::Rejected(r) => (2, Some(r.reason.as_str()), Some(r.detail)),
             };
-            counts[status] += 1;
+            counts[slot] += 1;
             EventResult {
                 index,
                 event_id,
-                status: ["ok", "duplicate", "rejected"][status],
+                status,
                 reason,
                 detail,
             }

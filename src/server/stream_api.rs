@@ -58,16 +58,7 @@ pub async fn stream(
                 .find_map(|p| p.strip_prefix("key."))
         })
         .map(|key| format!("Bearer {key}"));
-    let from_header = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| {
-            headers
-                .get("x-api-key")
-                .and_then(|v| v.to_str().ok())
-                .map(|key| format!("Bearer {key}"))
-        });
+    let from_header = super::auth::presented_key(&headers);
     let presented = from_header.as_deref().or(from_protocol.as_deref());
     let caller = state.tokens.authorize(presented, Role::Client)?;
     let upgrade = upgrade
