@@ -292,8 +292,37 @@ section! {
     pub struct CountersConfig = "counters" {
         /// Redis URL (`redis://`, `rediss://`, `unix://`); `none` uses the embedded store.
         pub redis_url: Option<RedisUrl> = None,
-        /// How long a Redis connection attempt or health check may take.
+        /// How long a Redis connection attempt, command or health check may take.
         pub redis_timeout: Duration = Duration::from_secs(1),
+        /// How long minute-window counters are kept after their window ends.
+        pub minute_retention: Duration = Duration::from_secs(2 * 86_400),
+        /// How long hour-window counters are kept after their window ends.
+        pub hour_retention: Duration = Duration::from_secs(35 * 86_400),
+        /// How long day-window counters are kept after their window ends.
+        pub day_retention: Duration = Duration::from_secs(400 * 86_400),
+    }
+}
+
+section! {
+    /// The timely dataflow from the write-ahead log to the counters.
+    pub struct PipelineConfig = "pipeline" {
+        /// Worker threads (per process); 0 uses one per available core.
+        pub workers: usize = 0,
+        /// Counters are written once per this stretch of the log (a cell); the flush lag is
+        /// about this long.
+        pub flush_interval: Duration = Duration::from_millis(250),
+        /// Context keys that define segment cohorts.
+        pub segments: Vec<String> = vec!["platform".into(), "app_version".into(), "country".into()],
+        /// Events read but not yet in the counter store; past this the pipeline reads no more
+        /// (the log keeps them) until the store catches up.
+        pub max_pending_events: usize = 1_000_000,
+        /// Addresses (`host:port`) of every process of a multi-process cluster, in process
+        /// order; empty runs the dataflow in this process only.
+        pub peers: Vec<String> = Vec::new(),
+        /// This process's index in `peers`.
+        pub process: usize = 0,
+        /// The most experiment × variant pairs exported as live gauges in `/metrics`.
+        pub experiment_gauges: usize = 100,
     }
 }
 
@@ -364,6 +393,8 @@ pub struct Config {
     pub sql: SqlConfig,
     /// Counter store.
     pub counters: CountersConfig,
+    /// The dataflow.
+    pub pipeline: PipelineConfig,
     /// Tokens and roles.
     pub auth: AuthConfig,
     /// Logs.
@@ -381,6 +412,7 @@ macro_rules! for_each_section {
         $visit!(flags, FlagsConfig);
         $visit!(sql, SqlConfig);
         $visit!(counters, CountersConfig);
+        $visit!(pipeline, PipelineConfig);
         $visit!(auth, AuthConfig);
         $visit!(telemetry, TelemetryConfig);
     };
@@ -553,9 +585,49 @@ impl Config {
             ("server.header_read_timeout", server.header_read_timeout),
             ("server.request_timeout", server.request_timeout),
             ("counters.redis_timeout", self.counters.redis_timeout),
+            ("pipeline.flush_interval", self.pipeline.flush_interval),
         ] {
             if value.is_zero() {
                 problem(key, "must be greater than zero".into());
+            }
+        }
+        let pipeline = &self.pipeline;
+        for dimension in &pipeline.segments {
+            if !crate::events::schema::CONTEXT_KEYS.contains(&dimension.as_str()) {
+                problem(
+                    "pipeline.segments",
+                    format!(
+                        "{dimension:?} is not a context key (one of {})",
+                        crate::events::schema::CONTEXT_KEYS.join(", ")
+                    ),
+                );
+            }
+        }
+        if !pipeline.peers.is_empty() {
+            if pipeline.process >= pipeline.peers.len() {
+                problem(
+                    "pipeline.process",
+                    format!(
+                        "must be below the number of peers ({})",
+                        pipeline.peers.len()
+                    ),
+                );
+            }
+            if self.counters.redis_url.is_none() {
+                problem(
+                    "pipeline.peers",
+                    "a multi-process pipeline needs a shared counter store: set counters.redis_url"
+                        .into(),
+                );
+            }
+            for peer in &pipeline.peers {
+                if peer
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .is_none()
+                {
+                    problem("pipeline.peers", format!("{peer:?} is not host:port"));
+                }
             }
         }
         if server.max_concurrent_requests == 0 {

@@ -72,6 +72,30 @@ impl ConfigValue for String {
     }
 }
 
+impl ConfigValue for Vec<String> {
+    const KIND: &'static str = "array of strings";
+    fn parse(value: &Value) -> Result<Self, String> {
+        let parsed;
+        let array = match value {
+            Value::Array(array) => array,
+            // From the environment: an inline TOML array such as `["a", "b"]`.
+            Value::String(text) => {
+                parsed = toml::from_str::<toml::Table>(&format!("list = {text}"))
+                    .map_err(|e| format!("invalid inline array: {}", e.message()))?;
+                parsed["list"].as_array().ok_or("expected an array")?
+            }
+            other => return Err(format!("expected array, found {}", other.type_str())),
+        };
+        array
+            .iter()
+            .map(|item| as_str(item, "string").map(str::to_owned))
+            .collect()
+    }
+    fn render(&self) -> Value {
+        Value::Array(self.iter().cloned().map(Value::String).collect())
+    }
+}
+
 impl ConfigValue for bool {
     const KIND: &'static str = "boolean";
     fn parse(value: &Value) -> Result<Self, String> {

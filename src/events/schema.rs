@@ -84,6 +84,12 @@ pub const CONTEXT_KEYS: [&str; 6] = [
 /// The event type of client-reported experiment exposures.
 pub const EXPOSURE_TYPE: &str = "$exposure";
 
+/// The event type that opens an app session; the pipeline counts sessions by it.
+pub const SESSION_STARTED_TYPE: &str = "session_started";
+
+/// The event type that closes an app session; its `duration_ms` is time spent.
+pub const SESSION_ENDED_TYPE: &str = "session_ended";
+
 const READING_APP: &str = r#"{
   "types": {
     "app_opened": {},

@@ -4,6 +4,13 @@
 //! workers by subject, attributed to cohorts (experiment variants and declared segments), and
 //! aggregated per (cohort, window) per epoch. Runs on its own OS threads, never tokio's.
 
+pub mod aggregate;
+pub mod cohort;
+mod dataflow;
+pub mod record;
+pub mod state;
 pub mod window;
 
+pub use cohort::CohortKey;
+pub use dataflow::{Pipeline, PipelineError, PipelineOptions};
 pub use window::{Window, WindowStart};

@@ -1,7 +1,9 @@
 //! Tumbling windows over corrected event time. Pure.
 
 /// A tumbling window length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Window {
     /// One minute.
     Minute,
@@ -12,7 +14,9 @@ pub enum Window {
 }
 
 /// The start of a window, in milliseconds since the Unix epoch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct WindowStart(pub i64);
 
 impl Window {
@@ -35,6 +39,11 @@ impl Window {
             Window::Hour => "1h",
             Window::Day => "1d",
         }
+    }
+
+    /// Reads a short name (`1m`, `1h`, `1d`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Window::ALL.into_iter().find(|w| w.name() == name)
     }
 
     /// Returns the start of the window holding `event_time_ms`, also before 1970.

@@ -74,6 +74,29 @@ pub const WAL_CORRUPT_RECORDS_TOTAL: &str = "flagstream_wal_corrupt_records_tota
 /// Bytes of torn tails cut off by recovery.
 pub const WAL_TRUNCATED_BYTES_TOTAL: &str = "flagstream_wal_truncated_bytes_total";
 
+/// Events the pipeline read from the write-ahead log.
+pub const PIPELINE_EVENTS_TOTAL: &str = "flagstream_pipeline_events_total";
+/// Stored events the pipeline could not read (counted, then skipped).
+pub const PIPELINE_UNREADABLE_EVENTS_TOTAL: &str = "flagstream_pipeline_unreadable_events_total";
+/// Epochs read by the pipeline but not yet in the counter store.
+pub const PIPELINE_PENDING_EPOCHS: &str = "flagstream_pipeline_pending_epochs";
+/// How far the counters are behind the newest durable epoch.
+pub const PIPELINE_LAG_SECONDS: &str = "flagstream_pipeline_lag_seconds";
+/// From the end of a cell of the log to its counters being written, per cell and worker.
+pub const PIPELINE_FLUSH_LAG_SECONDS: &str = "flagstream_pipeline_flush_lag_seconds";
+/// The last epoch whose counters are in the store everywhere (the pipeline's checkpoint).
+pub const PIPELINE_CHECKPOINT_EPOCH: &str = "flagstream_pipeline_checkpoint_epoch";
+/// Subjects with an experiment assignment in the pipeline's state.
+pub const PIPELINE_ASSIGNED_SUBJECTS: &str = "flagstream_pipeline_assigned_subjects";
+/// Counter store writes that failed, by store and kind (retryable, permanent).
+pub const COUNTER_ERRORS_TOTAL: &str = "flagstream_store_write_errors_total";
+/// Commands sent to Redis by the pipeline (a Lua call counts once).
+pub const REDIS_COMMANDS_TOTAL: &str = "flagstream_redis_commands_total";
+/// Live per-variant gauges: distinct subjects today, by experiment and variant (capped).
+pub const EXPERIMENT_SUBJECTS_TODAY: &str = "flagstream_experiment_subjects_today";
+/// Live per-variant gauges: events today, by experiment and variant (capped).
+pub const EXPERIMENT_EVENTS_TODAY: &str = "flagstream_experiment_events_today";
+
 /// Latency buckets for request handling, 100 µs to 10 s.
 const LATENCY_BUCKETS_SECONDS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -249,6 +272,52 @@ fn describe() {
         WAL_QUEUE_DEPTH,
         "Appends waiting for the write-ahead log writer."
     );
+    metrics::describe_counter!(
+        PIPELINE_EVENTS_TOTAL,
+        "Events the pipeline read from the write-ahead log."
+    );
+    metrics::describe_counter!(
+        PIPELINE_UNREADABLE_EVENTS_TOTAL,
+        "Stored events the pipeline could not read; counted, then skipped."
+    );
+    metrics::describe_gauge!(
+        PIPELINE_PENDING_EPOCHS,
+        "Epochs read by the pipeline whose counters are not in the store yet."
+    );
+    metrics::describe_gauge!(
+        PIPELINE_LAG_SECONDS,
+        metrics::Unit::Seconds,
+        "How far the counters are behind the newest durable epoch."
+    );
+    metrics::describe_histogram!(
+        PIPELINE_FLUSH_LAG_SECONDS,
+        metrics::Unit::Seconds,
+        "From the end of a cell of the log to its counters being written."
+    );
+    metrics::describe_gauge!(
+        PIPELINE_CHECKPOINT_EPOCH,
+        "The last epoch whose counters are in the store on every worker."
+    );
+    metrics::describe_gauge!(
+        PIPELINE_ASSIGNED_SUBJECTS,
+        "Subjects with an experiment assignment in the pipeline's state."
+    );
+    metrics::describe_counter!(
+        COUNTER_ERRORS_TOTAL,
+        "Counter store writes that failed, by store and kind (retryable, permanent)."
+    );
+    metrics::describe_counter!(
+        REDIS_COMMANDS_TOTAL,
+        "Commands the pipeline sent to Redis; one Lua call counts once."
+    );
+    metrics::describe_gauge!(
+        EXPERIMENT_SUBJECTS_TODAY,
+        "Distinct subjects today (UTC) by experiment and variant; capped in number."
+    );
+    metrics::describe_gauge!(
+        EXPERIMENT_EVENTS_TODAY,
+        "Events today (UTC) by experiment and variant; capped in number."
+    );
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     // Export the error counters and the gauges from the start, at zero: a dashboard or alert
     // can then tell "no errors" from "no data".
@@ -257,10 +326,24 @@ fn describe() {
         WAL_CORRUPT_RECORDS_TOTAL,
         WAL_TRUNCATED_BYTES_TOTAL,
         RATE_LIMITED_TOTAL,
+        PIPELINE_EVENTS_TOTAL,
+        PIPELINE_UNREADABLE_EVENTS_TOTAL,
+        REDIS_COMMANDS_TOTAL,
     ] {
         metrics::counter!(counter).absolute(0);
     }
-    for gauge in [STREAM_SESSIONS, WAL_QUEUE_DEPTH, FLAG_PROBLEMS] {
+    for store in ["redis", "embedded"] {
+        for kind in ["retryable", "permanent"] {
+            metrics::counter!(COUNTER_ERRORS_TOTAL, "store" => store, "kind" => kind).absolute(0);
+        }
+    }
+    for gauge in [
+        STREAM_SESSIONS,
+        WAL_QUEUE_DEPTH,
+        FLAG_PROBLEMS,
+        PIPELINE_PENDING_EPOCHS,
+        PIPELINE_LAG_SECONDS,
+    ] {
         metrics::gauge!(gauge).increment(0.0);
     }
 }

@@ -4,6 +4,7 @@
 //! on `127.0.0.1:0` through the very same code as production.
 
 pub mod auth;
+pub mod cohorts_api;
 pub mod error;
 pub mod flags_api;
 pub mod ingest_api;
@@ -31,8 +32,9 @@ use crate::counters::{CounterStore, RedisError};
 use crate::events::{Limits, Schema};
 use crate::flags::{FlagStore, Snapshot};
 use crate::ingest::{IngestExposureSink, IngestOptions, Ingestor};
+use crate::pipeline::{Pipeline, PipelineOptions};
 use crate::privacy::Pepper;
-use crate::wal::WalOptions;
+use crate::wal::{Checkpoints, WalOptions};
 
 /// The listeners the service answers on, bound before `run` is called.
 #[derive(Debug)]
@@ -86,6 +88,9 @@ pub enum RunError {
     /// The write-ahead log could not be opened.
     #[error("cannot open the write-ahead log: {0}")]
     Ingest(#[from] crate::ingest::IngestError),
+    /// The pipeline could not start.
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
     /// A listener failed.
     #[error("serving failed: {0}")]
     Serve(#[from] io::Error),
@@ -221,6 +226,7 @@ pub async fn run(
     }
     let state = AppState::new(&config)?;
     state.flags.watch(config.flags.reload_interval)?;
+    let pipeline = start_pipeline(&config, &state)?;
     let serve_metrics_on_api = listeners.metrics.is_none();
     let app = router(state.clone(), serve_metrics_on_api);
 
@@ -233,13 +239,23 @@ pub async fn run(
     // scrapes would grow without bound.
     let handle = state.metrics.clone();
     let mut stopping = stop_rx.clone();
+    let counters = state.counters.clone();
+    let gauge_cap = config.pipeline.experiment_gauges;
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
         loop {
-            tokio::select! {
-                _ = tick.tick() => handle.run_upkeep(),
-                _ = stopping.wait_for(|stopped| *stopped) => break,
+            let stop = tokio::select! {
+                _ = tick.tick() => false,
+                _ = stopping.wait_for(|stopped| *stopped) => true,
+            };
+            if stop {
+                break;
             }
+            handle.run_upkeep();
+            if let CounterStore::Embedded(store) = &counters {
+                store.expire(ingest_api::now_ms());
+            }
+            cohorts_api::publish_gauges(&counters, gauge_cap).await;
         }
     });
     let limits = serve::Limits {
@@ -259,8 +275,38 @@ pub async fn run(
         }
         None => api.await?,
     }
+    // Requests are done: write what the pipeline read and checkpoint it.
+    let _ = tokio::task::spawn_blocking(move || pipeline.stop()).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Starts the dataflow from the write-ahead log to the counter store.
+fn start_pipeline(config: &Config, state: &AppState) -> Result<Pipeline, RunError> {
+    let wal = state.ingest.wal().clone();
+    let checkpoints = Arc::new(
+        Checkpoints::load(wal.dir())
+            .map_err(|e| RunError::Pipeline(crate::pipeline::PipelineError::Wal(e)))?,
+    );
+    let pipeline = &config.pipeline;
+    let workers = match pipeline.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let options = PipelineOptions {
+        workers,
+        cell_ms: pipeline.flush_interval.as_millis().max(1) as u64,
+        segments: pipeline.segments.clone(),
+        max_pending_events: pipeline.max_pending_events,
+        state_dir: config.storage.data_dir.join("pipeline"),
+        cluster: (!pipeline.peers.is_empty()).then(|| (pipeline.process, pipeline.peers.clone())),
+    };
+    Ok(Pipeline::start(
+        options,
+        wal,
+        state.counters.clone(),
+        checkpoints,
+    )?)
 }
 
 /// Checks the configuration's flag files and saved queries; returns every problem found.

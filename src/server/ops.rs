@@ -137,7 +137,7 @@ async fn check_data_dir(dir: &Path) -> Check {
 
 async fn check_counters(store: &CounterStore) -> Check {
     match store {
-        CounterStore::Embedded => Check {
+        CounterStore::Embedded(_) => Check {
             ok: true,
             detail: "embedded store".into(),
         },

@@ -20,7 +20,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{self, ApiError, ErrorCode};
-use super::{AppState, flags_api, ingest_api, metrics, ops, stream_api};
+use super::{AppState, cohorts_api, flags_api, ingest_api, metrics, ops, stream_api};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -30,7 +30,8 @@ use super::{AppState, flags_api, ingest_api, metrics, ops, stream_api};
     tags(
         (name = "operations", description = "Health, readiness, metrics, configuration."),
         (name = "flags", description = "Flag evaluation: OFREP and app-launch config."),
-        (name = "ingest", description = "Event intake: batches and the event schema.")
+        (name = "ingest", description = "Event intake: batches and the event schema."),
+        (name = "cohorts", description = "Live per-cohort counters from the pipeline.")
     )
 )]
 struct ApiDoc;
@@ -64,6 +65,7 @@ fn table(serve_metrics: bool, flag_body: usize, batch_body: usize) -> OpenApiRou
         .routes(routes!(ops::admin_config))
         .routes(routes!(ingest_api::schema))
         .routes(routes!(stream_api::stream))
+        .routes(routes!(cohorts_api::cohorts))
         .merge(ingest)
         .merge(flags);
     if serve_metrics {

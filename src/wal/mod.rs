@@ -9,6 +9,7 @@
 //! recovery truncates a torn tail and reports, then skips, damage in the middle.
 
 pub mod frame;
+pub mod tail;
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -26,8 +27,31 @@ use crate::server::metrics::{
 use frame::{Format, Scan};
 
 /// The number of a committed WAL batch; timely's timestamp in the pipeline.
+///
+/// Epochs strictly increase and follow the wall clock: an epoch is at least the Unix time in
+/// milliseconds of its commit. Processes of a cluster therefore number their epochs alike, and
+/// an idle log can promise that nothing older than the current time will still be committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Epoch(pub u64);
+
+/// Hands out epoch numbers; shared by the writer and the readers that ask how far the log is
+/// settled.
+#[derive(Debug, Default)]
+struct EpochClock {
+    /// No later epoch may be smaller.
+    floor: u64,
+    /// An epoch is being written and is not durable yet.
+    in_flight: bool,
+    /// The last durable epoch.
+    durable: u64,
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 /// Why an append or the log failed.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +106,8 @@ pub struct Wal {
     tx: mpsc::Sender<Append>,
     stopped: Arc<AtomicBool>,
     last_epoch: Arc<AtomicU64>,
+    clock: Arc<std::sync::Mutex<EpochClock>>,
+    dir: PathBuf,
 }
 
 impl Wal {
@@ -96,12 +122,18 @@ impl Wal {
         let (tx, rx) = mpsc::channel(options.queue.max(1));
         let stopped = Arc::new(AtomicBool::new(false));
         let last_epoch = Arc::new(AtomicU64::new(recovery.last_epoch.0));
+        let clock = Arc::new(std::sync::Mutex::new(EpochClock {
+            floor: recovery.last_epoch.0 + 1,
+            in_flight: false,
+            durable: recovery.last_epoch.0,
+        }));
+        let dir = options.dir.clone();
         let writer = Writer {
+            clock: clock.clone(),
             segment: Segment::open_last(&options.dir)?,
             options,
             stopped: stopped.clone(),
             last_epoch: last_epoch.clone(),
-            next_epoch: recovery.last_epoch.0 + 1,
         };
         std::thread::Builder::new()
             .name("wal-writer".into())
@@ -111,6 +143,8 @@ impl Wal {
                 tx,
                 stopped,
                 last_epoch,
+                clock,
+                dir,
             },
             recovery,
         ))
@@ -146,6 +180,23 @@ impl Wal {
     /// Returns the appends waiting for the writer.
     pub fn queued(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Returns the directory of the segment files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// For a reader that has read every epoch up to `read_through`: returns an epoch below
+    /// which nothing will ever be committed any more, and promises it — or `None` when an
+    /// epoch is being written or a durable one is still unread.
+    pub fn settled(&self, read_through: Epoch) -> Option<Epoch> {
+        let mut clock = self.clock.lock().unwrap_or_else(|p| p.into_inner());
+        if clock.in_flight || clock.durable > read_through.0 {
+            return None;
+        }
+        clock.floor = clock.floor.max(unix_millis()).max(clock.durable + 1);
+        Some(Epoch(clock.floor))
     }
 }
 
@@ -259,7 +310,7 @@ struct Writer {
     segment: Option<Segment>,
     stopped: Arc<AtomicBool>,
     last_epoch: Arc<AtomicU64>,
-    next_epoch: u64,
+    clock: Arc<std::sync::Mutex<EpochClock>>,
 }
 
 impl Writer {
@@ -284,7 +335,13 @@ impl Writer {
                 }
                 continue;
             }
-            let epoch = self.next_epoch;
+            let epoch = {
+                let mut clock = self.clock.lock().unwrap_or_else(|p| p.into_inner());
+                let epoch = clock.floor.max(unix_millis()).max(clock.durable + 1);
+                clock.floor = epoch + 1;
+                clock.in_flight = true;
+                epoch
+            };
             let payload = frame::encode_epoch(
                 epoch,
                 group
@@ -295,10 +352,17 @@ impl Writer {
             );
             frame.clear();
             frame::encode_frame(&mut frame, Format::Plain, &payload);
-            match self.write(epoch, &frame) {
-                Ok(()) => {
-                    self.next_epoch += 1;
+            let written = self.write(epoch, &frame);
+            {
+                let mut clock = self.clock.lock().unwrap_or_else(|p| p.into_inner());
+                clock.in_flight = false;
+                if written.is_ok() {
+                    clock.durable = epoch;
                     self.last_epoch.store(epoch, Ordering::Release);
+                }
+            }
+            match written {
+                Ok(()) => {
                     metrics::counter!(WAL_EPOCHS_TOTAL).increment(1);
                     metrics::counter!(WAL_BYTES_TOTAL).increment(frame.len() as u64);
                     for append in group.drain(..) {
@@ -481,7 +545,11 @@ mod tests {
             Wal::open(options(dir.path()), |_, events| replayed += events.len()).unwrap();
         assert_eq!((replayed, recovery.events), (50, 50));
         let next = wal.append(vec![b"{}".to_vec()]).await.unwrap();
-        assert_eq!(next.0, recovery.last_epoch.0 + 1);
+        assert!(next > recovery.last_epoch);
+        assert!(
+            next.0 >= unix_millis() - 60_000,
+            "epochs follow the clock: {next:?}"
+        );
     }
 
     #[tokio::test]
@@ -520,6 +588,7 @@ mod tests {
                 .unwrap();
         }
         drop(wal);
+        let written: Vec<u64> = read(dir.path()).iter().map(|r| r.0).collect();
         let path = segments(dir.path()).unwrap().pop().unwrap();
         let mut bytes = std::fs::read(&path).unwrap();
         let Scan::Frame { next, .. } = frame::scan(&bytes, 0) else {
@@ -528,7 +597,10 @@ mod tests {
         bytes[next + frame::HEADER_LEN + 2] ^= 0x55;
         std::fs::write(&path, &bytes).unwrap();
         let records = read(dir.path());
-        assert_eq!(records.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(
+            records.iter().map(|r| r.0).collect::<Vec<_>>(),
+            [written[0], written[2]]
+        );
         let (_, recovery) = Wal::open(options(dir.path()), |_, _| {}).unwrap();
         assert_eq!(recovery.damaged.len(), 1, "{recovery:?}");
         assert_eq!(recovery.truncated_bytes, 0);
@@ -542,20 +614,21 @@ mod tests {
             let event = format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(300));
             wal.append(vec![event.into_bytes()]).await.unwrap();
         }
+        let last = wal.last_epoch();
         let before = segments(dir.path()).unwrap();
         assert!(before.len() >= 4, "{before:?}");
         let checkpoints = Checkpoints::load(dir.path()).unwrap();
         assert_eq!(checkpoints.register("pipeline").unwrap(), Epoch(0));
         assert_eq!(checkpoints.register("sql").unwrap(), Epoch(0));
         assert_eq!(
-            checkpoints.advance("pipeline", Epoch(40)).unwrap(),
+            checkpoints.advance("pipeline", last).unwrap(),
             0,
             "sql has not moved"
         );
         let checkpoints = Checkpoints::load(dir.path()).unwrap();
         assert_eq!(
             checkpoints.register("pipeline").unwrap(),
-            Epoch(40),
+            last,
             "positions persist"
         );
         let second_first = first_epoch(&before[1]).unwrap();
@@ -563,10 +636,7 @@ mod tests {
             checkpoints.advance("sql", Epoch(second_first - 1)).unwrap(),
             1
         );
-        assert_eq!(
-            checkpoints.advance("sql", Epoch(40)).unwrap(),
-            before.len() - 2
-        );
+        assert_eq!(checkpoints.advance("sql", last).unwrap(), before.len() - 2);
         let after = segments(dir.path()).unwrap();
         assert_eq!(
             after,
@@ -576,8 +646,8 @@ mod tests {
         // What is left still reads and the log goes on.
         drop(wal);
         let (wal, recovery) = Wal::open(options(dir.path()), |_, _| {}).unwrap();
-        assert_eq!(recovery.last_epoch, Epoch(40));
-        assert_eq!(wal.append(vec![b"{}".to_vec()]).await.unwrap(), Epoch(41));
+        assert_eq!(recovery.last_epoch, last);
+        assert!(wal.append(vec![b"{}".to_vec()]).await.unwrap() > last);
     }
 
     #[tokio::test]

@@ -23,11 +23,55 @@ pub struct Redis {
 impl Redis {
     /// Starts `redis-server` (or `$FLAGSTREAM_REDIS_SERVER`) and waits until it answers PING.
     pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for redis");
+        let child = Self::spawn(&dir, false);
+        Self::ready(Self { child, dir })
+    }
+
+    /// Starts a server that keeps its data across a kill (append-only file, fsync always).
+    pub fn start_durable() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for redis");
+        let child = Self::spawn(&dir, true);
+        Self::ready(Self { child, dir })
+    }
+
+    /// Kills the server with SIGKILL and starts it again on the same socket and data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(&self.dir, true);
+        let started = Instant::now();
+        while !self.answers_ping() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server did not come back"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn ready(redis: Self) -> Self {
+        let started = Instant::now();
+        while !redis.answers_ping() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server did not answer PING within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        redis
+    }
+
+    fn spawn(dir: &TempDir, durable: bool) -> Child {
         let binary =
             std::env::var("FLAGSTREAM_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-        let dir = tempfile::tempdir().expect("temp dir for redis");
-        let child = Command::new(&binary)
-            .args(["--port", "0", "--save", "", "--appendonly", "no"])
+        let persistence: &[&str] = if durable {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--appendonly", "no"]
+        };
+        Command::new(&binary)
+            .args(["--port", "0", "--save", ""])
+            .args(persistence)
             .arg("--unixsocket")
             .arg(dir.path().join("redis.sock"))
             .args(["--unixsocketperm", "700"])
@@ -43,17 +87,7 @@ impl Redis {
                      install it with `apt-get install redis-server` (Debian/Ubuntu) or \
                      `brew install redis` (macOS), or set FLAGSTREAM_REDIS_SERVER to its path"
                 )
-            });
-        let redis = Self { child, dir };
-        let started = Instant::now();
-        while !redis.answers_ping() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "redis-server did not answer PING within 10 s"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        redis
+            })
     }
 
     /// Returns the socket path.

@@ -8,4 +8,5 @@ mod harness;
 mod ingest;
 mod ops;
 mod peers;
+mod pipeline;
 mod stream;

@@ -1,0 +1,181 @@
+//! Per (cohort, window) aggregates of a stretch of the log. Pure.
+//!
+//! Everything here adds up: counts add, and distinct subjects are kept as sets of hashes that
+//! the counter store folds into HyperLogLog sketches. So the aggregate of a stretch of the log
+//! does not depend on how the stretch was cut into epochs or spread over workers.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::cohort::CohortKey;
+use super::record::PipelineEvent;
+use super::window::{Window, WindowStart};
+use crate::events::schema::{SESSION_ENDED_TYPE, SESSION_STARTED_TYPE};
+
+/// The counter field of events of a type.
+pub fn events_field(kind: &str) -> String {
+    format!("events:{kind}")
+}
+/// The counter field of sessions started.
+pub const SESSIONS_FIELD: &str = "sessions";
+/// The counter field of time spent, in milliseconds.
+pub const TIME_SPENT_FIELD: &str = "time_spent_ms";
+
+/// What one window of one cohort gained.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowDelta {
+    /// Additive counters by field.
+    pub counts: BTreeMap<String, i64>,
+    /// Hashes of the subjects seen.
+    pub subjects: HashSet<u64>,
+    /// Hashes of the subjects seen per event type (an experiment's goals are event types).
+    pub converted: BTreeMap<String, HashSet<u64>>,
+}
+
+impl WindowDelta {
+    /// Counts one event.
+    pub fn add(&mut self, event: &PipelineEvent) {
+        *self.counts.entry(events_field(&event.kind)).or_default() += 1;
+        if event.kind == SESSION_STARTED_TYPE {
+            *self.counts.entry(SESSIONS_FIELD.into()).or_default() += 1;
+        }
+        if event.kind == SESSION_ENDED_TYPE
+            && let Some(duration) = event.duration_ms.filter(|d| *d > 0)
+        {
+            *self.counts.entry(TIME_SPENT_FIELD.into()).or_default() += duration;
+        }
+        if let Some(subject) = event.subject {
+            self.subjects.insert(subject);
+            match self.converted.get_mut(&event.kind) {
+                Some(set) => {
+                    set.insert(subject);
+                }
+                None => {
+                    self.converted
+                        .insert(event.kind.clone(), HashSet::from([subject]));
+                }
+            }
+        }
+    }
+
+    /// Adds everything `other` gained.
+    pub fn merge(&mut self, other: WindowDelta) {
+        for (field, value) in other.counts {
+            *self.counts.entry(field).or_default() += value;
+        }
+        self.subjects.extend(other.subjects);
+        for (kind, subjects) in other.converted {
+            self.converted.entry(kind).or_default().extend(subjects);
+        }
+    }
+}
+
+/// Where a window delta belongs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct WindowKey {
+    /// The cohort.
+    pub cohort: CohortKey,
+    /// The window length.
+    pub window: Window,
+    /// The window's start.
+    pub start: WindowStart,
+}
+
+/// The deltas of a stretch of the log, by (cohort, window).
+#[derive(Debug, Default)]
+pub struct Aggregate {
+    /// The deltas.
+    pub windows: HashMap<WindowKey, WindowDelta>,
+}
+
+impl Aggregate {
+    /// Counts `event` in each of its cohorts and windows.
+    pub fn add(&mut self, event: &PipelineEvent, cohorts: &[CohortKey]) {
+        for cohort in cohorts {
+            for window in Window::ALL {
+                let key = WindowKey {
+                    cohort: cohort.clone(),
+                    window,
+                    start: window.start_of(event.event_time),
+                };
+                self.windows.entry(key).or_default().add(event);
+            }
+        }
+    }
+
+    /// Adds one window's delta.
+    pub fn merge(&mut self, key: WindowKey, delta: WindowDelta) {
+        match self.windows.get_mut(&key) {
+            Some(existing) => existing.merge(delta),
+            None => {
+                self.windows.insert(key, delta);
+            }
+        }
+    }
+
+    /// Returns whether nothing was counted.
+    pub fn is_empty(&self) -> bool {
+        self.windows.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn event(subject: u64, kind: &str, time: i64, duration: Option<i64>) -> PipelineEvent {
+        PipelineEvent {
+            subject: Some(subject),
+            kind: kind.into(),
+            event_time: time,
+            duration_ms: duration,
+            exposure: None,
+            segments: vec![],
+        }
+    }
+
+    #[test]
+    fn sessions_time_spent_and_distinct_subjects() {
+        let mut delta = WindowDelta::default();
+        delta.add(&event(1, "session_started", 0, None));
+        delta.add(&event(1, "session_ended", 0, Some(90_000)));
+        delta.add(&event(2, "lesson_completed", 0, Some(5)));
+        delta.add(&event(2, "lesson_completed", 0, None));
+        assert_eq!(delta.counts["events:lesson_completed"], 2);
+        assert_eq!(delta.counts[SESSIONS_FIELD], 1);
+        assert_eq!(
+            delta.counts[TIME_SPENT_FIELD], 90_000,
+            "only session_ended counts"
+        );
+        assert_eq!(delta.subjects.len(), 2);
+        assert_eq!(delta.converted["lesson_completed"].len(), 1);
+    }
+
+    proptest! {
+        /// However a stretch of events is split, the merged parts equal the whole.
+        #[test]
+        fn splitting_and_merging_changes_nothing(
+            events in proptest::collection::vec((0u64..20, 0usize..3, 0i64..10_000_000), 0..60),
+            cut in 0usize..60,
+        ) {
+            let kinds = ["session_started", "lesson_completed", "session_ended"];
+            let events: Vec<PipelineEvent> = events
+                .into_iter()
+                .map(|(s, k, t)| event(s, kinds[k], t, Some(1000)))
+                .collect();
+            let cohorts = [CohortKey::All];
+            let mut whole = Aggregate::default();
+            events.iter().for_each(|e| whole.add(e, &cohorts));
+            let cut = cut.min(events.len());
+            let (mut left, mut right) = (Aggregate::default(), Aggregate::default());
+            events[..cut].iter().for_each(|e| left.add(e, &cohorts));
+            events[cut..].iter().for_each(|e| right.add(e, &cohorts));
+            for (key, delta) in right.windows {
+                left.merge(key, delta);
+            }
+            prop_assert_eq!(left.windows, whole.windows);
+        }
+    }
+}

@@ -1,0 +1,526 @@
+//! The timely dataflow and the threads that drive it.
+//!
+//! ```text
+//! WAL tail (first worker of each process) ─ exchange by subject ─▸ attribute: assignments,
+//!   cohorts, per-cell aggregates ─ exchange by cohort ─▸ flush: one write per cohort and cell
+//!   ─▸ probe: the epoch below which every counter is in the store (the checkpoint)
+//! ```
+//!
+//! A cell is the stretch of epochs `[cell × flush_interval, (cell + 1) × flush_interval)`. Its
+//! aggregates depend only on the events in it, so a replay writes exactly what was written the
+//! first time, and the store's per-cohort high-water mark turns the second write into a no-op.
+//! Operators hold a capability for each cell until its counters are written (and the
+//! assignments it created are on disk), so the probe's frontier is a safe checkpoint.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::{Capability, Input, Operator, Probe};
+use timely::dataflow::{InputHandle, ProbeHandle};
+
+use super::aggregate::{Aggregate, WindowDelta, WindowKey};
+use super::cohort::{Assignments, CohortKey, epoch_order};
+use super::record::PipelineEvent;
+use super::state::AssignmentLog;
+use crate::counters::{CohortUpdate, CounterStore, CounterWriter};
+use crate::server::metrics::{
+    COUNTER_ERRORS_TOTAL, PIPELINE_ASSIGNED_SUBJECTS, PIPELINE_CHECKPOINT_EPOCH,
+    PIPELINE_EVENTS_TOTAL, PIPELINE_FLUSH_LAG_SECONDS, PIPELINE_LAG_SECONDS,
+    PIPELINE_PENDING_EPOCHS, PIPELINE_UNREADABLE_EVENTS_TOTAL,
+};
+use crate::wal::tail::Tail;
+use crate::wal::{Checkpoints, Epoch, Wal, WalError};
+
+/// The consumer name of the pipeline in the log's checkpoints.
+const CONSUMER: &str = "pipeline";
+
+/// How the pipeline runs.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    /// Worker threads in this process.
+    pub workers: usize,
+    /// The length of a cell, in epochs (milliseconds).
+    pub cell_ms: u64,
+    /// Context keys that define segment cohorts.
+    pub segments: Vec<String>,
+    /// Events read but not yet written before reading pauses.
+    pub max_pending_events: usize,
+    /// Where the assignment logs live.
+    pub state_dir: PathBuf,
+    /// This process's index and every process's address, for a multi-process cluster.
+    pub cluster: Option<(usize, Vec<String>)>,
+}
+
+/// Why the pipeline could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The checkpoints or the state directory failed.
+    #[error("pipeline state: {0}")]
+    Wal(#[from] WalError),
+    /// The state directory failed.
+    #[error("pipeline state: {0}")]
+    Io(#[from] std::io::Error),
+    /// Timely could not start (for example, cluster peers unreachable).
+    #[error("pipeline dataflow: {0}")]
+    Timely(String),
+}
+
+/// What the threads share.
+struct Shared {
+    options: PipelineOptions,
+    wal: Wal,
+    store: CounterStore,
+    checkpoints: Option<Arc<Checkpoints>>,
+    start: Epoch,
+    stop: AtomicBool,
+    /// Set when a write was abandoned at shutdown: nothing after it may be checkpointed.
+    abandoned: AtomicBool,
+    /// The last epoch whose counters are written on every worker.
+    flushed: AtomicU64,
+}
+
+/// A running pipeline.
+pub struct Pipeline {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pipeline {
+    /// Starts the dataflow on its own threads. With a durable store it resumes after its
+    /// checkpoint; with the embedded store it replays the whole log.
+    pub fn start(
+        options: PipelineOptions,
+        wal: Wal,
+        store: CounterStore,
+        checkpoints: Arc<Checkpoints>,
+    ) -> Result<Self, PipelineError> {
+        std::fs::create_dir_all(&options.state_dir)?;
+        let (start, checkpoints) = if store.is_durable() {
+            (checkpoints.register(CONSUMER)?, Some(checkpoints))
+        } else {
+            (Epoch(0), None)
+        };
+        let config = match &options.cluster {
+            None => timely::Config::process(options.workers.max(1)),
+            Some((process, peers)) => timely::Config {
+                communication: timely::CommunicationConfig::Cluster {
+                    threads: options.workers.max(1),
+                    process: *process,
+                    addresses: peers.clone(),
+                    report: false,
+                    zerocopy: false,
+                },
+                worker: timely::WorkerConfig::default(),
+            },
+        };
+        let shared = Arc::new(Shared {
+            options,
+            wal,
+            store,
+            checkpoints,
+            start,
+            stop: AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
+            flushed: AtomicU64::new(start.0),
+        });
+        let in_thread = shared.clone();
+        // Joining the cluster blocks until every peer is up; the service does not wait for it.
+        let thread = std::thread::Builder::new()
+            .name("pipeline".into())
+            .spawn(move || {
+                let worker_shared = in_thread.clone();
+                let started =
+                    timely::execute(config, move |worker| run_worker(worker, &worker_shared));
+                match started {
+                    Ok(guards) => drop(guards.join()),
+                    Err(err) => tracing::error!(error = %err, "pipeline dataflow did not start"),
+                }
+            })?;
+        tracing::info!(
+            from_epoch = start.0,
+            store = shared.store.kind(),
+            "pipeline started"
+        );
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Returns the last epoch whose counters are in the store on every worker.
+    pub fn flushed(&self) -> Epoch {
+        Epoch(self.shared.flushed.load(Ordering::Acquire))
+    }
+
+    /// Stops reading, writes what was read, checkpoints and waits for the threads.
+    pub fn stop(mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+    }
+}
+
+type Worker = timely::worker::Worker;
+type EventInput = InputHandle<u64, CapacityContainerBuilder<Vec<PipelineEvent>>>;
+type Partial = (u64, WindowKey, WindowDelta);
+
+fn run_worker(worker: &mut Worker, shared: &Arc<Shared>) {
+    let index = worker.index();
+    let peers = worker.peers();
+    let threads = shared.options.workers.max(1);
+    let cell_ms = shared.options.cell_ms.max(1);
+    let durable = shared.checkpoints.is_some();
+    let log = if durable {
+        match AssignmentLog::open(&shared.options.state_dir, index) {
+            Ok(log) => Some(log),
+            Err(err) => {
+                tracing::error!(error = %err, "cannot open the pipeline's assignment log");
+                shared.abandoned.store(true, Ordering::Release);
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let assignments = if durable {
+        AssignmentLog::load(&shared.options.state_dir, shared.start, |subject| {
+            subject % peers as u64 == index as u64
+        })
+        .unwrap_or_else(|err| {
+            tracing::error!(error = %err, "cannot read the pipeline's assignment logs");
+            shared.abandoned.store(true, Ordering::Release);
+            Assignments::default()
+        })
+    } else {
+        Assignments::default()
+    };
+    let mut input = EventInput::new();
+    let probe = ProbeHandle::new();
+    let (mut assignments, mut log) = (assignments, log);
+    let attribute_shared = shared.clone();
+    let flush_shared = shared.clone();
+    let mut writer = shared.store.writer();
+    worker.dataflow::<u64, _, _>(|scope| {
+        scope
+            .input_from(&mut input)
+            .unary_frontier::<CapacityContainerBuilder<Vec<Partial>>, _, _, _>(
+                Exchange::new(|event: &PipelineEvent| event.route()),
+                "Attribute",
+                move |_, _| {
+                    let mut stash: BTreeMap<u64, (Capability<u64>, Vec<PipelineEvent>)> =
+                        BTreeMap::new();
+                    let mut cells: BTreeMap<u64, (Capability<u64>, Aggregate)> = BTreeMap::new();
+                    move |(input, frontier), output| {
+                        input.for_each_stamp(|cap, data| {
+                            let Some(&time) = cap.least() else { return };
+                            let Some(retained) = cap.retain_least(output.output_index()) else {
+                                return;
+                            };
+                            let entry = stash.entry(time).or_insert_with(|| (retained, Vec::new()));
+                            for batch in data {
+                                entry.1.append(batch);
+                            }
+                        });
+                        while let Some(entry) = stash.first_entry() {
+                            let time = *entry.key();
+                            if frontier.less_equal(&time) {
+                                break;
+                            }
+                            let (cap, events) = entry.remove();
+                            let (_, aggregate) = cells
+                                .entry(time / cell_ms)
+                                .or_insert_with(|| (cap, Aggregate::default()));
+                            attribute_epoch(
+                                time,
+                                events,
+                                &mut assignments,
+                                &mut log,
+                                aggregate,
+                                &attribute_shared,
+                            );
+                        }
+                        while let Some(entry) = cells.first_entry() {
+                            let cell = *entry.key();
+                            if frontier.less_equal(&((cell + 1) * cell_ms - 1)) {
+                                break;
+                            }
+                            let (cap, aggregate) = entry.remove();
+                            if let Some(log) = &mut log
+                                && let Err(err) = log.sync()
+                            {
+                                tracing::error!(error = %err, "assignment log not synced; checkpoints stop");
+                                attribute_shared.abandoned.store(true, Ordering::Release);
+                            }
+                            let mut session = output.session(&cap);
+                            for (key, delta) in aggregate.windows {
+                                session.give((cell, key, delta));
+                            }
+                        }
+                    }
+                },
+            )
+            .unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
+                Exchange::new(|partial: &Partial| partial.1.cohort.route()),
+                "Flush",
+                move |_, _| {
+                    let mut cells: BTreeMap<u64, (Capability<u64>, Aggregate)> = BTreeMap::new();
+                    move |(input, frontier), output| {
+                        input.for_each_stamp(|cap, data| {
+                            let Some(&time) = cap.least() else { return };
+                            for batch in data {
+                                for (cell, key, delta) in batch.drain(..) {
+                                    if let Some((held, aggregate)) = cells.get_mut(&cell) {
+                                        hold_earliest(held, time, || {
+                                            cap.retain_least(output.output_index())
+                                        });
+                                        aggregate.merge(key, delta);
+                                    } else if let Some(retained) =
+                                        cap.retain_least(output.output_index())
+                                    {
+                                        let mut aggregate = Aggregate::default();
+                                        aggregate.merge(key, delta);
+                                        cells.insert(cell, (retained, aggregate));
+                                    }
+                                }
+                            }
+                        });
+                        let complete = |cell: u64| !frontier.less_equal(&((cell + 1) * cell_ms - 1));
+                        let written =
+                            flush_cells(&cells, complete, writer.as_mut(), &flush_shared);
+                        let now = unix_millis();
+                        for cell in written {
+                            let end = (cell + 1) * cell_ms;
+                            metrics::histogram!(PIPELINE_FLUSH_LAG_SECONDS)
+                                .record(now.saturating_sub(end) as f64 / 1000.0);
+                            cells.remove(&cell);
+                        }
+                    }
+                },
+            )
+            .probe_with(&probe);
+    });
+    if !index.is_multiple_of(threads) {
+        drop(input);
+        while worker.step_or_park(Some(Duration::from_millis(100))) {}
+        return;
+    }
+    let delivered = feed(worker, shared, &mut input, &probe);
+    drop(input);
+    while worker.step_or_park(Some(Duration::from_millis(10))) {}
+    // Every epoch read went through the whole dataflow.
+    checkpoint(shared, delivered, true);
+}
+
+/// Reads the log into the dataflow (on the first worker of each process) and checkpoints.
+fn feed(
+    worker: &mut Worker,
+    shared: &Shared,
+    input: &mut EventInput,
+    probe: &ProbeHandle<u64>,
+) -> Epoch {
+    let mut tail = Tail::new(shared.wal.dir(), shared.start);
+    let mut pending: VecDeque<(u64, usize)> = VecDeque::new();
+    let mut pending_events = 0usize;
+    let mut last_checkpoint = Instant::now();
+    let segments = shared.options.segments.clone();
+    while !shared.stop.load(Ordering::Acquire) {
+        let frontier = probe.with_frontier(|f| f.first().copied());
+        while let Some(&(epoch, events)) = pending.front() {
+            if frontier.is_some_and(|f| f <= epoch) {
+                break;
+            }
+            pending.pop_front();
+            pending_events -= events;
+        }
+        let flushed = frontier.map_or(tail.delivered().0, |f| f.saturating_sub(1));
+        if last_checkpoint.elapsed() >= Duration::from_secs(1) {
+            checkpoint(shared, Epoch(flushed), false);
+            last_checkpoint = Instant::now();
+        }
+        metrics::gauge!(PIPELINE_PENDING_EPOCHS).set(pending.len() as f64);
+        let durable = shared.wal.last_epoch();
+        metrics::gauge!(PIPELINE_LAG_SECONDS)
+            .set(durable.0.saturating_sub(flushed.min(durable.0)) as f64 / 1000.0);
+        let mut read = 0;
+        if pending_events < shared.options.max_pending_events && tail.delivered() < durable {
+            let mut unreadable = 0u64;
+            let result = tail.read(durable, 65_536, |epoch, events| {
+                input.advance_to(epoch.0.max(*input.time()));
+                for bytes in events {
+                    match PipelineEvent::decode(bytes, &segments) {
+                        Some(event) => input.send(event),
+                        None => unreadable += 1,
+                    }
+                }
+                pending.push_back((epoch.0, events.len()));
+                pending_events += events.len();
+                read += events.len();
+            });
+            if let Err(err) = result {
+                tracing::error!(error = %err, "pipeline cannot read the write-ahead log");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            metrics::counter!(PIPELINE_EVENTS_TOTAL).increment(read as u64);
+            if unreadable > 0 {
+                metrics::counter!(PIPELINE_UNREADABLE_EVENTS_TOTAL).increment(unreadable);
+            }
+        } else if tail.delivered() >= durable
+            && let Some(settled) = shared.wal.settled(tail.delivered())
+            && settled.0 > *input.time()
+        {
+            input.advance_to(settled.0);
+        }
+        let park = if read > 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(5)
+        };
+        worker.step_or_park(Some(park));
+    }
+    tail.delivered()
+}
+
+/// Records that every counter up to `epoch` is written (unless a write was abandoned).
+fn checkpoint(shared: &Shared, epoch: Epoch, last: bool) {
+    if shared.abandoned.load(Ordering::Acquire) {
+        return;
+    }
+    let before = shared.flushed.fetch_max(epoch.0, Ordering::AcqRel);
+    metrics::gauge!(PIPELINE_CHECKPOINT_EPOCH).set(epoch.0.max(before) as f64);
+    if let Some(checkpoints) = &shared.checkpoints
+        && (epoch.0 > before || last)
+        && let Err(err) = checkpoints.advance(CONSUMER, Epoch(epoch.0.max(before)))
+    {
+        tracing::error!(error = %err, "pipeline checkpoint not saved");
+    }
+}
+
+/// Holds a capability at the earliest time seen for a cell, so the frontier cannot pass it.
+fn hold_earliest(
+    held: &mut Capability<u64>,
+    time: u64,
+    earlier: impl FnOnce() -> Option<Capability<u64>>,
+) {
+    if time < *held.time()
+        && let Some(earlier) = earlier()
+    {
+        *held = earlier;
+    }
+}
+
+/// Processes one complete epoch of a worker's subjects: first exposures, then every event's
+/// cohorts into the cell's aggregate.
+fn attribute_epoch(
+    time: u64,
+    mut events: Vec<PipelineEvent>,
+    assignments: &mut Assignments,
+    log: &mut Option<AssignmentLog>,
+    aggregate: &mut Aggregate,
+    shared: &Shared,
+) {
+    epoch_order(&mut events);
+    let mut cohorts: Vec<CohortKey> = Vec::new();
+    for event in &events {
+        if let (Some(subject), Some((flag, variant))) = (event.subject, &event.exposure)
+            && let Some(assignment) = assignments.expose(subject, flag, variant)
+            && let Some(log) = log
+            && let Err(err) = log.append(time, subject, &assignment)
+        {
+            tracing::error!(error = %err, "assignment not logged; checkpoints stop");
+            shared.abandoned.store(true, Ordering::Release);
+        }
+        cohorts.clear();
+        assignments.cohorts_of(event, |c| cohorts.push(c));
+        aggregate.add(event, &cohorts);
+    }
+    metrics::gauge!(PIPELINE_ASSIGNED_SUBJECTS).set(assignments.subjects() as f64);
+}
+
+/// Writes the cells that are complete, in order; returns them.
+fn flush_cells(
+    cells: &BTreeMap<u64, (Capability<u64>, Aggregate)>,
+    complete: impl Fn(u64) -> bool,
+    writer: &mut dyn CounterWriter,
+    shared: &Shared,
+) -> Vec<u64> {
+    let ready: Vec<u64> = cells.keys().copied().take_while(|c| complete(*c)).collect();
+    if ready.is_empty() {
+        return ready;
+    }
+    let updates: Vec<CohortUpdate> = ready
+        .iter()
+        .flat_map(|cell| cohort_updates(*cell, &cells[cell].1))
+        .collect();
+    write_until_stored(writer, &updates, shared);
+    ready
+}
+
+/// Groups a cell's window deltas by cohort, as the store applies them.
+fn cohort_updates(cell: u64, aggregate: &Aggregate) -> Vec<CohortUpdate> {
+    let mut by_cohort: HashMap<&CohortKey, CohortUpdate> = HashMap::new();
+    for (key, delta) in &aggregate.windows {
+        by_cohort
+            .entry(&key.cohort)
+            .or_insert_with(|| CohortUpdate {
+                cohort: key.cohort.clone(),
+                // Cell 0 must be above a new cohort's mark of 0.
+                cell: cell + 1,
+                windows: Vec::new(),
+            })
+            .windows
+            .push((key.window, key.start, delta.clone()));
+    }
+    let mut updates: Vec<CohortUpdate> = by_cohort.into_values().collect();
+    updates.sort_by(|a, b| a.cohort.cmp(&b.cohort));
+    updates
+}
+
+/// Writes `updates`, retrying with backoff while the store is away; gives up only at
+/// shutdown, and then marks the pipeline so that nothing later is checkpointed.
+fn write_until_stored(writer: &mut dyn CounterWriter, updates: &[CohortUpdate], shared: &Shared) {
+    let mut backoff = Duration::from_millis(50);
+    let mut logged = Instant::now() - Duration::from_secs(60);
+    loop {
+        match writer.apply(updates) {
+            Ok(()) => return,
+            Err(err) => {
+                let kind = if err.is_retryable() {
+                    "retryable"
+                } else {
+                    "permanent"
+                };
+                metrics::counter!(COUNTER_ERRORS_TOTAL, "store" => shared.store.kind(), "kind" => kind)
+                    .increment(1);
+                if logged.elapsed() >= Duration::from_secs(10) {
+                    tracing::warn!(error = %err, "counter store write failed; retrying (the log keeps the events)");
+                    logged = Instant::now();
+                }
+            }
+        }
+        if shared.stop.load(Ordering::Acquire) {
+            shared.abandoned.store(true, Ordering::Release);
+            return;
+        }
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,250 @@
+//! `GET /v1/cohorts`: per-cohort time series from the counter store, and the live
+//! per-variant gauges exported for Grafana.
+
+use std::collections::{BTreeMap, HashMap};
+
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use serde::Serialize;
+
+use super::AppState;
+use super::auth::{Analyst, Authorized};
+use super::error::{ApiError, ErrorBody, ErrorCode};
+use super::metrics::{EXPERIMENT_EVENTS_TODAY, EXPERIMENT_SUBJECTS_TODAY};
+use crate::counters::{CounterStore, WindowCounts};
+use crate::events::time::{format_rfc3339, parse_rfc3339};
+use crate::pipeline::aggregate::{SESSIONS_FIELD, TIME_SPENT_FIELD};
+use crate::pipeline::{CohortKey, Window, WindowStart};
+
+/// The most windows one answer may hold.
+const MAX_POINTS: i64 = 1440;
+
+/// One window of one cohort.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Point {
+    /// The window's start (RFC 3339).
+    pub start: String,
+    /// Events by type.
+    pub events: BTreeMap<String, i64>,
+    /// Sessions started.
+    pub sessions: i64,
+    /// Time spent in ended sessions, in milliseconds.
+    pub time_spent_ms: i64,
+    /// Distinct active subjects (HyperLogLog estimate, standard error 0.81%).
+    pub active_subjects: u64,
+    /// Distinct subjects with at least one event of each type (an experiment's goals are
+    /// event types), estimated like `active_subjects`.
+    pub converted: BTreeMap<String, u64>,
+}
+
+/// One cohort's series.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Series {
+    /// The cohort's name (`exp:<experiment>:<variant>`, `seg:<dimension>:<value>` or `all`).
+    pub cohort: String,
+    /// The variant, for experiment cohorts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    /// The segment value, for segment cohorts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// One point per window, oldest first.
+    pub points: Vec<Point>,
+}
+
+/// The answer of `GET /v1/cohorts`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Cohorts {
+    /// `1m`, `1h` or `1d`.
+    pub window: &'static str,
+    /// The first window's start.
+    pub from: String,
+    /// The end of the range (exclusive).
+    pub to: String,
+    /// A series per cohort.
+    pub series: Vec<Series>,
+}
+
+/// Which cohorts a request selects.
+enum Selection {
+    Experiment(String),
+    Segment(String),
+    All,
+}
+
+/// Returns per-window counters of an experiment's variants (`experiment=`), of a segment
+/// dimension's values (`segment=`), or of all events (neither). `window` is `1m`, `1h` or `1d`
+/// (default `1h`); `from` and `to` are RFC 3339 (default: the last 24 windows); at most 1440
+/// windows per answer.
+#[utoipa::path(get, path = "/v1/cohorts", tag = "cohorts",
+    security(("bearer" = [])),
+    params(
+        ("experiment" = Option<String>, Query, description = "An experiment's flag key."),
+        ("segment" = Option<String>, Query, description = "A segment dimension, such as platform."),
+        ("window" = Option<String>, Query, description = "1m, 1h or 1d."),
+        ("from" = Option<String>, Query, description = "RFC 3339 start."),
+        ("to" = Option<String>, Query, description = "RFC 3339 end (exclusive).")),
+    responses(
+        (status = 200, description = "A time series per cohort.", body = Cohorts),
+        (status = 400, description = "A bad parameter.", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token.", body = ErrorBody),
+        (status = 403, description = "Not an analyst token.", body = ErrorBody),
+        (status = 503, description = "The counter store is unavailable.", body = ErrorBody)))]
+pub async fn cohorts(
+    _caller: Authorized<Analyst>,
+    State(state): State<AppState>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Json<Cohorts>, ApiError> {
+    let Query(params) =
+        query.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.body_text()))?;
+    let invalid = |text: String| ApiError::new(ErrorCode::InvalidRequest, text);
+    for key in params.keys() {
+        if !["experiment", "segment", "window", "from", "to"].contains(&key.as_str()) {
+            return Err(invalid(format!("unknown parameter {key:?}")));
+        }
+    }
+    let selection = match (params.get("experiment"), params.get("segment")) {
+        (Some(_), Some(_)) => return Err(invalid("give experiment or segment, not both".into())),
+        (Some(experiment), None) => Selection::Experiment(experiment.clone()),
+        (None, Some(segment)) => Selection::Segment(segment.clone()),
+        (None, None) => Selection::All,
+    };
+    let window = match params.get("window") {
+        None => Window::Hour,
+        Some(name) => Window::from_name(name)
+            .ok_or_else(|| invalid(format!("window must be 1m, 1h or 1d, not {name:?}")))?,
+    };
+    let time = |key: &str| -> Result<Option<i64>, ApiError> {
+        params
+            .get(key)
+            .map(|text| {
+                parse_rfc3339(text)
+                    .ok_or_else(|| invalid(format!("{key} is not an RFC 3339 time: {text:?}")))
+            })
+            .transpose()
+    };
+    let to = time("to")?.unwrap_or_else(super::ingest_api::now_ms);
+    let first = window.start_of(time("from")?.unwrap_or(to - 24 * window.millis()));
+    let last = window.start_of(to - 1);
+    if last.0 < first.0 {
+        return Err(invalid("from must be before to".into()));
+    }
+    let count = (last.0 - first.0) / window.millis() + 1;
+    if count > MAX_POINTS {
+        return Err(invalid(format!(
+            "{count} windows asked for; at most {MAX_POINTS} per request: narrow from/to or use a longer window"
+        )));
+    }
+    let starts: Vec<WindowStart> = (0..count)
+        .map(|i| WindowStart(first.0 + i * window.millis()))
+        .collect();
+    let cohorts = selected(&state.counters, &selection).await?;
+    let mut series = Vec::with_capacity(cohorts.len());
+    for cohort in cohorts {
+        let counts = state
+            .counters
+            .read(&cohort, window, &starts)
+            .await
+            .map_err(unavailable)?;
+        let (variant, value) = match &cohort {
+            CohortKey::Variant { variant, .. } => (Some(variant.clone()), None),
+            CohortKey::Segment { value, .. } => (None, Some(value.clone())),
+            CohortKey::All => (None, None),
+        };
+        series.push(Series {
+            cohort: cohort.tag(),
+            variant,
+            value,
+            points: starts
+                .iter()
+                .zip(counts)
+                .map(|(s, c)| point(*s, c))
+                .collect(),
+        });
+    }
+    Ok(Json(Cohorts {
+        window: window.name(),
+        from: format_rfc3339(first.0),
+        to: format_rfc3339(last.0 + window.millis()),
+        series,
+    }))
+}
+
+async fn selected(store: &CounterStore, selection: &Selection) -> Result<Vec<CohortKey>, ApiError> {
+    if let Selection::All = selection {
+        return Ok(vec![CohortKey::All]);
+    }
+    let all = store.cohorts().await.map_err(unavailable)?;
+    Ok(all
+        .into_iter()
+        .filter(|cohort| match (selection, cohort) {
+            (Selection::Experiment(e), CohortKey::Variant { experiment, .. }) => e == experiment,
+            (Selection::Segment(d), CohortKey::Segment { dimension, .. }) => d == dimension,
+            _ => false,
+        })
+        .collect())
+}
+
+fn point(start: WindowStart, counts: WindowCounts) -> Point {
+    let mut events = BTreeMap::new();
+    for (field, value) in &counts.counts {
+        if let Some(kind) = field.strip_prefix("events:") {
+            events.insert(kind.to_owned(), *value);
+        }
+    }
+    Point {
+        start: format_rfc3339(start.0),
+        sessions: counts.counts.get(SESSIONS_FIELD).copied().unwrap_or(0),
+        time_spent_ms: counts.counts.get(TIME_SPENT_FIELD).copied().unwrap_or(0),
+        events,
+        active_subjects: counts.subjects,
+        converted: counts.converted,
+    }
+}
+
+fn unavailable(err: crate::counters::CounterError) -> ApiError {
+    tracing::warn!(error = %err, "counter store read failed");
+    ApiError::new(
+        ErrorCode::Overloaded,
+        "the counter store is unavailable; try again shortly",
+    )
+    .retry_after(std::time::Duration::from_secs(5))
+}
+
+/// Publishes today's per-variant gauges, for at most `cap` experiment variants.
+pub async fn publish_gauges(store: &CounterStore, cap: usize) {
+    let Ok(cohorts) = store.cohorts().await else {
+        return;
+    };
+    let today = [Window::Day.start_of(super::ingest_api::now_ms())];
+    for cohort in cohorts
+        .into_iter()
+        .filter(|c| matches!(c, CohortKey::Variant { .. }))
+        .take(cap)
+    {
+        let CohortKey::Variant {
+            experiment,
+            variant,
+        } = &cohort
+        else {
+            continue;
+        };
+        let Ok(counts) = store.read(&cohort, Window::Day, &today).await else {
+            return;
+        };
+        let counts = counts.into_iter().next().unwrap_or_default();
+        let events: i64 = counts
+            .counts
+            .iter()
+            .filter(|(f, _)| f.starts_with("events:"))
+            .map(|(_, v)| v)
+            .sum();
+        let labels = [
+            ("experiment", experiment.clone()),
+            ("variant", variant.clone()),
+        ];
+        metrics::gauge!(EXPERIMENT_SUBJECTS_TODAY, &labels).set(counts.subjects as f64);
+        metrics::gauge!(EXPERIMENT_EVENTS_TODAY, &labels).set(events as f64);
+    }
+}
