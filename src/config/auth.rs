@@ -139,19 +139,8 @@ impl TokenConfig {
 impl ConfigValue for Vec<TokenConfig> {
     const KIND: &'static str = "array of {name, role, sha256}";
     fn parse(value: &Value) -> Result<Self, String> {
-        let parsed;
-        let array = match value {
-            Value::Array(array) => array,
-            // From the environment: an inline TOML array of tables.
-            Value::String(text) => {
-                parsed = toml::from_str::<toml::Table>(&format!("tokens = {text}"))
-                    .map_err(|e| format!("invalid inline token array: {}", e.message()))?;
-                parsed["tokens"]
-                    .as_array()
-                    .ok_or("expected an array of tokens")?
-            }
-            other => return Err(format!("expected array, found {}", other.type_str())),
-        };
+        // From the environment: an inline TOML array of tables.
+        let array = super::value::inline_array(value)?;
         let mut tokens = Vec::with_capacity(array.len());
         let mut problems = Vec::new();
         for (i, item) in array.iter().enumerate() {

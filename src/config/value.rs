@@ -72,21 +72,27 @@ impl ConfigValue for String {
     }
 }
 
+/// Reads an array, also from an environment string holding an inline TOML array such as
+/// `["a", "b"]`.
+pub(crate) fn inline_array(value: &Value) -> Result<std::borrow::Cow<'_, [Value]>, String> {
+    match value {
+        Value::Array(array) => Ok(std::borrow::Cow::Borrowed(array.as_slice())),
+        Value::String(text) => {
+            let mut parsed = toml::from_str::<toml::Table>(&format!("list = {text}"))
+                .map_err(|e| format!("invalid inline array: {}", e.message()))?;
+            match parsed.remove("list") {
+                Some(Value::Array(array)) => Ok(std::borrow::Cow::Owned(array)),
+                _ => Err("expected an array".into()),
+            }
+        }
+        other => Err(format!("expected array, found {}", other.type_str())),
+    }
+}
+
 impl ConfigValue for Vec<String> {
     const KIND: &'static str = "array of strings";
     fn parse(value: &Value) -> Result<Self, String> {
-        let parsed;
-        let array = match value {
-            Value::Array(array) => array,
-            // From the environment: an inline TOML array such as `["a", "b"]`.
-            Value::String(text) => {
-                parsed = toml::from_str::<toml::Table>(&format!("list = {text}"))
-                    .map_err(|e| format!("invalid inline array: {}", e.message()))?;
-                parsed["list"].as_array().ok_or("expected an array")?
-            }
-            other => return Err(format!("expected array, found {}", other.type_str())),
-        };
-        array
+        inline_array(value)?
             .iter()
             .map(|item| as_str(item, "string").map(str::to_owned))
             .collect()

@@ -34,7 +34,7 @@ use crate::server::metrics::{
     PIPELINE_PENDING_EPOCHS, PIPELINE_UNREADABLE_EVENTS_TOTAL,
 };
 use crate::wal::tail::Tail;
-use crate::wal::{Checkpoints, Epoch, Wal, WalError};
+use crate::wal::{Checkpoints, Epoch, Wal, WalError, unix_millis};
 
 /// The consumer name of the pipeline in the log's checkpoints.
 const CONSUMER: &str = "pipeline";
@@ -516,11 +516,4 @@ fn write_until_stored(writer: &mut dyn CounterWriter, updates: &[CohortUpdate], 
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
-}
-
-fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -46,7 +46,8 @@ struct EpochClock {
     durable: u64,
 }
 
-fn unix_millis() -> u64 {
+/// Returns the current Unix time in milliseconds (0 before 1970).
+pub(crate) fn unix_millis() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
