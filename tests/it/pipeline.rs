@@ -222,7 +222,9 @@ fn compare(
             if events != want.events
                 || point["sessions"] != want.sessions
                 || point["time_spent_ms"] != want.time_spent_ms
-                || (subjects - exact).abs() > 1 + exact / 50
+                // Distinct subjects are a HyperLogLog estimate: two of a few dozen subjects
+                // may share a register.
+                || (subjects - exact).abs() > 2 + exact * 3 / 100
             {
                 return Some(format!(
                     "{cohort} day {day}: got {point}, expected {want:?}"
