@@ -242,29 +242,15 @@ impl RedisWriter {
                     delta.counts.len(),
                 );
             }
-            if !delta.subjects.is_empty() {
-                let items = delta
-                    .subjects
-                    .iter()
-                    .map(|s| s.to_le_bytes().to_vec())
-                    .collect();
-                op(
-                    keys::subjects(cohort, *window, *start),
-                    "p",
-                    expire,
-                    items,
-                    delta.subjects.len(),
+            let sketches =
+                std::iter::once((keys::subjects(cohort, *window, *start), &delta.subjects)).chain(
+                    delta.converted.iter().map(|(kind, subjects)| {
+                        (keys::converted(cohort, *window, *start, kind), subjects)
+                    }),
                 );
-            }
-            for (kind, subjects) in &delta.converted {
+            for (key, subjects) in sketches.filter(|(_, s)| !s.is_empty()) {
                 let items = subjects.iter().map(|s| s.to_le_bytes().to_vec()).collect();
-                op(
-                    keys::converted(cohort, *window, *start, kind),
-                    "p",
-                    expire,
-                    items,
-                    subjects.len(),
-                );
+                op(key, "p", expire, items, subjects.len());
             }
         }
         let mut command = redis::cmd("EVALSHA");

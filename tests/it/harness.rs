@@ -39,17 +39,16 @@ impl Redis {
     pub fn restart(&mut self) {
         self.kill();
         self.child = Self::spawn(&self.dir, true);
-        let started = Instant::now();
-        while !self.answers_ping() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "redis-server did not come back"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.wait_for_ping();
     }
 
     fn ready(redis: Self) -> Self {
+        redis.wait_for_ping();
+        redis
+    }
+
+    fn wait_for_ping(&self) {
+        let redis = self;
         let started = Instant::now();
         while !redis.answers_ping() {
             assert!(
@@ -58,7 +57,6 @@ impl Redis {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        redis
     }
 
     fn spawn(dir: &TempDir, durable: bool) -> Child {
