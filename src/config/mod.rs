@@ -260,6 +260,13 @@ section! {
         /// The peppers themselves (`<version> <64 hex>`, several separated by `;`), for
         /// deployments that pass secrets in the environment; overrides `pepper_file`.
         pub pepper: Option<Secret> = None,
+        /// File of versioned data keys (`<version> <64 hex>` lines) that encrypt storage at
+        /// rest (AES-256-GCM); `none` uses `<data_dir>/keys/data`, created with a random key
+        /// on first start. Keep it apart from backups of the data it protects.
+        pub data_key_file: Option<PathBuf> = None,
+        /// The data keys themselves (`<version> <64 hex>`, several separated by `;`);
+        /// overrides `data_key_file`.
+        pub data_key: Option<Secret> = None,
     }
 }
 
@@ -284,6 +291,29 @@ section! {
     pub struct SqlConfig = "sql" {
         /// Directory of saved, parameterized queries (`*.sql`).
         pub queries_dir: PathBuf = PathBuf::from("./queries"),
+        /// Events stay in memory as Arrow batches for this span of ingest time, then roll into
+        /// an encrypted Parquet segment in `<data_dir>/sql`.
+        pub memory_window: Duration = Duration::from_secs(3600),
+        /// A roll happens earlier when memory holds this many events.
+        pub memory_events: usize = 10_000_000,
+        /// Parquet segments whose newest event was received longer ago than this are deleted.
+        pub retention: Duration = Duration::from_secs(30 * 86_400),
+        /// Longest SQL text accepted.
+        pub max_sql_length: ByteSize = ByteSize::kib(64),
+        /// How long one query may run, planning included; must be below
+        /// `server.request_timeout`.
+        pub timeout: Duration = Duration::from_secs(10),
+        /// Memory one query may hold for joins, sorts and aggregations; nothing spills to disk.
+        pub memory_limit: ByteSize = ByteSize::mib(512),
+        /// Queries running at once; more are answered 503.
+        pub max_concurrent: usize = 2,
+        /// Threads of the SQL runtime (run at a lower priority than ingest); 0 uses one per
+        /// available core.
+        pub threads: usize = 0,
+        /// Most rows in one answer; past this the answer is cut and marked `truncated`.
+        pub max_rows: usize = 10_000,
+        /// Most bytes of Arrow data in one answer; past this it is cut and marked `truncated`.
+        pub max_result: ByteSize = ByteSize::mib(16),
     }
 }
 
@@ -586,6 +616,8 @@ impl Config {
             ("server.request_timeout", server.request_timeout),
             ("counters.redis_timeout", self.counters.redis_timeout),
             ("pipeline.flush_interval", self.pipeline.flush_interval),
+            ("sql.memory_window", self.sql.memory_window),
+            ("sql.timeout", self.sql.timeout),
         ] {
             if value.is_zero() {
                 problem(key, "must be greater than zero".into());
@@ -629,6 +661,28 @@ impl Config {
                     problem("pipeline.peers", format!("{peer:?} is not host:port"));
                 }
             }
+        }
+        let sql = &self.sql;
+        if sql.timeout >= server.request_timeout {
+            problem(
+                "sql.timeout",
+                "must be below server.request_timeout, so a slow query gets its own answer".into(),
+            );
+        }
+        for (key, value) in [
+            ("sql.max_concurrent", sql.max_concurrent),
+            ("sql.max_rows", sql.max_rows),
+            ("sql.memory_events", sql.memory_events),
+        ] {
+            if value == 0 {
+                problem(key, "must be at least 1".into());
+            }
+        }
+        if sql.max_sql_length.0 < 64 {
+            problem("sql.max_sql_length", "must be at least 64 B".into());
+        }
+        if sql.memory_limit.0 < 1 << 20 {
+            problem("sql.memory_limit", "must be at least 1 MiB".into());
         }
         if server.max_concurrent_requests == 0 {
             problem(
@@ -689,13 +743,18 @@ impl Config {
                 ),
             }
         }
-        if let Some(pepper) = &self.privacy.pepper
-            && let Err(line) = crate::privacy::Pepper::parse(pepper.expose())
-        {
-            problem(
-                "privacy.pepper",
-                format!("entry {line} is not `<version> <64 hex characters>`"),
-            );
+        for (key, secret) in [
+            ("privacy.pepper", &self.privacy.pepper),
+            ("privacy.data_key", &self.privacy.data_key),
+        ] {
+            if let Some(secret) = secret
+                && let Err(line) = crate::privacy::KeyRing::parse(secret.expose())
+            {
+                problem(
+                    key,
+                    format!("entry {line} is not `<version> <64 hex characters>`"),
+                );
+            }
         }
         if self.flags.max_request_body.0 < 1024 {
             problem("flags.max_request_body", "must be at least 1KiB".into());

@@ -298,6 +298,11 @@ impl ConfigValue for RedisUrl {
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a secret (tests and programs that build a configuration).
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
     /// Returns the secret itself, for the one place that uses it.
     pub fn expose(&self) -> &str {
         &self.0

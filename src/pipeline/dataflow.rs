@@ -100,8 +100,11 @@ impl Pipeline {
         checkpoints: Arc<Checkpoints>,
     ) -> Result<Self, PipelineError> {
         std::fs::create_dir_all(&options.state_dir)?;
+        // Registered even when it never advances (embedded store): the log's segments are
+        // then kept for the replay at the next start, whatever other consumers have read.
+        let registered = checkpoints.register(CONSUMER)?;
         let (start, checkpoints) = if store.is_durable() {
-            (checkpoints.register(CONSUMER)?, Some(checkpoints))
+            (registered, Some(checkpoints))
         } else {
             (Epoch(0), None)
         };

@@ -4,9 +4,11 @@
 //! Sits between event validation and the write-ahead log: nothing reaches storage with a raw
 //! user id, and nothing from a subject without granted consent (where the project requires it).
 
+pub mod keys;
 pub mod pseudonym;
 
-pub use pseudonym::{Pepper, PepperError};
+pub use keys::{KeyError, KeyRing};
+pub use pseudonym::Pepper;
 
 /// A subject's pseudonym: `HMAC-SHA256(pepper, user_id)`, tagged with the pepper version.
 /// Raw user ids never leave the ingest path.

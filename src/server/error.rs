@@ -26,6 +26,8 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// A body, event, batch or frame over its limit.
     PayloadTooLarge,
+    /// An `Accept` header naming no format the route gives.
+    NotAcceptable,
     /// A content type or encoding the route does not take.
     UnsupportedMediaType,
     /// Too many requests for this key.
@@ -34,6 +36,10 @@ pub enum ErrorCode {
     Overloaded,
     /// The request took longer than allowed.
     Timeout,
+    /// A query ran past its deadline and was cancelled.
+    QueryTimeout,
+    /// A query needed more memory than a query may hold.
+    QueryResources,
     /// Something failed inside the service.
     Internal,
 }
@@ -48,10 +54,12 @@ impl ErrorCode {
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::QueryTimeout | ErrorCode::QueryResources => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -65,10 +73,13 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::NotAcceptable => "not_acceptable",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::Timeout => "timeout",
+            ErrorCode::QueryTimeout => "query_timeout",
+            ErrorCode::QueryResources => "query_resources_exhausted",
             ErrorCode::Internal => "internal_error",
         }
     }
@@ -86,8 +97,8 @@ pub struct ApiError {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
     /// A stable code: invalid_request, unauthorized, forbidden, not_found,
-    /// method_not_allowed, payload_too_large, unsupported_media_type, rate_limited,
-    /// overloaded, timeout or internal_error.
+    /// method_not_allowed, payload_too_large, not_acceptable, unsupported_media_type, rate_limited,
+    /// overloaded, timeout, query_timeout, query_resources_exhausted or internal_error.
     pub error: &'static str,
     /// What went wrong, in words for a developer.
     pub error_description: String,

@@ -96,6 +96,23 @@ pub const REDIS_COMMANDS_TOTAL: &str = "flagstream_redis_commands_total";
 pub const EXPERIMENT_SUBJECTS_TODAY: &str = "flagstream_experiment_subjects_today";
 /// Live per-variant gauges: events today, by experiment and variant (capped).
 pub const EXPERIMENT_EVENTS_TODAY: &str = "flagstream_experiment_events_today";
+/// SQL queries, by kind (adhoc, saved) and outcome (ok, truncated, invalid, timeout,
+/// resources, busy, failed).
+pub const SQL_QUERIES_TOTAL: &str = "flagstream_sql_queries_total";
+/// Time to run one SQL query, planning included, by kind.
+pub const SQL_QUERY_DURATION_SECONDS: &str = "flagstream_sql_query_duration_seconds";
+/// SQL queries running.
+pub const SQL_QUERIES_RUNNING: &str = "flagstream_sql_queries_running";
+/// Events in the SQL window's memory.
+pub const SQL_MEMORY_EVENTS: &str = "flagstream_sql_memory_events";
+/// Bytes of Arrow memory the SQL window's sealed batches hold.
+pub const SQL_MEMORY_BYTES: &str = "flagstream_sql_memory_bytes";
+/// Parquet segments of the `events` table.
+pub const SQL_SEGMENTS: &str = "flagstream_sql_segments";
+/// Failed rolls of the SQL window into a segment (retried).
+pub const SQL_ROLL_ERRORS_TOTAL: &str = "flagstream_sql_roll_errors_total";
+/// Stored events the SQL window could not read; counted, then skipped.
+pub const SQL_UNREADABLE_EVENTS_TOTAL: &str = "flagstream_sql_unreadable_events_total";
 
 /// Latency buckets for request handling, 100 µs to 10 s.
 const LATENCY_BUCKETS_SECONDS: &[f64] = &[
@@ -318,6 +335,31 @@ fn describe() {
         EXPERIMENT_EVENTS_TODAY,
         "Events today (UTC) by experiment and variant; capped in number."
     );
+    metrics::describe_counter!(
+        SQL_QUERIES_TOTAL,
+        "SQL queries by kind (adhoc, saved) and outcome."
+    );
+    metrics::describe_histogram!(
+        SQL_QUERY_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to run one SQL query, planning included, by kind."
+    );
+    metrics::describe_gauge!(SQL_QUERIES_RUNNING, "SQL queries running.");
+    metrics::describe_gauge!(SQL_MEMORY_EVENTS, "Events in the SQL window's memory.");
+    metrics::describe_gauge!(
+        SQL_MEMORY_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes of Arrow memory held by the SQL window's sealed batches."
+    );
+    metrics::describe_gauge!(SQL_SEGMENTS, "Parquet segments of the events table.");
+    metrics::describe_counter!(
+        SQL_ROLL_ERRORS_TOTAL,
+        "Failed rolls of the SQL window into a Parquet segment; each is retried."
+    );
+    metrics::describe_counter!(
+        SQL_UNREADABLE_EVENTS_TOTAL,
+        "Stored events the SQL window could not read; counted, then skipped."
+    );
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     // Export the error counters and the gauges from the start, at zero: a dashboard or alert
     // can then tell "no errors" from "no data".
@@ -329,6 +371,8 @@ fn describe() {
         PIPELINE_EVENTS_TOTAL,
         PIPELINE_UNREADABLE_EVENTS_TOTAL,
         REDIS_COMMANDS_TOTAL,
+        SQL_ROLL_ERRORS_TOTAL,
+        SQL_UNREADABLE_EVENTS_TOTAL,
     ] {
         metrics::counter!(counter).absolute(0);
     }
@@ -343,6 +387,10 @@ fn describe() {
         FLAG_PROBLEMS,
         PIPELINE_PENDING_EPOCHS,
         PIPELINE_LAG_SECONDS,
+        SQL_QUERIES_RUNNING,
+        SQL_MEMORY_EVENTS,
+        SQL_MEMORY_BYTES,
+        SQL_SEGMENTS,
     ] {
         metrics::gauge!(gauge).increment(0.0);
     }

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod ops;
 mod routes;
 mod serve;
+pub mod sql_api;
 pub mod stream_api;
 pub mod telemetry;
 
@@ -33,7 +34,10 @@ use crate::events::{Limits, Schema};
 use crate::flags::{FlagStore, Snapshot};
 use crate::ingest::{IngestExposureSink, IngestOptions, Ingestor};
 use crate::pipeline::{Pipeline, PipelineOptions};
-use crate::privacy::Pepper;
+use crate::privacy::{KeyRing, Pepper};
+use crate::sql::feed::{FeedOptions, Feeder};
+use crate::sql::table::RecentEvents;
+use crate::sql::{SqlEngine, SqlOptions};
 use crate::wal::{Checkpoints, WalOptions};
 
 /// The listeners the service answers on, bound before `run` is called.
@@ -81,10 +85,16 @@ pub enum RunError {
     Counters(#[from] RedisError),
     /// The pseudonymization pepper could not be loaded.
     #[error(transparent)]
-    Pepper(#[from] crate::privacy::PepperError),
+    Key(#[from] crate::privacy::KeyError),
     /// The event schema file is invalid.
     #[error(transparent)]
     Schema(#[from] crate::events::schema::SchemaError),
+    /// The SQL engine could not start.
+    #[error("cannot start sql: {0}")]
+    Sql(String),
+    /// Saved queries are invalid.
+    #[error("invalid saved queries: {0}")]
+    SavedQueries(String),
     /// The write-ahead log could not be opened.
     #[error("cannot open the write-ahead log: {0}")]
     Ingest(#[from] crate::ingest::IngestError),
@@ -115,6 +125,8 @@ pub struct AppState {
     pub ingest: Arc<Ingestor>,
     /// Per-key event rate limits.
     pub rate: Arc<ingest_api::RateLimiter>,
+    /// SQL over the recent window.
+    pub sql: Arc<SqlEngine>,
 }
 
 impl AppState {
@@ -129,6 +141,8 @@ impl AppState {
             config.flags.exposure_dedup_capacity,
             Arc::new(IngestExposureSink::start(ingest.clone(), 65_536)),
         );
+        let wal = ingest.wal().clone();
+        let sql = open_sql(config)?.read_your_writes(move || wal.last_epoch().0);
         Ok(Self {
             config: Arc::new(config.clone()),
             tokens: auth::Tokens::new(&config.auth.tokens),
@@ -141,8 +155,85 @@ impl AppState {
                 config.ingest.rate_limit,
                 config.ingest.rate_burst,
             )),
+            sql: Arc::new(sql),
         })
     }
+}
+
+/// Opens the SQL engine: data keys, the segments on disk, the saved queries (every one must
+/// plan against the tables).
+fn open_sql(config: &Config) -> Result<SqlEngine, RunError> {
+    let data_dir = &config.storage.data_dir;
+    let privacy = &config.privacy;
+    let keys = KeyRing::from_config(
+        privacy.data_key.as_ref().map(|s| s.expose()),
+        "privacy.data_key",
+        &privacy
+            .data_key_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("keys").join("data")),
+    )?;
+    let segments = crate::sql::segments::list(&data_dir.join("sql"))
+        .map_err(|e| RunError::Sql(e.to_string()))?;
+    let (saved, problems) = crate::sql::saved::read_dir(&config.sql.queries_dir);
+    let events = Arc::new(RecentEvents::new(segments, keys));
+    let engine = SqlEngine::new(events, saved, sql_options(config))
+        .map_err(|e| RunError::Sql(e.to_string()))?;
+    let problems: Vec<String> = problems
+        .iter()
+        .map(ToString::to_string)
+        .chain(plan_saved(&engine))
+        .collect();
+    if !problems.is_empty() {
+        return Err(RunError::SavedQueries(problems.join("; ")));
+    }
+    Ok(engine)
+}
+
+fn sql_options(config: &Config) -> SqlOptions {
+    let sql = &config.sql;
+    SqlOptions {
+        max_sql_length: sql.max_sql_length.as_usize(),
+        timeout: sql.timeout,
+        memory_limit: sql.memory_limit.as_usize(),
+        max_concurrent: sql.max_concurrent,
+        threads: match sql.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        },
+        max_rows: sql.max_rows,
+        max_result_bytes: sql.max_result.as_usize(),
+    }
+}
+
+/// Plans every saved query; returns the problems (unknown columns, undeclared or unused
+/// parameters).
+fn plan_saved(engine: &SqlEngine) -> Vec<String> {
+    let mut problems = Vec::new();
+    for query in engine.saved().values() {
+        let name = &query.name;
+        match engine.plan_only(&query.sql) {
+            Err(err) => problems.push(format!("saved query {name}: {err}")),
+            Ok(used) => {
+                for param in &used {
+                    if !query.params.iter().any(|p| &p.name == param) {
+                        problems.push(format!(
+                            "saved query {name}: ${param} is used but not declared (-- @param {param}=default text)"
+                        ));
+                    }
+                }
+                for param in &query.params {
+                    if !used.contains(&param.name) {
+                        problems.push(format!(
+                            "saved query {name}: @param {} is declared but not used",
+                            param.name
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    problems
 }
 
 /// Opens the ingest path: schema, pepper, and the write-ahead log (replayed into dedup).
@@ -168,15 +259,11 @@ fn open_ingest(config: &Config) -> Result<Ingestor, RunError> {
             late_horizon: ingest.late_horizon.as_millis() as i64,
             future_tolerance: ingest.future_tolerance.as_millis() as i64,
         },
-        pepper: match &config.privacy.pepper {
-            Some(secret) => Pepper::parse(secret.expose()).map_err(|line| {
-                crate::privacy::PepperError::Format {
-                    path: "privacy.pepper".into(),
-                    line,
-                }
-            })?,
-            None => Pepper::load_or_create(&pepper_file)?,
-        },
+        pepper: Pepper::from_ring(&KeyRing::from_config(
+            config.privacy.pepper.as_ref().map(|s| s.expose()),
+            "privacy.pepper",
+            &pepper_file,
+        )?),
         wal: WalOptions {
             dir: data_dir.join("wal"),
             segment_bytes: ingest.wal_segment_size.0,
@@ -226,7 +313,12 @@ pub async fn run(
     }
     let state = AppState::new(&config)?;
     state.flags.watch(config.flags.reload_interval)?;
-    let pipeline = start_pipeline(&config, &state)?;
+    let checkpoints = Arc::new(
+        Checkpoints::load(state.ingest.wal().dir())
+            .map_err(|e| RunError::Pipeline(crate::pipeline::PipelineError::Wal(e)))?,
+    );
+    let pipeline = start_pipeline(&config, &state, checkpoints.clone())?;
+    let feeder = start_sql_feeder(&config, &state, checkpoints)?;
     let serve_metrics_on_api = listeners.metrics.is_none();
     let app = router(state.clone(), serve_metrics_on_api);
 
@@ -276,18 +368,22 @@ pub async fn run(
         None => api.await?,
     }
     // Requests are done: write what the pipeline read and checkpoint it.
-    let _ = tokio::task::spawn_blocking(move || pipeline.stop()).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        pipeline.stop();
+        feeder.stop();
+    })
+    .await;
     tracing::info!("stopped");
     Ok(())
 }
 
 /// Starts the dataflow from the write-ahead log to the counter store.
-fn start_pipeline(config: &Config, state: &AppState) -> Result<Pipeline, RunError> {
+fn start_pipeline(
+    config: &Config,
+    state: &AppState,
+    checkpoints: Arc<Checkpoints>,
+) -> Result<Pipeline, RunError> {
     let wal = state.ingest.wal().clone();
-    let checkpoints = Arc::new(
-        Checkpoints::load(wal.dir())
-            .map_err(|e| RunError::Pipeline(crate::pipeline::PipelineError::Wal(e)))?,
-    );
     let pipeline = &config.pipeline;
     let workers = match pipeline.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -309,16 +405,52 @@ fn start_pipeline(config: &Config, state: &AppState) -> Result<Pipeline, RunErro
     )?)
 }
 
+/// Starts the thread that follows the log into the SQL window.
+fn start_sql_feeder(
+    config: &Config,
+    state: &AppState,
+    checkpoints: Arc<Checkpoints>,
+) -> Result<Feeder, RunError> {
+    let sql = &config.sql;
+    let options = FeedOptions {
+        dir: config.storage.data_dir.join("sql"),
+        memory_window_ms: sql.memory_window.as_millis() as u64,
+        memory_events: sql.memory_events,
+        retention_ms: sql.retention.as_millis() as u64,
+    };
+    let events = state.sql.events().clone();
+    let newest_segment = crate::sql::segments::list(&options.dir)
+        .map_err(|e| RunError::Sql(e.to_string()))?
+        .iter()
+        .map(|s| s.last_epoch)
+        .max();
+    Feeder::start(
+        options,
+        state.ingest.wal().clone(),
+        checkpoints,
+        events,
+        newest_segment,
+    )
+    .map_err(|e| RunError::Sql(e.to_string()))
+}
+
 /// Checks the configuration's flag files and saved queries; returns every problem found.
 pub fn check(config: &Config) -> Vec<String> {
     let flags = match crate::flags::files::read_dir(&config.flags.dir) {
         Ok(contents) => Snapshot::build(contents, None).problems,
         Err(problem) => vec![problem],
     };
-    let (_, queries) = crate::sql::saved::read_dir(&config.sql.queries_dir);
+    let (saved, queries) = crate::sql::saved::read_dir(&config.sql.queries_dir);
+    let keys = KeyRing::single(1, [0; 32]);
+    let events = Arc::new(RecentEvents::new(Vec::new(), keys));
+    let planned = match SqlEngine::new(events, saved, sql_options(config)) {
+        Ok(engine) => plan_saved(&engine),
+        Err(err) => vec![format!("sql: {err}")],
+    };
     flags
         .iter()
         .map(ToString::to_string)
         .chain(queries.iter().map(ToString::to_string))
+        .chain(planned)
         .collect()
 }

@@ -20,7 +20,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{self, ApiError, ErrorCode};
-use super::{AppState, cohorts_api, flags_api, ingest_api, metrics, ops, stream_api};
+use super::{AppState, cohorts_api, flags_api, ingest_api, metrics, ops, sql_api, stream_api};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -31,7 +31,8 @@ use super::{AppState, cohorts_api, flags_api, ingest_api, metrics, ops, stream_a
         (name = "operations", description = "Health, readiness, metrics, configuration."),
         (name = "flags", description = "Flag evaluation: OFREP and app-launch config."),
         (name = "ingest", description = "Event intake: batches and the event schema."),
-        (name = "cohorts", description = "Live per-cohort counters from the pipeline.")
+        (name = "cohorts", description = "Live per-cohort counters from the pipeline."),
+        (name = "sql", description = "Ad-hoc and saved SQL over the recent window of events.")
     )
 )]
 struct ApiDoc;
@@ -50,7 +51,12 @@ impl Modify for BearerAuth {
 
 /// The whole route table, with its OpenAPI document. `flag_body` is the body limit of the
 /// flag-evaluation routes.
-fn table(serve_metrics: bool, flag_body: usize, batch_body: usize) -> OpenApiRouter<AppState> {
+fn table(
+    serve_metrics: bool,
+    flag_body: usize,
+    batch_body: usize,
+    sql_body: usize,
+) -> OpenApiRouter<AppState> {
     let ingest = OpenApiRouter::new()
         .routes(routes!(ingest_api::batch))
         .layer(DefaultBodyLimit::max(batch_body));
@@ -59,6 +65,9 @@ fn table(serve_metrics: bool, flag_body: usize, batch_body: usize) -> OpenApiRou
         .routes(routes!(flags_api::ofrep_bulk))
         .routes(routes!(flags_api::config_get, flags_api::config_post))
         .layer(DefaultBodyLimit::max(flag_body));
+    let sql = OpenApiRouter::new()
+        .routes(routes!(sql_api::sql))
+        .layer(DefaultBodyLimit::max(sql_body));
     let table = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
@@ -66,6 +75,9 @@ fn table(serve_metrics: bool, flag_body: usize, batch_body: usize) -> OpenApiRou
         .routes(routes!(ingest_api::schema))
         .routes(routes!(stream_api::stream))
         .routes(routes!(cohorts_api::cohorts))
+        .routes(routes!(sql_api::list))
+        .routes(routes!(sql_api::saved))
+        .merge(sql)
         .merge(ingest)
         .merge(flags);
     if serve_metrics {
@@ -77,7 +89,7 @@ fn table(serve_metrics: bool, flag_body: usize, batch_body: usize) -> OpenApiRou
 
 /// Returns the OpenAPI document of the API as served (with `/metrics` on the API listener).
 pub fn api_doc() -> utoipa::openapi::OpenApi {
-    table(true, 0, 0).split_for_parts().1
+    table(true, 0, 0, 0).split_for_parts().1
 }
 
 /// Builds the API router with its middleware.
@@ -85,7 +97,10 @@ pub fn router(state: AppState, serve_metrics: bool) -> Router {
     let server = &state.config.server;
     let flag_body = state.config.flags.max_request_body.as_usize();
     let batch_body = state.config.ingest.max_body.as_usize();
-    let (routes, openapi) = table(serve_metrics, flag_body, batch_body).split_for_parts();
+    // The SQL text, its JSON escaping and the parameters fit; a larger body is refused
+    // before it is read whole.
+    let sql_body = state.config.sql.max_sql_length.as_usize() * 2 + 16 * 1024;
+    let (routes, openapi) = table(serve_metrics, flag_body, batch_body, sql_body).split_for_parts();
     let openapi = Arc::new(openapi);
     let per_route = ServiceBuilder::new()
         .layer(middleware::from_fn(metrics::track_http))

@@ -9,4 +9,5 @@ mod ingest;
 mod ops;
 mod peers;
 mod pipeline;
+mod sql;
 mod stream;

@@ -1,0 +1,237 @@
+//! `POST /v1/sql`, `GET /v1/queries` and `GET /v1/queries/{name}`: ad-hoc and saved SQL for
+//! analysts. The format follows `Accept` (or `format=`); every failure is the JSON error body.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use super::auth::{Analyst, Authorized};
+use super::error::{ApiError, ErrorBody, ErrorCode};
+use super::metrics::{SQL_QUERIES_TOTAL, SQL_QUERY_DURATION_SECONDS};
+use crate::sql::output::{Format, encode};
+use crate::sql::saved::Param;
+use crate::sql::{QueryResult, SqlError};
+
+/// The body of `POST /v1/sql`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SqlRequest {
+    /// One read-only statement: SELECT, WITH … SELECT or EXPLAIN.
+    pub sql: String,
+    /// Values of `$name` placeholders, as text (parsed as the type their use implies).
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+}
+
+/// A saved query as listed.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SavedQueryInfo {
+    /// Its name, as in `/v1/queries/{name}`.
+    pub name: String,
+    /// What it answers.
+    pub description: String,
+    /// Its parameters.
+    #[schema(value_type = Vec<Object>)]
+    pub params: Vec<Param>,
+    /// The query text.
+    pub sql: String,
+}
+
+/// The answer of `GET /v1/queries`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SavedQueries {
+    /// The saved queries, by name.
+    pub queries: Vec<SavedQueryInfo>,
+}
+
+/// Runs one read-only SQL query over the `events` table (the recent window and older
+/// segments) and the `exposures` view. JSON by default; `Accept: text/csv` or
+/// `application/vnd.apache.arrow.stream` (or `?format=csv|arrow`) for the others. Answers
+/// over the row or byte cap are cut and marked `truncated` (header `X-Truncated`).
+#[utoipa::path(post, path = "/v1/sql", tag = "sql",
+    security(("bearer" = [])),
+    request_body = SqlRequest,
+    params(("format" = Option<String>, Query, description = "json, csv or arrow; overrides Accept.")),
+    responses(
+        (status = 200, description = "The answer: JSON {columns, rows, row_count, truncated, elapsed_ms}, CSV or Arrow IPC."),
+        (status = 400, description = "Malformed body, syntax error (with its position), unknown table or column, a statement that is not read-only, or a query that failed on its data.", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token.", body = ErrorBody),
+        (status = 403, description = "Not an analyst token.", body = ErrorBody),
+        (status = 406, description = "An Accept header naming no format the service gives.", body = ErrorBody),
+        (status = 413, description = "SQL text over sql.max_sql_length.", body = ErrorBody),
+        (status = 422, description = "query_timeout (over sql.timeout) or query_resources_exhausted (over sql.memory_limit).", body = ErrorBody),
+        (status = 503, description = "As many queries running as allowed; Retry-After.", body = ErrorBody)))]
+pub async fn sql(
+    _caller: Authorized<Analyst>,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let format = pick_format(&headers, &only_format(query)?)?;
+    let body = body?;
+    let request: SqlRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("the body must be {{\"sql\": \"…\", \"params\": {{…}}}}: {e}"),
+        )
+    })?;
+    answer(&state, "adhoc", &request.sql, &request.params, format).await
+}
+
+/// Lists the saved queries with their parameters.
+#[utoipa::path(get, path = "/v1/queries", tag = "sql",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The saved queries.", body = SavedQueries),
+        (status = 401, description = "Missing or unknown token.", body = ErrorBody),
+        (status = 403, description = "Not an analyst token.", body = ErrorBody)))]
+pub async fn list(
+    _caller: Authorized<Analyst>,
+    State(state): State<AppState>,
+) -> Json<SavedQueries> {
+    let queries = state
+        .sql
+        .saved()
+        .values()
+        .map(|q| SavedQueryInfo {
+            name: q.name.clone(),
+            description: q.description.clone(),
+            params: q.params.clone(),
+            sql: q.sql.clone(),
+        })
+        .collect();
+    Json(SavedQueries { queries })
+}
+
+/// Runs a saved query; its parameters come from the query string (`format=` picks the
+/// answer's format, like `Accept`).
+#[utoipa::path(get, path = "/v1/queries/{name}", tag = "sql",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "The saved query.")),
+    responses(
+        (status = 200, description = "The answer, as for POST /v1/sql."),
+        (status = 400, description = "A missing, unknown or invalid parameter.", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token.", body = ErrorBody),
+        (status = 403, description = "Not an analyst token.", body = ErrorBody),
+        (status = 404, description = "No saved query of that name.", body = ErrorBody),
+        (status = 422, description = "query_timeout or query_resources_exhausted.", body = ErrorBody),
+        (status = 503, description = "As many queries running as allowed; Retry-After.", body = ErrorBody)))]
+pub async fn saved(
+    _caller: Authorized<Analyst>,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(mut params) =
+        query.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.body_text()))?;
+    let format_name = params.remove("format");
+    let format = pick_format(&headers, &format_name)?;
+    let Some(saved) = state.sql.saved().get(&name) else {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no saved query {name:?}; GET /v1/queries lists them"),
+        ));
+    };
+    let params = saved
+        .bind(&params)
+        .map_err(|text| ApiError::new(ErrorCode::InvalidRequest, text))?;
+    answer(&state, "saved", &saved.sql, &params, format).await
+}
+
+fn only_format(
+    query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
+) -> Result<Option<String>, ApiError> {
+    let Query(mut params) =
+        query.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.body_text()))?;
+    let format = params.remove("format");
+    match params.keys().next() {
+        Some(key) => Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("unknown parameter {key:?}; placeholders go in the body's \"params\""),
+        )),
+        None => Ok(format),
+    }
+}
+
+fn pick_format(headers: &HeaderMap, name: &Option<String>) -> Result<Format, ApiError> {
+    if let Some(name) = name {
+        return Format::from_name(name).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("format must be json, csv or arrow, not {name:?}"),
+            )
+        });
+    }
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    Format::from_accept(accept).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::NotAcceptable,
+            "answers are application/json, text/csv or application/vnd.apache.arrow.stream",
+        )
+    })
+}
+
+async fn answer(
+    state: &AppState,
+    kind: &'static str,
+    sql: &str,
+    params: &BTreeMap<String, String>,
+    format: Format,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let result = state
+        .sql
+        .run(sql, params)
+        .await
+        .and_then(|result| encode(&result, format).map(|body| (result, body)));
+    metrics::histogram!(SQL_QUERY_DURATION_SECONDS, "kind" => kind)
+        .record(started.elapsed().as_secs_f64());
+    let outcome = match &result {
+        Ok((
+            QueryResult {
+                truncated: true, ..
+            },
+            _,
+        )) => "truncated",
+        Ok(_) => "ok",
+        Err(err) => err.outcome(),
+    };
+    metrics::counter!(SQL_QUERIES_TOTAL, "kind" => kind, "outcome" => outcome).increment(1);
+    let (result, body) = result.map_err(api_error)?;
+    let mut response = (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(format.content_type()),
+        )],
+        body,
+    )
+        .into_response();
+    let headers = response.headers_mut();
+    let truncated = if result.truncated { "true" } else { "false" };
+    headers.insert("x-truncated", HeaderValue::from_static(truncated));
+    headers.insert("x-row-count", HeaderValue::from(result.rows));
+    Ok(response)
+}
+
+fn api_error(err: SqlError) -> ApiError {
+    let text = err.to_string();
+    match err {
+        SqlError::TooLong { .. } => ApiError::new(ErrorCode::PayloadTooLarge, text),
+        SqlError::Busy(_) => ApiError::new(ErrorCode::Overloaded, text)
+            .retry_after(std::time::Duration::from_secs(1)),
+        SqlError::Invalid(_) => ApiError::new(ErrorCode::InvalidRequest, text),
+        SqlError::Timeout(_) => ApiError::new(ErrorCode::QueryTimeout, text),
+        SqlError::Resources(_) => ApiError::new(ErrorCode::QueryResources, text),
+        SqlError::Internal(detail) => ApiError::internal(detail),
+    }
+}

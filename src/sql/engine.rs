@@ -1,0 +1,378 @@
+//! The query engine: one DataFusion session per query over the shared tables, run on the SQL
+//! runtime (its own threads, at a lower priority than ingest), with every limit applied.
+//!
+//! - Read-only: DDL, DML and statements are refused when planning; no table reads files or
+//!   URLs other than the service's own segments.
+//! - Bounded: text length, a concurrency limit (more queries get `Busy` at once), a deadline
+//!   (the query is cancelled), a memory pool per query with spilling disabled, and a row
+//!   limit pushed into the plan (`max_rows + 1`, to tell a full answer from a cut one) plus
+//!   a byte cap.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::TableProvider;
+use datafusion::common::{ParamValues, ScalarValue};
+use datafusion::datasource::ViewTable;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::GreedyMemoryPool;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
+use futures_util::StreamExt;
+use tokio::sync::Semaphore;
+
+use super::SqlError;
+use super::saved::SavedQuery;
+use super::table::{EventsTable, RecentEvents};
+use crate::server::metrics::SQL_QUERIES_RUNNING;
+
+/// The limits of the engine.
+#[derive(Debug, Clone)]
+pub struct SqlOptions {
+    /// Longest SQL text, bytes.
+    pub max_sql_length: usize,
+    /// Deadline of one query.
+    pub timeout: Duration,
+    /// Memory pool of one query, bytes.
+    pub memory_limit: usize,
+    /// Queries at once.
+    pub max_concurrent: usize,
+    /// Threads of the SQL runtime.
+    pub threads: usize,
+    /// Most rows in an answer.
+    pub max_rows: usize,
+    /// Most bytes of Arrow data in an answer.
+    pub max_result_bytes: usize,
+}
+
+/// An answer.
+#[derive(Debug)]
+pub struct QueryResult {
+    /// The columns.
+    pub schema: SchemaRef,
+    /// The rows.
+    pub batches: Vec<RecordBatch>,
+    /// Rows in `batches`.
+    pub rows: usize,
+    /// Whether rows were left out to stay within the row or byte cap.
+    pub truncated: bool,
+    /// How long the query took.
+    pub elapsed: Duration,
+}
+
+/// The definition of the `exposures` view.
+const EXPOSURES_SQL: &str = "SELECT event_time, received_at, subject, device_id, session_id, \
+    properties['flag'] AS flag, properties['variant'] AS variant, app_version, platform, \
+    locale, country, school_id, class_id FROM events WHERE type = '$exposure'";
+
+/// Runs queries over the recent window.
+pub struct SqlEngine {
+    runtime: SqlRuntime,
+    permits: Arc<Semaphore>,
+    events: Arc<EventsTable>,
+    exposures: Arc<ViewTable>,
+    options: SqlOptions,
+    /// The newest durable epoch of the log.
+    durable: Option<Box<dyn Fn() -> u64 + Send + Sync>>,
+    saved: BTreeMap<String, SavedQuery>,
+}
+
+/// The SQL runtime, shut down without blocking when dropped (it may be dropped inside
+/// another runtime).
+struct SqlRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for SqlRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl SqlEngine {
+    /// Starts the SQL runtime over `events`, with the saved queries.
+    pub fn new(
+        events: Arc<RecentEvents>,
+        saved: Vec<SavedQuery>,
+        options: SqlOptions,
+    ) -> Result<Self, SqlError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(options.threads.max(1))
+            .thread_name("sql")
+            .on_thread_start(lower_priority)
+            .enable_all()
+            .build()
+            .map_err(|e| SqlError::Internal(format!("cannot start the sql runtime: {e}")))?;
+        let events = Arc::new(EventsTable::new(events));
+        let setup = SessionContext::new();
+        setup.register_table("events", events.clone())?;
+        let plan = block_on(&runtime, setup.sql(EXPOSURES_SQL))?.into_unoptimized_plan();
+        let exposures = Arc::new(ViewTable::new(plan, Some(EXPOSURES_SQL.to_owned())));
+        Ok(Self {
+            runtime: SqlRuntime(Some(runtime)),
+            permits: Arc::new(Semaphore::new(options.max_concurrent)),
+            events,
+            exposures,
+            options,
+            durable: None,
+            saved: saved.into_iter().map(|q| (q.name.clone(), q)).collect(),
+        })
+    }
+
+    /// Makes queries wait (briefly) until the window holds every epoch that was durable when
+    /// they arrived: an event acknowledged before a query is in its answer.
+    pub fn read_your_writes(mut self, durable: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
+        self.durable = Some(Box::new(durable));
+        self
+    }
+
+    /// Returns the saved queries by name.
+    pub fn saved(&self) -> &BTreeMap<String, SavedQuery> {
+        &self.saved
+    }
+
+    /// Plans `sql` without running it (and without tables' data); returns the names of its
+    /// placeholders. Used to validate saved queries.
+    pub fn plan_only(&self, sql: &str) -> Result<Vec<String>, SqlError> {
+        let ctx = self.context()?;
+        let frame = block_on(self.runtime(), ctx.sql_with_options(sql, read_only()))?;
+        let mut names: Vec<String> = frame
+            .logical_plan()
+            .get_parameter_types()?
+            .into_keys()
+            .map(|id| id.trim_start_matches('$').to_owned())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Runs `sql` with `params` bound to its `$name` placeholders.
+    pub async fn run(
+        &self,
+        sql: &str,
+        params: &BTreeMap<String, String>,
+    ) -> Result<QueryResult, SqlError> {
+        if sql.len() > self.options.max_sql_length {
+            return Err(SqlError::TooLong {
+                length: sql.len(),
+                limit: self.options.max_sql_length,
+            });
+        }
+        let permit = self
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| SqlError::Busy(self.options.max_concurrent))?;
+        let started = Instant::now();
+        self.catch_up().await;
+        let ctx = self.context()?;
+        let sql = sql.to_owned();
+        let params = params.clone();
+        let caps = (self.options.max_rows, self.options.max_result_bytes);
+        let handle = self.runtime().spawn(async move {
+            // Dropped when the query ends or is cancelled: the gauge and the permit follow.
+            let _running = Running::start(permit);
+            execute(ctx, sql, params, caps).await
+        });
+        let task = AbortOnDrop(handle);
+        let mut result = match tokio::time::timeout(self.options.timeout, task).await {
+            Ok(Ok(result)) => result?,
+            Ok(Err(join)) => return Err(SqlError::Internal(format!("query task failed: {join}"))),
+            Err(_) => return Err(SqlError::Timeout(self.options.timeout)),
+        };
+        result.elapsed = started.elapsed();
+        Ok(result)
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime
+            .0
+            .as_ref()
+            .expect("the runtime lives as long as the engine")
+    }
+
+    /// Returns the window the `events` table reads.
+    pub fn events(&self) -> &Arc<RecentEvents> {
+        self.events.events()
+    }
+
+    async fn catch_up(&self) {
+        let Some(durable) = &self.durable else {
+            return;
+        };
+        let target = durable();
+        let mut window = self.events().subscribe();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            window.wait_for(|epoch| *epoch >= target),
+        )
+        .await;
+    }
+
+    /// A fresh session over the shared tables, with its own memory pool and no disk.
+    fn context(&self) -> Result<SessionContext, SqlError> {
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(GreedyMemoryPool::new(self.options.memory_limit)))
+            .with_disk_manager_builder(
+                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+            )
+            .build_arc()?;
+        let config = SessionConfig::new()
+            .with_information_schema(true)
+            .with_target_partitions(self.options.threads.max(1));
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        ctx.register_table("events", self.events.clone() as Arc<dyn TableProvider>)?;
+        ctx.register_table(
+            "exposures",
+            self.exposures.clone() as Arc<dyn TableProvider>,
+        )?;
+        Ok(ctx)
+    }
+}
+
+/// Runs a future to completion on the SQL runtime from synchronous code, even inside another
+/// runtime (a scoped thread has no runtime of its own).
+fn block_on<F>(runtime: &tokio::runtime::Runtime, future: F) -> F::Output
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| runtime.block_on(future))
+            .join()
+            .expect("planning does not panic")
+    })
+}
+
+/// The statements a query may be: no DDL, DML or `SET`.
+fn read_only() -> SQLOptions {
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+}
+
+async fn execute(
+    ctx: SessionContext,
+    sql: String,
+    params: BTreeMap<String, String>,
+    (max_rows, max_bytes): (usize, usize),
+) -> Result<QueryResult, SqlError> {
+    let frame = ctx.sql_with_options(&sql, read_only()).await?;
+    let frame = bind(frame, params)?;
+    let frame = frame.limit(0, Some(max_rows.saturating_add(1)))?;
+    let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
+    let mut stream = frame.execute_stream().await?;
+    let mut batches = Vec::new();
+    let (mut rows, mut bytes, mut truncated) = (0usize, 0usize, false);
+    while let Some(batch) = stream.next().await {
+        let mut batch = batch?;
+        if rows + batch.num_rows() > max_rows {
+            batch = batch.slice(0, max_rows - rows);
+            truncated = true;
+        }
+        bytes += batch.get_array_memory_size();
+        if bytes > max_bytes && !batches.is_empty() {
+            truncated = true;
+            break;
+        }
+        rows += batch.num_rows();
+        batches.push(batch);
+        if truncated {
+            break;
+        }
+    }
+    Ok(QueryResult {
+        schema,
+        batches,
+        rows,
+        truncated,
+        elapsed: Duration::ZERO,
+    })
+}
+
+/// Binds `$name` placeholders, each value parsed as the type its use implies (text when the
+/// use implies none).
+fn bind(frame: DataFrame, mut params: BTreeMap<String, String>) -> Result<DataFrame, SqlError> {
+    let wanted = frame.logical_plan().get_parameter_types()?;
+    if wanted.is_empty() && params.is_empty() {
+        return Ok(frame);
+    }
+    let mut values = std::collections::HashMap::new();
+    for (id, data_type) in wanted {
+        let name = id.trim_start_matches('$').to_owned();
+        let Some(text) = params.remove(&name) else {
+            return Err(SqlError::Invalid(format!(
+                "the query needs parameter {name:?}"
+            )));
+        };
+        let value = match data_type {
+            Some(data_type) => {
+                ScalarValue::try_from_string(text.clone(), &data_type).map_err(|_| {
+                    SqlError::Invalid(format!(
+                        "parameter {name:?}: {text:?} is not a valid {data_type}"
+                    ))
+                })?
+            }
+            None => ScalarValue::Utf8(Some(text)),
+        };
+        values.insert(name, value);
+    }
+    if let Some(unknown) = params.keys().next() {
+        return Err(SqlError::Invalid(format!(
+            "the query takes no parameter {unknown:?}"
+        )));
+    }
+    Ok(frame.with_param_values(ParamValues::from(values))?)
+}
+
+/// A running query: counted in the gauge and holding its permit until dropped.
+struct Running(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+
+impl Running {
+    fn start(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        metrics::gauge!(SQL_QUERIES_RUNNING).increment(1.0);
+        Self(permit)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        metrics::gauge!(SQL_QUERIES_RUNNING).decrement(1.0);
+    }
+}
+
+/// Cancels a spawned query when its caller stops waiting (deadline or disconnect).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+/// Runs SQL threads at a lower scheduling priority, so a heavy query yields the cores to
+/// ingest and flag evaluation.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority with PRIO_PROCESS and who = 0 changes only the calling thread on
+    // Linux (threads are tasks); it touches no memory.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+    }
+}

@@ -1,0 +1,417 @@
+//! The `events` table: the in-memory window (sealed record batches plus the rows still being
+//! gathered) and the Parquet segments older events rolled into, read as one table.
+//!
+//! A query takes a snapshot under the locks (cheap: `Arc` clones, plus a copy of the open
+//! batch), so a roll that moves batches into a segment is seen either before or after, never
+//! half. Segments and in-memory batches outside a query's `event_time` bounds are skipped
+//! before any file is opened; inside a segment, Parquet row-group statistics prune further.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::config::ConfigFileDecryptionProperties;
+use datafusion::common::{DFSchema, ScalarValue};
+use datafusion::config::TableParquetOptions;
+use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::object_store::ObjectStoreUrl;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::logical_expr::utils::conjunction;
+use datafusion::logical_expr::{
+    Between, BinaryExpr, Expr, Operator, TableProviderFilterPushDown, TableType,
+};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::union::UnionExec;
+
+use super::columns::{EventColumns, Span, schema};
+use super::segments::Segment;
+use crate::privacy::KeyRing;
+use crate::privacy::keys::to_hex;
+
+/// A sealed record batch and the span of its rows.
+#[derive(Clone)]
+struct Sealed {
+    batch: RecordBatch,
+    span: Span,
+}
+
+#[derive(Default)]
+struct Window {
+    sealed: Vec<Sealed>,
+    segments: Vec<Arc<Segment>>,
+}
+
+/// What a query reads: in-memory batches and segment files.
+struct Snapshot {
+    batches: Vec<RecordBatch>,
+    segments: Vec<Arc<Segment>>,
+}
+
+/// The events of the recent window, shared by the feeder that fills it and the queries that
+/// read it.
+pub struct RecentEvents {
+    // Lock order: `open` before `window`.
+    open: Mutex<EventColumns>,
+    window: RwLock<Window>,
+    keys: KeyRing,
+    /// The last log epoch read into the window.
+    delivered: tokio::sync::watch::Sender<u64>,
+}
+
+impl RecentEvents {
+    /// Starts with the segments already on disk and nothing in memory.
+    pub fn new(segments: Vec<Segment>, keys: KeyRing) -> Self {
+        Self {
+            open: Mutex::new(EventColumns::new()),
+            window: RwLock::new(Window {
+                sealed: Vec::new(),
+                segments: segments.into_iter().map(Arc::new).collect(),
+            }),
+            keys,
+            delivered: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// Records that every epoch up to `epoch` is in the window.
+    pub fn mark_delivered(&self, epoch: u64) {
+        self.delivered.send_if_modified(|last| {
+            let newer = epoch > *last;
+            *last = (*last).max(epoch);
+            newer
+        });
+    }
+
+    /// Returns a receiver of the last log epoch in the window.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.delivered.subscribe()
+    }
+
+    /// Returns the data keys segments are written and read with.
+    pub fn keys(&self) -> &KeyRing {
+        &self.keys
+    }
+
+    /// Appends stored events; returns how many were not stored events.
+    pub fn append<'a>(&self, events: impl IntoIterator<Item = &'a [u8]>) -> usize {
+        let mut unreadable = 0;
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        for event in events {
+            if !open.append(event) {
+                unreadable += 1;
+            }
+            if open.is_full() {
+                self.seal(&mut open);
+            }
+        }
+        unreadable
+    }
+
+    fn seal(&self, open: &mut EventColumns) {
+        if let Some(span) = open.span() {
+            let batch = open.finish();
+            let mut window = self.window.write().unwrap_or_else(|p| p.into_inner());
+            window.sealed.push(Sealed { batch, span });
+        }
+    }
+
+    /// Returns the rows held in memory.
+    pub fn rows_in_memory(&self) -> usize {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let window = self.window.read().unwrap_or_else(|p| p.into_inner());
+        open.rows()
+            + window
+                .sealed
+                .iter()
+                .map(|s| s.batch.num_rows())
+                .sum::<usize>()
+    }
+
+    /// Returns the bytes of Arrow memory the window holds, and the number of segments.
+    pub fn footprint(&self) -> (usize, usize) {
+        let window = self.window.read().unwrap_or_else(|p| p.into_inner());
+        let bytes = window
+            .sealed
+            .iter()
+            .map(|s| s.batch.get_array_memory_size())
+            .sum();
+        (bytes, window.segments.len())
+    }
+
+    /// Seals the open rows and returns everything in memory with its span, for a roll.
+    pub fn take_for_roll(&self) -> Option<(Vec<RecordBatch>, Span)> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        self.seal(&mut open);
+        let window = self.window.read().unwrap_or_else(|p| p.into_inner());
+        let span = window.sealed.iter().map(|s| s.span).reduce(Span::union)?;
+        let batches = window.sealed.iter().map(|s| s.batch.clone()).collect();
+        Some((batches, span))
+    }
+
+    /// Replaces the first `rolled` sealed batches by the segment they were written to.
+    pub fn rolled(&self, rolled: usize, segment: Segment) {
+        let mut window = self.window.write().unwrap_or_else(|p| p.into_inner());
+        let rolled = rolled.min(window.sealed.len());
+        window.sealed.drain(..rolled);
+        window.segments.push(Arc::new(segment));
+    }
+
+    /// Deletes segments whose newest event was received before `horizon` (ms).
+    pub fn expire(&self, horizon: i64) {
+        let mut window = self.window.write().unwrap_or_else(|p| p.into_inner());
+        let segments = std::mem::take(&mut window.segments);
+        window.segments = super::segments::expire(segments, horizon);
+    }
+
+    fn snapshot(&self, from: i64, to: i64) -> Snapshot {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let window = self.window.read().unwrap_or_else(|p| p.into_inner());
+        let overlaps = |span: Span| span.max_time >= from && span.min_time <= to;
+        let mut batches: Vec<RecordBatch> = window
+            .sealed
+            .iter()
+            .filter(|s| overlaps(s.span))
+            .map(|s| s.batch.clone())
+            .collect();
+        if let Some(span) = open.span()
+            && overlaps(span)
+        {
+            batches.push(open.snapshot());
+        }
+        let segments = window
+            .segments
+            .iter()
+            .filter(|s| s.overlaps(from, to))
+            .cloned()
+            .collect();
+        Snapshot { batches, segments }
+    }
+}
+
+/// The `events` table as DataFusion sees it.
+#[derive(Clone)]
+pub struct EventsTable {
+    events: Arc<RecentEvents>,
+}
+
+impl std::fmt::Debug for EventsTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventsTable")
+    }
+}
+
+impl EventsTable {
+    /// Reads `events`.
+    pub fn new(events: Arc<RecentEvents>) -> Self {
+        Self { events }
+    }
+
+    /// Returns the window it reads.
+    pub fn events(&self) -> &Arc<RecentEvents> {
+        &self.events
+    }
+}
+
+#[async_trait]
+impl TableProvider for EventsTable {
+    fn schema(&self) -> SchemaRef {
+        schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        // Filters prune; DataFusion still applies them to every row that remains.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let (from, to) = time_bounds(filters);
+        let snapshot = self.events.snapshot(from, to);
+        let partitions = state.config().target_partitions().max(1);
+        let mut plans: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
+        if !snapshot.batches.is_empty() || snapshot.segments.is_empty() {
+            let mut groups = vec![Vec::new(); partitions.min(snapshot.batches.len()).max(1)];
+            let count = groups.len();
+            for (i, batch) in snapshot.batches.into_iter().enumerate() {
+                groups[i % count].push(batch);
+            }
+            plans.push(MemorySourceConfig::try_new_exec(
+                &groups,
+                schema(),
+                projection.cloned(),
+            )?);
+        }
+        let mut by_key: BTreeMap<u32, Vec<Arc<Segment>>> = BTreeMap::new();
+        for segment in snapshot.segments {
+            by_key.entry(segment.key_version).or_default().push(segment);
+        }
+        let predicate = match conjunction(filters.to_vec()) {
+            Some(expr) => {
+                let df_schema = DFSchema::try_from(schema())?;
+                Some(state.create_physical_expr(expr, &df_schema)?)
+            }
+            None => None,
+        };
+        for (version, segments) in by_key {
+            let key = self.events.keys.get(version).ok_or_else(|| {
+                DataFusionError::Internal(format!(
+                    "a segment is encrypted with data key version {version}, which the key ring does not hold"
+                ))
+            })?;
+            let mut options = TableParquetOptions::default();
+            options.crypto.file_decryption = Some(ConfigFileDecryptionProperties {
+                footer_key_as_hex: to_hex(key),
+                ..Default::default()
+            });
+            let mut source = ParquetSource::new(schema()).with_table_parquet_options(options);
+            if let Some(predicate) = &predicate {
+                source = source.with_predicate(predicate.clone());
+            }
+            let mut groups = vec![Vec::new(); partitions.min(segments.len())];
+            let count = groups.len();
+            for (i, segment) in segments.iter().enumerate() {
+                groups[i % count].push(PartitionedFile::new(
+                    segment.path.to_string_lossy(),
+                    segment.bytes,
+                ));
+            }
+            let config =
+                FileScanConfigBuilder::new(ObjectStoreUrl::local_filesystem(), Arc::new(source))
+                    .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
+                    .with_projection_indices(projection.cloned())?
+                    .with_limit(limit)
+                    .build();
+            plans.push(DataSourceExec::from_data_source(config));
+        }
+        UnionExec::try_new(plans)
+    }
+}
+
+/// Returns the `event_time` range (ms, inclusive) that the filters allow; the whole range
+/// when they do not bound it.
+fn time_bounds(filters: &[Expr]) -> (i64, i64) {
+    let mut from = i64::MIN;
+    let mut to = i64::MAX;
+    for filter in filters {
+        for (op, ms) in comparisons(filter) {
+            match op {
+                Operator::Gt | Operator::GtEq => from = from.max(ms),
+                Operator::Lt | Operator::LtEq => to = to.min(ms),
+                Operator::Eq => {
+                    from = from.max(ms);
+                    to = to.min(ms);
+                }
+                _ => {}
+            }
+        }
+    }
+    (from, to)
+}
+
+/// The comparisons of `event_time` with a constant in a filter's conjunction, as
+/// `event_time <op> ms`.
+fn comparisons(filter: &Expr) -> Vec<(Operator, i64)> {
+    match filter {
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::And,
+            right,
+        }) => {
+            let mut found = comparisons(left);
+            found.extend(comparisons(right));
+            found
+        }
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+            match (is_event_time(left), is_event_time(right)) {
+                (true, false) => millis(right).map(|ms| vec![(*op, ms)]),
+                (false, true) => {
+                    let swapped = op.swap();
+                    millis(left).zip(swapped).map(|(ms, op)| vec![(op, ms)])
+                }
+                _ => None,
+            }
+            .unwrap_or_default()
+        }
+        Expr::Between(Between {
+            expr,
+            negated: false,
+            low,
+            high,
+        }) if is_event_time(expr) => millis(low)
+            .map(|ms| (Operator::GtEq, ms))
+            .into_iter()
+            .chain(millis(high).map(|ms| (Operator::LtEq, ms)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn is_event_time(expr: &Expr) -> bool {
+    match expr {
+        Expr::Column(column) => column.name == "event_time",
+        Expr::Cast(cast) => is_event_time(&cast.expr),
+        _ => false,
+    }
+}
+
+/// The value of a timestamp literal in ms, rounded outward so pruning never drops a match.
+fn millis(expr: &Expr) -> Option<i64> {
+    let Expr::Literal(value, _) = expr else {
+        return None;
+    };
+    match value {
+        ScalarValue::TimestampSecond(Some(v), _) => v.checked_mul(1000),
+        ScalarValue::TimestampMillisecond(Some(v), _) => Some(*v),
+        ScalarValue::TimestampMicrosecond(Some(v), _) => Some(v.div_euclid(1000)),
+        ScalarValue::TimestampNanosecond(Some(v), _) => Some(v.div_euclid(1_000_000)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::logical_expr::{col, lit};
+
+    use super::*;
+
+    fn at(ms: i64) -> Expr {
+        lit(ScalarValue::TimestampMillisecond(
+            Some(ms),
+            Some("UTC".into()),
+        ))
+    }
+
+    #[test]
+    fn time_bounds_come_from_comparisons_with_event_time_only() {
+        let filters = vec![
+            col("event_time").gt_eq(at(1000)),
+            at(5000).gt(col("event_time")),
+            col("received_at").lt(at(10)),
+        ];
+        assert_eq!(time_bounds(&filters), (1000, 5000));
+        let between = col("event_time").between(at(7), at(9));
+        assert_eq!(time_bounds(&[between]), (7, 9));
+        let nanos =
+            col("event_time").lt(lit(ScalarValue::TimestampNanosecond(Some(1_999_999), None)));
+        assert_eq!(time_bounds(&[nanos]), (i64::MIN, 1));
+        let either = col("event_time").lt(at(3)).or(col("event_time").gt(at(9)));
+        assert_eq!(time_bounds(&[either]), (i64::MIN, i64::MAX));
+    }
+}
