@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use flagstream::config::{Config, ConfigError, Overrides, TokenHash, render_markdown};
 use flagstream::server::{Listeners, check, run, telemetry};
+use flagstream::sql::client::{ClientError, Output, Server, render_table};
 
 /// Streaming analytics and feature-flag edge service.
 #[derive(Debug, Parser)]
@@ -29,12 +30,49 @@ enum Command {
     },
     /// Validates the configuration, flag files and saved queries; exits 2 on any problem.
     Check,
+    /// Runs SQL on a running server and prints the answer.
+    Sql {
+        /// One read-only statement.
+        sql: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Runs a saved query (`queries/NAME.sql`) on a running server and prints the answer.
+    Query {
+        /// The saved query's name.
+        name: String,
+        /// A parameter, `name=value`; repeat for several.
+        #[arg(long = "param", value_parser = parse_param)]
+        params: Vec<(String, String)>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Prints the sha256 of a token for `[[auth.tokens]]`; reads standard input when no
     /// token is given.
     HashToken {
         /// The token.
         token: Option<String>,
     },
+}
+
+/// Where and how `sql` and `query` reach the server.
+#[derive(Debug, clap::Args)]
+struct ClientArgs {
+    /// table, csv or json.
+    #[arg(long, value_enum, default_value = "table")]
+    format: Output,
+    /// The server; by default the configured `server.listen` on this machine.
+    #[arg(long, env = "FLAGSTREAM_SERVER")]
+    server: Option<String>,
+    /// An analyst token (sent as `Authorization: Bearer`).
+    #[arg(long, env = "FLAGSTREAM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+fn parse_param(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{text:?} is not name=value"))
 }
 
 // glibc's allocator spends a measurable share of each request under multithreaded load
@@ -79,8 +117,67 @@ fn dispatch(command: Command, config: Config) -> ExitCode {
             }
             ExitCode::from(EXIT_INVALID)
         }
+        Command::Sql { sql, client } => ask(&config, &client, |server, output| async move {
+            server.sql(&sql, output).await
+        }),
+        Command::Query {
+            name,
+            params,
+            client,
+        } => ask(&config, &client, |server, output| async move {
+            server.query(&name, &params, output).await
+        }),
         Command::HashToken { .. } => unreachable!("handled before loading the configuration"),
     }
+}
+
+/// Sends one query to the server and prints the answer; errors go to standard error.
+fn ask<F, Fut>(config: &Config, client: &ClientArgs, send: F) -> ExitCode
+where
+    F: FnOnce(Server, Output) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<u8>, ClientError>>,
+{
+    let url = client.server.clone().unwrap_or_else(|| {
+        let mut addr = config.server.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{addr}")
+    });
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let answer = Server::new(&url, client.token.clone())
+        .map(|server| runtime.block_on(send(server, client.format)));
+    let body = match answer {
+        Ok(Ok(body)) => body,
+        Ok(Err(err)) | Err(err) => {
+            eprintln!("{err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let text = match client.format {
+        Output::Table => match serde_json::from_slice(&body) {
+            Ok(answer) => render_table(&answer),
+            Err(err) => {
+                eprintln!("the server's answer is not JSON: {err}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Output::Csv | Output::Json => String::from_utf8_lossy(&body).into_owned(),
+    };
+    print!("{text}");
+    if client.format == Output::Json {
+        println!();
+    }
+    ExitCode::SUCCESS
 }
 
 fn invalid(err: &ConfigError) -> ExitCode {

@@ -194,7 +194,7 @@ fn sql_options(config: &Config) -> SqlOptions {
     let sql = &config.sql;
     SqlOptions {
         max_sql_length: sql.max_sql_length.as_usize(),
-        timeout: sql.timeout,
+        timeout: sql.timeout.min(config.server.request_timeout.mul_f64(0.9)),
         memory_limit: sql.memory_limit.as_usize(),
         max_concurrent: sql.max_concurrent,
         threads: match sql.threads {

@@ -8,6 +8,7 @@
 //! time, memory (no spilling), concurrency (on its own runtime, below ingest's priority) and
 //! result size. Saved queries in `queries/*.sql` are named and parameterized ([`saved`]).
 
+pub mod client;
 pub mod columns;
 pub mod engine;
 pub mod feed;

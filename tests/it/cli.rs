@@ -79,6 +79,12 @@ fn check_reports_broken_flag_files_and_saved_queries() {
     .unwrap();
     std::fs::write(queries.join("drop_all.sql"), "DROP TABLE events").unwrap();
     std::fs::write(queries.join("typo.sql"), "SELEC 1").unwrap();
+    std::fs::write(queries.join("no_column.sql"), "SELECT lesson FROM events").unwrap();
+    std::fs::write(
+        queries.join("params.sql"),
+        "-- @param unused=1 Never used.\nSELECT count(*) FROM events WHERE platform = $platform",
+    )
+    .unwrap();
     let output = flagstream()
         .arg("check")
         .arg("--flags-dir")
@@ -89,7 +95,19 @@ fn check_reports_broken_flag_files_and_saved_queries() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.starts_with("3 problem(s)"), "{stderr}");
+    assert!(stderr.starts_with("6 problem(s)"), "{stderr}");
+    assert!(
+        stderr.contains("no_column: ") && stderr.contains("lesson"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("$platform is used but not declared"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("@param unused is declared but not used"),
+        "{stderr}"
+    );
     assert!(stderr.contains("broken.json:2: flag \"a\""), "{stderr}");
     assert!(
         stderr.contains("drop_all.sql: only a read-only query"),
@@ -189,4 +207,122 @@ mod reqwest {
         stream.read_to_string(&mut answer).unwrap();
         answer
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_and_query_print_a_running_servers_answers() {
+    let service = crate::harness::Service::start_with(|c| {
+        c.auth.tokens = crate::harness::client_and_analyst_tokens();
+    })
+    .await;
+    let now = flagstream::events::time::format_rfc3339(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64,
+    );
+    let batch: Vec<serde_json::Value> = (0..5)
+        .map(|i| {
+            serde_json::json!({"event_id": format!("cli-{i}"), "user_id": format!("u{}", i % 2),
+            "type": "app_opened", "timestamp": now, "context": {"platform": "ios"}})
+        })
+        .collect();
+    let response = service
+        .http
+        .post(service.url("/v1/batch"))
+        .bearer_auth("client-key")
+        .json(&serde_json::json!({ "batch": batch }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let server = format!("http://{}", service.addr);
+    let run = |args: Vec<String>| {
+        let output = flagstream().args(&args).output().unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let args = |list: &[&str]| -> Vec<String> {
+        list.iter()
+            .map(|s| s.to_string())
+            .chain(["--server".into(), server.clone()])
+            .collect()
+    };
+    let sql = "SELECT platform, count(*) AS events FROM events GROUP BY platform";
+    let (code, stdout, stderr) = tokio::task::spawn_blocking({
+        let args = args(&["sql", sql, "--token", "analyst-key"]);
+        move || run(args)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        stdout,
+        "platform | events\n---------+-------\nios      | 5\n(1 rows)\n"
+    );
+
+    let (code, stdout, _) = tokio::task::spawn_blocking({
+        let args = args(&["sql", sql, "--token", "analyst-key", "--format", "csv"]);
+        move || run(args)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (code, stdout.as_str()),
+        (Some(0), "platform,events\nios,5\n")
+    );
+
+    let (code, stdout, stderr) = tokio::task::spawn_blocking({
+        let args = args(&[
+            "query",
+            "events_per_platform",
+            "--param",
+            "hours=2",
+            "--format",
+            "json",
+            "--token",
+            "analyst-key",
+        ]);
+        move || run(args)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    let answer: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(answer["rows"][0]["events"], 5);
+    assert_eq!(answer["rows"][0]["subjects"], 2);
+
+    for (list, mentions) in [
+        (vec!["sql", "SELECT 1", "--token", "client-key"], "403"),
+        (
+            vec!["sql", "SELEC 1", "--token", "analyst-key"],
+            "syntax error",
+        ),
+        (vec!["query", "nope", "--token", "analyst-key"], "404"),
+    ] {
+        let (code, _, stderr) = tokio::task::spawn_blocking({
+            let args = args(&list);
+            move || run(args)
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, Some(1), "{list:?}");
+        assert!(stderr.contains(mentions), "{list:?}: {stderr}");
+    }
+    let (code, _, stderr) = tokio::task::spawn_blocking(move || {
+        run(vec![
+            "sql".into(),
+            "SELECT 1".into(),
+            "--server".into(),
+            "http://127.0.0.1:1".into(),
+        ])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("cannot reach 127.0.0.1:1"), "{stderr}");
+    service.stop().await.expect("clean stop");
 }

@@ -97,9 +97,11 @@ async fn every_documented_operation_is_routed() {
     for (path, operations) in paths {
         for method in operations.as_object().unwrap().keys() {
             let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            // A saved query's name is a resource, not a route: name one that exists.
+            let filled = path.replace("{name}", "events_per_platform");
             let response = service
                 .http
-                .request(method.clone(), service.url(path))
+                .request(method.clone(), service.url(&filled))
                 .send()
                 .await
                 .unwrap();
