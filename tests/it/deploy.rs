@@ -196,6 +196,8 @@ async fn dashboards_query_only_metrics_the_service_exports() {
         {"event_id": "d-2", "type": "nope", "timestamp": at}
     ]});
     assert_eq!(service.post_json("/v1/batch", &batch).await.0, 200);
+    let query = serde_json::json!({"sql": "SELECT count(*) FROM events"});
+    assert_eq!(service.post_json("/v1/sql", &query).await.0, 200);
     let context = serde_json::json!({"context": {"targetingKey": "child-dashboard"}});
     service
         .post_json("/ofrep/v1/evaluate/flags", &context)
