@@ -1,8 +1,10 @@
 //! Stored events as Arrow columns: the `events` table's schema and the builder that turns the
 //! write-ahead log's JSON records into record batches.
 //!
-//! Strings that repeat (type, subject, device, session, context values) are dictionary-encoded
-//! with 16-bit keys; a batch holds at most [`BATCH_ROWS`] rows, so the keys never overflow.
+//! Strings that repeat (type, subject, device, session, context values) are dictionary-encoded.
+//! Keys are 32-bit, except for the type (a handful of declared values): DataFusion concatenates
+//! dictionaries across batches in joins and sorts, and 16-bit keys would overflow there for
+//! subjects or classes. A batch holds at most [`BATCH_ROWS`] rows.
 //! Properties become a `Map<Utf8, Utf8>`: `properties['lesson_id']` in SQL.
 
 use std::borrow::Cow;
@@ -13,13 +15,15 @@ use datafusion::arrow::array::{
     Array, ArrayRef, MapBuilder, RecordBatch, StringBuilder, StringDictionaryBuilder,
     TimestampMillisecondBuilder,
 };
-use datafusion::arrow::datatypes::{DataType, Field, Int16Type, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::datatypes::{
+    DataType, Field, Int16Type, Int32Type, Schema, SchemaRef, TimeUnit,
+};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::events::schema::CONTEXT_KEYS;
 
-/// Rows per record batch; below `i16::MAX`, so dictionary keys of 16 bits always fit.
+/// Rows per record batch; below `i16::MAX`, so the type's 16-bit keys always fit.
 pub const BATCH_ROWS: usize = 32_000;
 
 /// The time zone of every timestamp column.
@@ -29,11 +33,12 @@ const UTC: &str = "UTC";
 pub fn schema() -> SchemaRef {
     static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         let time = DataType::Timestamp(TimeUnit::Millisecond, Some(UTC.into()));
-        let text = DataType::Dictionary(Box::new(DataType::Int16), Box::new(DataType::Utf8));
+        let kind = DataType::Dictionary(Box::new(DataType::Int16), Box::new(DataType::Utf8));
+        let text = DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
         let mut fields = vec![
             Field::new("event_time", time.clone(), false),
             Field::new("received_at", time, false),
-            Field::new("type", text.clone(), false),
+            Field::new("type", kind, false),
             Field::new("subject", text.clone(), true),
             Field::new("device_id", text.clone(), true),
             Field::new("session_id", text.clone(), true),
@@ -73,13 +78,14 @@ struct Record<'a> {
     properties: BTreeMap<Cow<'a, str>, &'a RawValue>,
 }
 
-type Text = StringDictionaryBuilder<Int16Type>;
+type Kind = StringDictionaryBuilder<Int16Type>;
+type Text = StringDictionaryBuilder<Int32Type>;
 
 /// Rows being gathered into the next record batch.
 pub struct EventColumns {
     event_time: TimestampMillisecondBuilder,
     received_at: TimestampMillisecondBuilder,
-    kind: Text,
+    kind: Kind,
     subject: Text,
     device: Text,
     session: Text,
@@ -103,7 +109,7 @@ impl EventColumns {
         Self {
             event_time: TimestampMillisecondBuilder::new().with_timezone(UTC),
             received_at: TimestampMillisecondBuilder::new().with_timezone(UTC),
-            kind: Text::new(),
+            kind: Kind::new(),
             subject: Text::new(),
             device: Text::new(),
             session: Text::new(),
@@ -144,7 +150,8 @@ impl EventColumns {
         };
         self.event_time.append_value(record.event_time);
         self.received_at.append_value(record.received_at);
-        append_text(&mut self.kind, Some(&record.kind));
+        // Fewer than 2^15 rows a batch: a key always fits.
+        let _ = self.kind.append(&record.kind);
         append_text(&mut self.subject, record.subject.as_deref());
         append_text(&mut self.device, record.device_id.as_deref());
         append_text(&mut self.session, record.session_id.as_deref());
@@ -221,7 +228,7 @@ impl Span {
 
 fn append_text(column: &mut Text, value: Option<&str>) {
     match value {
-        // Fewer than 2^15 rows a batch: a key always fits.
+        // Fewer than 2^31 rows a batch: a key always fits.
         Some(value) => {
             let _ = column.append(value);
         }
