@@ -282,7 +282,7 @@ mod tests {
         let country = batch
             .column_by_name("country")
             .unwrap()
-            .as_dictionary::<Int16Type>();
+            .as_dictionary::<Int32Type>();
         assert_eq!(country.values().as_string::<i32>().value(0), "BR");
         let properties: &MapArray = batch.column_by_name("properties").unwrap().as_map();
         let first = properties.value(0);

@@ -20,6 +20,7 @@ use datafusion::datasource::ViewTable;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::GreedyMemoryPool;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
 use futures_util::StreamExt;
 use tokio::sync::Semaphore;
@@ -264,7 +265,11 @@ async fn execute(
 ) -> Result<QueryResult, SqlError> {
     let frame = ctx.sql_with_options(&sql, read_only()).await?;
     let frame = bind(frame, params)?;
-    let frame = frame.limit(0, Some(max_rows.saturating_add(1)))?;
+    // EXPLAIN, DESCRIBE and SHOW must stay the root of their plan; their answers are small.
+    let frame = match frame.logical_plan() {
+        LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) | LogicalPlan::DescribeTable(_) => frame,
+        _ => frame.limit(0, Some(max_rows.saturating_add(1)))?,
+    };
     let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
     let mut stream = frame.execute_stream().await?;
     let mut batches = Vec::new();
@@ -374,5 +379,72 @@ fn lower_priority() {
     // Linux (threads are tasks); it touches no memory.
     unsafe {
         libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::Int64Type;
+
+    use super::*;
+    use crate::privacy::KeyRing;
+
+    fn options() -> SqlOptions {
+        SqlOptions {
+            max_sql_length: 4096,
+            timeout: Duration::from_secs(60),
+            memory_limit: 1 << 30,
+            max_concurrent: 1,
+            threads: 2,
+            max_rows: 10,
+            max_result_bytes: 1 << 20,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn joins_across_many_batches_of_distinct_subjects_do_not_overflow_keys() {
+        let events = Arc::new(RecentEvents::new(Vec::new(), KeyRing::single(1, [1; 32])));
+        let rows: Vec<String> = (0..70_000)
+            .map(|i| {
+                format!(
+                    r#"{{"type":"$exposure","subject":"p1_{i:032x}","context":{{"class_id":"c{i}"}},"event_time":{i},"received_at":{i},"properties":{{"flag":"f","variant":"v{}"}}}}"#,
+                    i % 2
+                )
+            })
+            .collect();
+        assert_eq!(events.append(rows.iter().map(String::as_bytes)), 0);
+        let engine = SqlEngine::new(events, Vec::new(), options()).unwrap();
+        let result = engine
+            .run(
+                "SELECT count(*) AS n, count(DISTINCT e.class_id) AS c FROM events e \
+                 JOIN exposures x ON e.subject = x.subject",
+                &BTreeMap::new(),
+            )
+            .await
+            .unwrap();
+        let batch = &result.batches[0];
+        assert_eq!(batch.column(0).as_primitive::<Int64Type>().value(0), 70_000);
+        assert_eq!(batch.column(1).as_primitive::<Int64Type>().value(0), 70_000);
+        let sorted = engine
+            .run(
+                "SELECT subject FROM events ORDER BY subject DESC",
+                &BTreeMap::new(),
+            )
+            .await
+            .unwrap();
+        assert!(sorted.truncated);
+        assert_eq!(sorted.rows, 10);
+        // EXPLAIN stays the root of its plan (the row cap is not wrapped around it).
+        let explained = engine
+            .run("EXPLAIN SELECT count(*) FROM exposures", &BTreeMap::new())
+            .await
+            .unwrap();
+        assert!(explained.rows > 0);
+        let columns = engine
+            .run("SHOW COLUMNS FROM events", &BTreeMap::new())
+            .await
+            .unwrap();
+        assert!(columns.rows > 0);
     }
 }
