@@ -51,6 +51,7 @@ impl Tail {
     ) -> std::io::Result<usize> {
         let mut epochs = 0;
         let mut events = 0;
+        let mut final_read = false;
         while self.delivered < through && events < max_events {
             let Some(path) = self.current_segment()? else {
                 return Ok(epochs);
@@ -58,6 +59,8 @@ impl Tail {
             let at_end = self.fill(&path)?;
             let mut at = 0;
             let mut stop = false;
+            // The file ends inside a frame: the writer may be writing it right now.
+            let mut unfinished = false;
             while at < self.buffer.len() {
                 match frame::scan(&self.buffer, at) {
                     Scan::Frame {
@@ -86,8 +89,11 @@ impl Tail {
                             break;
                         }
                     }
-                    Scan::Incomplete if !at_end => break,
-                    Scan::Incomplete | Scan::Damaged => match frame::resync(&self.buffer, at) {
+                    Scan::Incomplete => {
+                        unfinished = at_end;
+                        break;
+                    }
+                    Scan::Damaged => match frame::resync(&self.buffer, at) {
                         Some(next) => at = next,
                         None if at_end => {
                             at = self.buffer.len();
@@ -100,12 +106,22 @@ impl Tail {
             if stop {
                 break;
             }
-            if at_end && at == self.buffer.len() {
-                // This segment is read to its end: go on only once a newer one exists.
+            if at_end && (at == self.buffer.len() || unfinished) {
+                // This segment is read to its end: go on only once a newer one exists. A frame
+                // still being written is waited for; once a newer segment exists, this one is
+                // final, so it is read once more before an unfinished frame is given up as torn.
                 match self.next_segment(&path)? {
+                    Some(_) if unfinished && !final_read => {
+                        final_read = true;
+                        continue;
+                    }
                     Some(next) => {
+                        if unfinished {
+                            tracing::warn!(segment = %path.display(), "torn frame at the end of a finished write-ahead log segment skipped");
+                        }
                         self.segment = Some(next);
                         self.offset = 0;
+                        final_read = false;
                     }
                     None => break,
                 }
@@ -197,6 +213,45 @@ mod tests {
         })
         .unwrap();
         out
+    }
+
+    fn frame_of(epoch: u64, event: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        let payload = frame::encode_epoch(epoch, [event.as_bytes()].into_iter());
+        frame::encode_frame(&mut out, Format::Plain, &payload);
+        out
+    }
+
+    #[test]
+    fn a_frame_still_being_written_is_waited_for_not_skipped() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let first = dir.path().join(format!("{:020}.wal", 1));
+        let mut file = File::create(&first).unwrap();
+        file.write_all(&frame_of(1, "a")).unwrap();
+        let second = frame_of(2, "b");
+        file.write_all(&second[..second.len() / 2]).unwrap();
+        let mut tail = Tail::new(dir.path(), Epoch(0));
+        // The writer has made epoch 1 durable and is half way through epoch 2.
+        assert_eq!(
+            collect(&mut tail, Epoch(2), 100),
+            vec![(1, vec!["a".into()])]
+        );
+        assert_eq!(collect(&mut tail, Epoch(2), 100), vec![]);
+        file.write_all(&second[second.len() / 2..]).unwrap();
+        assert_eq!(
+            collect(&mut tail, Epoch(2), 100),
+            vec![(2, vec!["b".into()])]
+        );
+
+        // A torn frame at the end of a segment the writer has left is given up.
+        file.write_all(&frame_of(3, "torn")[..10]).unwrap();
+        let mut next = File::create(dir.path().join(format!("{:020}.wal", 4))).unwrap();
+        next.write_all(&frame_of(4, "d")).unwrap();
+        assert_eq!(
+            collect(&mut tail, Epoch(4), 100),
+            vec![(4, vec!["d".into()])]
+        );
     }
 
     #[tokio::test]
