@@ -83,7 +83,7 @@ pub enum RunError {
     /// The counter store could not be opened.
     #[error("cannot open the counter store: {0}")]
     Counters(#[from] RedisError),
-    /// The pseudonymization pepper could not be loaded.
+    /// The pseudonymization pepper or the data key could not be loaded.
     #[error(transparent)]
     Key(#[from] crate::privacy::KeyError),
     /// The event schema file is invalid.
@@ -418,18 +418,11 @@ fn start_sql_feeder(
         memory_events: sql.memory_events,
         retention_ms: sql.retention.as_millis() as u64,
     };
-    let events = state.sql.events().clone();
-    let newest_segment = crate::sql::segments::list(&options.dir)
-        .map_err(|e| RunError::Sql(e.to_string()))?
-        .iter()
-        .map(|s| s.last_epoch)
-        .max();
     Feeder::start(
         options,
         state.ingest.wal().clone(),
         checkpoints,
-        events,
-        newest_segment,
+        state.sql.events().clone(),
     )
     .map_err(|e| RunError::Sql(e.to_string()))
 }

@@ -216,6 +216,11 @@ pub struct Span {
 }
 
 impl Span {
+    /// Returns whether rows with event times in `[from, to]` may be among these.
+    pub fn overlaps(&self, from: i64, to: i64) -> bool {
+        self.max_time >= from && self.min_time <= to
+    }
+
     /// Returns the span covering both.
     pub fn union(self, other: Span) -> Span {
         Span {

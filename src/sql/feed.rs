@@ -49,10 +49,9 @@ impl Feeder {
         wal: Wal,
         checkpoints: Arc<Checkpoints>,
         events: Arc<RecentEvents>,
-        newest_segment: Option<u64>,
     ) -> Result<Self, WalError> {
         let registered = checkpoints.register(CONSUMER)?;
-        let start = Epoch(registered.0.max(newest_segment.unwrap_or(0)));
+        let start = Epoch(registered.0.max(events.newest_segment_epoch().unwrap_or(0)));
         let stop = Arc::new(AtomicBool::new(false));
         events.mark_delivered(start.0);
         let feed = Feed {

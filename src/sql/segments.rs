@@ -96,11 +96,6 @@ impl Segment {
             key_version,
         })
     }
-
-    /// Returns whether the segment may hold events with times in `[from, to]`.
-    pub fn overlaps(&self, from: i64, to: i64) -> bool {
-        self.span.max_time >= from && self.span.min_time <= to
-    }
 }
 
 /// Writes `batches` (the epochs `first..=last`, covering `span`) as a new segment in `dir`.
@@ -233,7 +228,7 @@ mod tests {
             (segment.span.min_time, segment.span.max_received),
             (1000, 2009)
         );
-        assert!(segment.overlaps(1009, 5000) && !segment.overlaps(1010, 5000));
+        assert!(segment.span.overlaps(1009, 5000) && !segment.span.overlaps(1010, 5000));
 
         let bytes = std::fs::read(&segment.path).unwrap();
         assert!(!bytes.windows(6).any(|w| w == b"secret"));

@@ -92,6 +92,12 @@ impl RecentEvents {
         self.delivered.subscribe()
     }
 
+    /// Returns the last log epoch any segment holds.
+    pub fn newest_segment_epoch(&self) -> Option<u64> {
+        let window = self.window.read().unwrap_or_else(|p| p.into_inner());
+        window.segments.iter().map(|s| s.last_epoch).max()
+    }
+
     /// Returns the data keys segments are written and read with.
     pub fn keys(&self) -> &KeyRing {
         &self.keys
@@ -171,22 +177,21 @@ impl RecentEvents {
     fn snapshot(&self, from: i64, to: i64) -> Snapshot {
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let window = self.window.read().unwrap_or_else(|p| p.into_inner());
-        let overlaps = |span: Span| span.max_time >= from && span.min_time <= to;
         let mut batches: Vec<RecordBatch> = window
             .sealed
             .iter()
-            .filter(|s| overlaps(s.span))
+            .filter(|s| s.span.overlaps(from, to))
             .map(|s| s.batch.clone())
             .collect();
         if let Some(span) = open.span()
-            && overlaps(span)
+            && span.overlaps(from, to)
         {
             batches.push(open.snapshot());
         }
         let segments = window
             .segments
             .iter()
-            .filter(|s| s.overlaps(from, to))
+            .filter(|s| s.span.overlaps(from, to))
             .cloned()
             .collect();
         Snapshot { batches, segments }
