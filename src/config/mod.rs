@@ -357,6 +357,16 @@ section! {
 }
 
 section! {
+    /// Experiment results.
+    pub struct ExperimentsConfig = "experiments" {
+        /// How often every running experiment's results are recomputed for the live gauges
+        /// of `/metrics` (the Experiments dashboard); 0 turns the gauges off. Each refresh
+        /// is one SQL query per experiment over the whole SQL retention.
+        pub refresh: Duration = Duration::from_secs(60),
+    }
+}
+
+section! {
     /// Who may call what.
     pub struct AuthConfig = "auth" {
         /// Access tokens as `{name, role, sha256}`; roles are client, analyst, privacy, admin.
@@ -425,6 +435,8 @@ pub struct Config {
     pub counters: CountersConfig,
     /// The dataflow.
     pub pipeline: PipelineConfig,
+    /// Experiment results.
+    pub experiments: ExperimentsConfig,
     /// Tokens and roles.
     pub auth: AuthConfig,
     /// Logs.
@@ -443,6 +455,7 @@ macro_rules! for_each_section {
         $visit!(sql, SqlConfig);
         $visit!(counters, CountersConfig);
         $visit!(pipeline, PipelineConfig);
+        $visit!(experiments, ExperimentsConfig);
         $visit!(auth, AuthConfig);
         $visit!(telemetry, TelemetryConfig);
     };

@@ -676,6 +676,20 @@ impl ArrayRule {
 }
 
 impl Fractional {
+    /// Returns each bucket's variant and weight when both are constants: the split an
+    /// experiment's sample-ratio check expects.
+    pub fn allocation(&self) -> Option<Vec<(String, u64)>> {
+        let weights = self.constant_weights.as_ref()?;
+        self.buckets
+            .iter()
+            .zip(weights)
+            .map(|((variant, _), weight)| match variant {
+                Rule::Literal(Value::String(name)) => Some((name.clone(), *weight)),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn choose<'a>(&'a self, ctx: &Context<'a>) -> Out<'a> {
         let hash = match &self.bucket_by {
             Some(rule) => match &*rule.evaluate(ctx) {

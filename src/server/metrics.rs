@@ -96,6 +96,20 @@ pub const REDIS_COMMANDS_TOTAL: &str = "flagstream_redis_commands_total";
 pub const EXPERIMENT_SUBJECTS_TODAY: &str = "flagstream_experiment_subjects_today";
 /// Live per-variant gauges: events today, by experiment and variant (capped).
 pub const EXPERIMENT_EVENTS_TODAY: &str = "flagstream_experiment_events_today";
+/// Experiment results (refreshed every `experiments.refresh`): exposed subjects by
+/// experiment and variant.
+pub const EXPERIMENT_EXPOSED_SUBJECTS: &str = "flagstream_experiment_exposed_subjects";
+/// Experiment results: goal conversion rate by experiment, variant and goal.
+pub const EXPERIMENT_CONVERSION_RATE: &str = "flagstream_experiment_conversion_rate";
+/// Experiment results: relative lift of a goal's rate over the control, by experiment,
+/// variant, goal and bound (`estimate`, `low`, `high` of the 95% interval).
+pub const EXPERIMENT_RELATIVE_LIFT: &str = "flagstream_experiment_relative_lift";
+/// Experiment results: the lift's two-sided p-value by experiment, variant and goal.
+pub const EXPERIMENT_P_VALUE: &str = "flagstream_experiment_p_value";
+/// Experiment results: the sample-ratio-mismatch p-value by experiment.
+pub const EXPERIMENT_SRM_P_VALUE: &str = "flagstream_experiment_srm_p_value";
+/// Experiment result refreshes, by outcome (ok, failed, busy).
+pub const EXPERIMENT_REFRESHES_TOTAL: &str = "flagstream_experiment_refreshes_total";
 /// SQL queries, by kind (adhoc, saved) and outcome (ok, truncated, invalid, timeout,
 /// resources, busy, failed).
 pub const SQL_QUERIES_TOTAL: &str = "flagstream_sql_queries_total";
@@ -334,6 +348,30 @@ fn describe() {
     metrics::describe_gauge!(
         EXPERIMENT_EVENTS_TODAY,
         "Events today (UTC) by experiment and variant; capped in number."
+    );
+    metrics::describe_gauge!(
+        EXPERIMENT_EXPOSED_SUBJECTS,
+        "Subjects whose first exposure was to this variant, over the SQL retention."
+    );
+    metrics::describe_gauge!(
+        EXPERIMENT_CONVERSION_RATE,
+        "Share of a variant's exposed subjects with a goal event after exposure."
+    );
+    metrics::describe_gauge!(
+        EXPERIMENT_RELATIVE_LIFT,
+        "Relative lift of a goal's conversion rate over the control; bound is estimate, low or high (95% interval)."
+    );
+    metrics::describe_gauge!(
+        EXPERIMENT_P_VALUE,
+        "Two-sided p-value of a goal's lift over the control (two-proportion z-test)."
+    );
+    metrics::describe_gauge!(
+        EXPERIMENT_SRM_P_VALUE,
+        "Sample-ratio-mismatch chi-square p-value; below 0.001 the assignment is broken."
+    );
+    metrics::describe_counter!(
+        EXPERIMENT_REFRESHES_TOTAL,
+        "Recomputations of experiment results for the gauges, by outcome."
     );
     metrics::describe_counter!(
         SQL_QUERIES_TOTAL,

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod cohorts_api;
 pub mod error;
+pub mod experiments_api;
 pub mod flags_api;
 pub mod ingest_api;
 pub mod metrics;
@@ -350,6 +351,14 @@ pub async fn run(
             cohorts_api::publish_gauges(&counters, gauge_cap).await;
         }
     });
+    if !config.experiments.refresh.is_zero() {
+        tokio::spawn(experiments_api::publish_results(
+            state.clone(),
+            config.experiments.refresh,
+            config.pipeline.experiment_gauges,
+            stop_rx.clone(),
+        ));
+    }
     let limits = serve::Limits {
         header_read_timeout: config.server.header_read_timeout,
         shutdown_grace: config.server.shutdown_grace,

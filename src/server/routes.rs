@@ -20,7 +20,10 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{self, ApiError, ErrorCode};
-use super::{AppState, cohorts_api, flags_api, ingest_api, metrics, ops, sql_api, stream_api};
+use super::{
+    AppState, cohorts_api, experiments_api, flags_api, ingest_api, metrics, ops, sql_api,
+    stream_api,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -32,7 +35,8 @@ use super::{AppState, cohorts_api, flags_api, ingest_api, metrics, ops, sql_api,
         (name = "flags", description = "Flag evaluation: OFREP and app-launch config."),
         (name = "ingest", description = "Event intake: batches and the event schema."),
         (name = "cohorts", description = "Live per-cohort counters from the pipeline."),
-        (name = "sql", description = "Ad-hoc and saved SQL over the recent window of events.")
+        (name = "sql", description = "Ad-hoc and saved SQL over the recent window of events."),
+        (name = "experiments", description = "Experiments and their results with statistics.")
     )
 )]
 struct ApiDoc;
@@ -75,6 +79,8 @@ fn table(
         .routes(routes!(ingest_api::schema))
         .routes(routes!(stream_api::stream))
         .routes(routes!(cohorts_api::cohorts))
+        .routes(routes!(experiments_api::list))
+        .routes(routes!(experiments_api::results))
         .routes(routes!(sql_api::list))
         .routes(routes!(sql_api::saved))
         .merge(sql)

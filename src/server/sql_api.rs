@@ -188,25 +188,7 @@ async fn answer(
     params: &BTreeMap<String, String>,
     format: Format,
 ) -> Result<Response, ApiError> {
-    let started = Instant::now();
-    let result = state
-        .sql
-        .run(sql, params)
-        .await
-        .and_then(|result| encode(&result, format).map(|body| (result, body)));
-    metrics::histogram!(SQL_QUERY_DURATION_SECONDS, "kind" => kind)
-        .record(started.elapsed().as_secs_f64());
-    let outcome = match &result {
-        Ok((
-            QueryResult {
-                truncated: true, ..
-            },
-            _,
-        )) => "truncated",
-        Ok(_) => "ok",
-        Err(err) => err.outcome(),
-    };
-    metrics::counter!(SQL_QUERIES_TOTAL, "kind" => kind, "outcome" => outcome).increment(1);
+    let result = run_counted(state, kind, sql, params, |result| encode(result, format)).await;
     let (result, body) = result.map_err(api_error)?;
     let mut response = (
         [(
@@ -223,7 +205,39 @@ async fn answer(
     Ok(response)
 }
 
-fn api_error(err: SqlError) -> ApiError {
+/// Runs a query and `finish` on its answer, recording the query's duration and outcome under
+/// `kind` in the SQL metrics.
+pub(super) async fn run_counted<T>(
+    state: &AppState,
+    kind: &'static str,
+    sql: &str,
+    params: &BTreeMap<String, String>,
+    finish: impl FnOnce(&QueryResult) -> Result<T, SqlError>,
+) -> Result<(QueryResult, T), SqlError> {
+    let started = Instant::now();
+    let result = state
+        .sql
+        .run(sql, params)
+        .await
+        .and_then(|result| finish(&result).map(|done| (result, done)));
+    metrics::histogram!(SQL_QUERY_DURATION_SECONDS, "kind" => kind)
+        .record(started.elapsed().as_secs_f64());
+    let outcome = match &result {
+        Ok((
+            QueryResult {
+                truncated: true, ..
+            },
+            _,
+        )) => "truncated",
+        Ok(_) => "ok",
+        Err(err) => err.outcome(),
+    };
+    metrics::counter!(SQL_QUERIES_TOTAL, "kind" => kind, "outcome" => outcome).increment(1);
+    result
+}
+
+/// The API error of a failed query.
+pub(super) fn api_error(err: SqlError) -> ApiError {
     let text = err.to_string();
     match err {
         SqlError::TooLong { .. } => ApiError::new(ErrorCode::PayloadTooLarge, text),

@@ -3,6 +3,7 @@
 
 mod cli;
 mod deploy;
+mod experiments;
 mod flags;
 mod harness;
 mod ingest;
