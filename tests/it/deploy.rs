@@ -146,6 +146,44 @@ fn dashboard_metrics() -> BTreeMap<String, BTreeSet<String>> {
     found
 }
 
+/// Every `$variable` a dashboard's queries use is one of its template variables or one of
+/// Grafana's own; panel ids are unique.
+#[test]
+fn dashboards_declare_their_variables_and_unique_panels() {
+    let dir = repo_path("grafana/dashboards");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let dashboard: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).expect("dashboard JSON");
+        let declared: BTreeSet<&str> = dashboard["templating"]["list"]
+            .as_array()
+            .expect("a templating list")
+            .iter()
+            .map(|v| v["name"].as_str().expect("a variable name"))
+            .collect();
+        let mut exprs = Vec::new();
+        collect_exprs(&dashboard, &mut exprs);
+        for expr in &exprs {
+            for used in expr.split('$').skip(1) {
+                let name: String = used
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    name.starts_with("__") || declared.contains(name.as_str()),
+                    "{}: ${name} in {expr:?} is not a template variable",
+                    path.display()
+                );
+            }
+        }
+        let mut ids = BTreeSet::new();
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            let id = panel["id"].as_i64().expect("a panel id");
+            assert!(ids.insert(id), "{}: panel id {id} repeats", path.display());
+        }
+    }
+}
+
 fn collect_exprs(value: &Value, out: &mut Vec<String>) {
     match value {
         Value::Object(map) => {
@@ -180,7 +218,11 @@ fn metric_names(expr: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboards_query_only_metrics_the_service_exports() {
-    let service = Service::start().await;
+    // Experiment results are recomputed for the gauges every 200 ms instead of every minute.
+    let service = Service::start_with(|c| {
+        c.experiments.refresh = std::time::Duration::from_millis(200);
+    })
+    .await;
     for path in ["/healthz", "/readyz", "/nope"] {
         service.get_json(path).await;
     }
@@ -191,10 +233,31 @@ async fn dashboards_query_only_metrics_the_service_exports() {
             .unwrap()
             .as_millis() as i64,
     );
-    let batch = serde_json::json!({"batch": [
-        {"event_id": "d-1", "type": "app_opened", "timestamp": at},
-        {"event_id": "d-2", "type": "nope", "timestamp": at}
-    ]});
+    // Two children per variant of two reward-animation variants, one of each converting, so
+    // that every result gauge (rates, lifts, p-values, the sample-ratio check) has a value.
+    let mut events = vec![
+        serde_json::json!({"event_id": "d-1", "type": "app_opened", "timestamp": at}),
+        serde_json::json!({"event_id": "d-2", "type": "nope", "timestamp": at}),
+    ];
+    for (i, variant) in ["stars", "stars", "confetti", "confetti"]
+        .iter()
+        .enumerate()
+    {
+        let user = format!("dashboard-child-{i}");
+        events.push(
+            serde_json::json!({"event_id": format!("d-x{i}"), "user_id": user,
+            "type": "$exposure", "timestamp": at,
+            "properties": {"flag": "reward-animation", "variant": variant}}),
+        );
+        if i % 2 == 0 {
+            events.push(
+                serde_json::json!({"event_id": format!("d-l{i}"), "user_id": user,
+                "type": "lesson_completed", "timestamp": at,
+                "properties": {"lesson_id": "l-1", "score": 1}}),
+            );
+        }
+    }
+    let batch = serde_json::json!({ "batch": events });
     assert_eq!(service.post_json("/v1/batch", &batch).await.0, 200);
     let query = serde_json::json!({"sql": "SELECT count(*) FROM events"});
     assert_eq!(service.post_json("/v1/sql", &query).await.0, 200);
@@ -202,27 +265,40 @@ async fn dashboards_query_only_metrics_the_service_exports() {
     service
         .post_json("/ofrep/v1/evaluate/flags", &context)
         .await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let metrics = loop {
-        let metrics = service.get_text("/metrics").await;
-        if metrics.contains("flagstream_exposures_total") || std::time::Instant::now() > deadline {
-            break metrics;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let wanted = dashboard_metrics();
+    let all_exported = |exported: &BTreeSet<String>| {
+        wanted.values().flatten().all(|name| {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name);
+            exported.contains(base) || exported.contains(name)
+        })
     };
-    let exported: BTreeSet<&str> = metrics
-        .lines()
-        .filter_map(|line| line.strip_prefix("# TYPE "))
-        .filter_map(|line| line.split_whitespace().next())
-        .collect();
-    for (dashboard, names) in dashboard_metrics() {
+    // Some metrics appear only once their first value is recorded (the exposure sink and
+    // the result refresh run in the background): wait for them, a bounded time.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let exported = loop {
+        let metrics = service.get_text("/metrics").await;
+        let exported: BTreeSet<String> = metrics
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .filter_map(|line| line.split_whitespace().next())
+            .map(str::to_owned)
+            .collect();
+        if all_exported(&exported) || std::time::Instant::now() > deadline {
+            break exported;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    for (dashboard, names) in wanted {
         for name in names {
             let base = ["_bucket", "_sum", "_count"]
                 .iter()
                 .find_map(|suffix| name.strip_suffix(suffix))
                 .unwrap_or(&name);
             assert!(
-                exported.contains(base) || exported.contains(name.as_str()),
+                exported.contains(base) || exported.contains(&name),
                 "{dashboard} queries {name}, which /metrics does not export"
             );
         }

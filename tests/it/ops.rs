@@ -97,8 +97,11 @@ async fn every_documented_operation_is_routed() {
     for (path, operations) in paths {
         for method in operations.as_object().unwrap().keys() {
             let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
-            // A saved query's name is a resource, not a route: name one that exists.
-            let filled = path.replace("{name}", "events_per_platform");
+            // A saved query's name and an experiment's key are resources, not routes: name
+            // ones that exist.
+            let filled = path
+                .replace("{name}", "events_per_platform")
+                .replace("{key}", "reward-animation");
             let response = service
                 .http
                 .request(method.clone(), service.url(&filled))
