@@ -1,6 +1,7 @@
 //! The SQL window at scale: loads N generated events (default 10 million) into the in-memory
 //! window exactly as the feeder does, reports the Arrow memory per event, then runs every saved
-//! query (and one typical ad-hoc aggregate) several times and reports the median latency.
+//! query (one typical ad-hoc aggregate, and the experiment results query) several times and
+//! reports the median latency.
 //!
 //! `cargo bench --bench sql_window -- [--events N] [--runs R] [--parquet PATH]`
 //!
@@ -201,6 +202,12 @@ fn main() {
          WHERE event_time >= now() - INTERVAL '1 hour' GROUP BY type"
             .into(),
         BTreeMap::new(),
+    ));
+    let goals = ["lesson_completed".to_owned(), "session_started".to_owned()];
+    cases.push((
+        "experiment results: reward-animation, 2 goals".into(),
+        flagstream::experiments::query::sql(goals.len()),
+        flagstream::experiments::query::params("reward-animation", &goals, now - 2 * HOUR, now + 1),
     ));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

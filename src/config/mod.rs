@@ -252,7 +252,7 @@ section! {
 }
 
 section! {
-    /// Children's data: pseudonyms.
+    /// Children's data: pseudonyms, keys, consent.
     pub struct PrivacyConfig = "privacy" {
         /// File of versioned pseudonymization peppers (`<version> <64 hex>` lines); `none` uses
         /// `<data_dir>/keys/pepper`, created with a random pepper on first start.
@@ -267,6 +267,11 @@ section! {
         /// The data keys themselves (`<version> <64 hex>`, several separated by `;`);
         /// overrides `data_key_file`.
         pub data_key: Option<Secret> = None,
+        /// Keep a child's events only with a guardian's grant in force (`POST /v1/consent`):
+        /// scope `analytics` for events, `experiments` for exposures. Other events are
+        /// answered `rejected` (`no_consent`) and only counted. Events without a `user_id`
+        /// are not tied to a child and pass.
+        pub consent_required: bool = false,
     }
 }
 

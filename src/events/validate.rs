@@ -110,7 +110,8 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
+    /// Builds a rejection.
+    pub fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
         Self {
             reason,
             detail: detail.into(),

@@ -15,11 +15,12 @@ use std::time::Instant;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use crate::events::RejectReason;
 use crate::events::schema::EXPOSURE_TYPE;
 use crate::events::time::Millis;
 use crate::events::{Event, Limits, Rejection, Schema, validate};
 use crate::flags::exposure::Exposure;
-use crate::privacy::Pepper;
+use crate::privacy::{ConsentLedger, ConsentScope, Pepper};
 use crate::server::metrics::{
     DEDUP_DEVICES, DEDUP_EVENT_IDS, EVENTS_TOTAL, EXPOSURES_TOTAL, FIELDS_DROPPED_TOTAL,
     INGEST_ACK_DURATION_SECONDS, INGEST_BATCH_EVENTS, INGEST_CLOCK_SKEW_SECONDS,
@@ -85,6 +86,9 @@ pub struct IngestOptions {
     pub dedup_ids: usize,
     /// Missing sequence numbers remembered per device.
     pub dedup_gaps: usize,
+    /// The consent gate: when set, events of a subject without a grant in force for the
+    /// scope they need are not stored (rejected `no_consent`, and counted).
+    pub consent: Option<Arc<ConsentLedger>>,
 }
 
 /// The ingest path.
@@ -92,6 +96,7 @@ pub struct Ingestor {
     schema: Schema,
     limits: Limits,
     pepper: Pepper,
+    consent: Option<Arc<ConsentLedger>>,
     dedup: Mutex<Dedup>,
     wal: Wal,
 }
@@ -121,6 +126,7 @@ impl Ingestor {
                 schema: options.schema,
                 limits: options.limits,
                 pepper: options.pepper,
+                consent: options.consent,
                 dedup: Mutex::new(dedup),
                 wal,
             },
@@ -175,7 +181,23 @@ impl Ingestor {
                     metrics::histogram!(INGEST_LATENESS_SECONDS)
                         .record((received_at - valid.event.event_time).max(0) as f64 / 1000.0);
                     let mut event = valid.event;
-                    event.subject = valid.user_id.map(|id| self.pepper.pseudonymize(&id).0);
+                    if let Some(user_id) = &valid.user_id {
+                        let subject = self.pepper.pseudonymize(user_id).0;
+                        if let Some(gate) = &self.consent {
+                            let scope = ConsentScope::needed_by(&event.event_type);
+                            if !gate.allows(user_id, &subject, scope) {
+                                outcomes.push(Outcome::Rejected(Rejection::new(
+                                    RejectReason::NoConsent,
+                                    format!(
+                                        "no {} consent in force for this user; the event is not kept",
+                                        scope.as_str()
+                                    ),
+                                )));
+                                continue;
+                            }
+                        }
+                        event.subject = Some(subject);
+                    }
                     outcomes.push(Outcome::Ok);
                     accepted.push(event);
                 }

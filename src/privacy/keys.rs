@@ -59,6 +59,11 @@ impl KeyRing {
         (*version, key)
     }
 
+    /// Returns every version and key, oldest first.
+    pub fn versions(&self) -> impl DoubleEndedIterator<Item = (u32, &[u8; 32])> {
+        self.keys.iter().map(|(version, key)| (*version, key))
+    }
+
     /// Returns the key of `version`, if the ring holds it.
     pub fn get(&self, version: u32) -> Option<&[u8; 32]> {
         self.keys.get(&version)

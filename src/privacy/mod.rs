@@ -4,22 +4,17 @@
 //! Sits between event validation and the write-ahead log: nothing reaches storage with a raw
 //! user id, and nothing from a subject without granted consent (where the project requires it).
 
+pub mod consent;
 pub mod keys;
+pub mod ledger;
 pub mod pseudonym;
 
+pub use consent::ConsentScope;
 pub use keys::{KeyError, KeyRing};
+pub use ledger::{ConsentLedger, LedgerError};
 pub use pseudonym::Pepper;
 
 /// A subject's pseudonym: `HMAC-SHA256(pepper, user_id)`, tagged with the pepper version.
 /// Raw user ids never leave the ingest path.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SubjectId(pub String);
-
-/// What a guardian consents to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ConsentScope {
-    /// Usage analytics.
-    Analytics,
-    /// Taking part in experiments.
-    Experiments,
-}

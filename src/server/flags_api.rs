@@ -22,23 +22,31 @@ use super::AppState;
 use super::auth::{Authorized, Client};
 use super::error::{ApiError, ErrorBody, ErrorCode as ApiCode};
 use super::ingest_api::now_ms;
-use super::metrics::{FLAG_EVALUATION_DURATION_SECONDS, FLAG_EVALUATIONS_TOTAL};
+use super::metrics::{EXPOSURES_TOTAL, FLAG_EVALUATION_DURATION_SECONDS, FLAG_EVALUATIONS_TOTAL};
 use crate::flags::exposure::{DailyDedup, Exposure};
 use crate::flags::{ErrorCode, Flag, Reason, Resolution, Snapshot, Variant, evaluate};
 use crate::ingest::ExposureSink;
+use crate::privacy::{ConsentLedger, ConsentScope};
 
 /// Deduplicates experiment exposures and hands them to ingest.
 pub struct Exposures {
     dedup: Mutex<DailyDedup>,
     sink: Arc<dyn ExposureSink>,
+    consent: Option<Arc<ConsentLedger>>,
 }
 
 impl Exposures {
-    /// Remembers up to `capacity` exposures a day and submits first ones to `sink`.
-    pub fn new(capacity: usize, sink: Arc<dyn ExposureSink>) -> Self {
+    /// Remembers up to `capacity` exposures a day and submits first ones to `sink`; with a
+    /// consent gate, only those of subjects with an `experiments` grant in force.
+    pub fn new(
+        capacity: usize,
+        sink: Arc<dyn ExposureSink>,
+        consent: Option<Arc<ConsentLedger>>,
+    ) -> Self {
         Self {
             dedup: Mutex::new(DailyDedup::new(capacity)),
             sink,
+            consent,
         }
     }
 
@@ -49,6 +57,12 @@ impl Exposures {
         let Some(subject) = context.get("targetingKey").and_then(Value::as_str) else {
             return;
         };
+        if let Some(gate) = &self.consent
+            && !gate.allows_user(subject, ConsentScope::Experiments)
+        {
+            metrics::counter!(EXPOSURES_TOTAL, "outcome" => "no_consent").increment(1);
+            return;
+        }
         let exposure = Exposure {
             flag: flag.key.clone(),
             variant: variant.name.clone(),

@@ -110,6 +110,10 @@ pub const EXPERIMENT_P_VALUE: &str = "flagstream_experiment_p_value";
 pub const EXPERIMENT_SRM_P_VALUE: &str = "flagstream_experiment_srm_p_value";
 /// Experiment result refreshes, by outcome (ok, failed, busy).
 pub const EXPERIMENT_REFRESHES_TOTAL: &str = "flagstream_experiment_refreshes_total";
+/// Consent decisions recorded, by scope and decision (grant, revoke).
+pub const CONSENT_DECISIONS_TOTAL: &str = "flagstream_consent_decisions_total";
+/// Subjects with consent records.
+pub const CONSENT_SUBJECTS: &str = "flagstream_consent_subjects";
 /// SQL queries, by kind (adhoc, saved) and outcome (ok, truncated, invalid, timeout,
 /// resources, busy, failed).
 pub const SQL_QUERIES_TOTAL: &str = "flagstream_sql_queries_total";
@@ -373,6 +377,11 @@ fn describe() {
         EXPERIMENT_REFRESHES_TOTAL,
         "Recomputations of experiment results for the gauges, by outcome."
     );
+    metrics::describe_counter!(
+        CONSENT_DECISIONS_TOTAL,
+        "Guardians' consent decisions recorded, by scope and decision (grant, revoke)."
+    );
+    metrics::describe_gauge!(CONSENT_SUBJECTS, "Subjects with consent records.");
     metrics::describe_counter!(
         SQL_QUERIES_TOTAL,
         "SQL queries by kind (adhoc, saved) and outcome."

@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod cohorts_api;
+pub mod consent_api;
 pub mod error;
 pub mod experiments_api;
 pub mod flags_api;
@@ -35,7 +36,7 @@ use crate::events::{Limits, Schema};
 use crate::flags::{FlagStore, Snapshot};
 use crate::ingest::{IngestExposureSink, IngestOptions, Ingestor};
 use crate::pipeline::{Pipeline, PipelineOptions};
-use crate::privacy::{KeyRing, Pepper};
+use crate::privacy::{ConsentLedger, KeyRing, Pepper};
 use crate::sql::feed::{FeedOptions, Feeder};
 use crate::sql::table::RecentEvents;
 use crate::sql::{SqlEngine, SqlOptions};
@@ -99,6 +100,9 @@ pub enum RunError {
     /// The write-ahead log could not be opened.
     #[error("cannot open the write-ahead log: {0}")]
     Ingest(#[from] crate::ingest::IngestError),
+    /// The consent ledger could not be opened.
+    #[error(transparent)]
+    Consent(#[from] crate::privacy::LedgerError),
     /// The pipeline could not start.
     #[error(transparent)]
     Pipeline(#[from] crate::pipeline::PipelineError),
@@ -128,6 +132,8 @@ pub struct AppState {
     pub rate: Arc<ingest_api::RateLimiter>,
     /// SQL over the recent window.
     pub sql: Arc<SqlEngine>,
+    /// Guardians' consents.
+    pub consent: Arc<ConsentLedger>,
 }
 
 impl AppState {
@@ -136,11 +142,15 @@ impl AppState {
     pub fn new(config: &Config) -> Result<Self, RunError> {
         // First, so that what recovery and the first flag load record is kept.
         let metrics = metrics::install()?;
-        let ingest = Arc::new(open_ingest(config)?);
+        let peppers = peppers(config)?;
+        let consent = ConsentLedger::open(&config.storage.data_dir.join("consent"), &peppers)?;
+        let gate = config.privacy.consent_required.then(|| consent.clone());
+        let ingest = Arc::new(open_ingest(config, &peppers, gate.clone())?);
         let flags = FlagStore::load(config.flags.dir.clone());
         let exposures = flags_api::Exposures::new(
             config.flags.exposure_dedup_capacity,
             Arc::new(IngestExposureSink::start(ingest.clone(), 65_536)),
+            gate,
         );
         let wal = ingest.wal().clone();
         let sql = open_sql(config)?.read_your_writes(move || wal.last_epoch().0);
@@ -157,6 +167,7 @@ impl AppState {
                 config.ingest.rate_burst,
             )),
             sql: Arc::new(sql),
+            consent,
         })
     }
 }
@@ -238,7 +249,25 @@ fn plan_saved(engine: &SqlEngine) -> Vec<String> {
 }
 
 /// Opens the ingest path: schema, pepper, and the write-ahead log (replayed into dedup).
-fn open_ingest(config: &Config) -> Result<Ingestor, RunError> {
+/// The pseudonymization peppers, from the configuration or the data dir.
+fn peppers(config: &Config) -> Result<KeyRing, RunError> {
+    let file = config
+        .privacy
+        .pepper_file
+        .clone()
+        .unwrap_or_else(|| config.storage.data_dir.join("keys").join("pepper"));
+    Ok(KeyRing::from_config(
+        config.privacy.pepper.as_ref().map(|s| s.expose()),
+        "privacy.pepper",
+        &file,
+    )?)
+}
+
+fn open_ingest(
+    config: &Config,
+    peppers: &KeyRing,
+    consent: Option<Arc<ConsentLedger>>,
+) -> Result<Ingestor, RunError> {
     let ingest = &config.ingest;
     let schema = match &ingest.schema_file {
         Some(path) => {
@@ -248,11 +277,6 @@ fn open_ingest(config: &Config) -> Result<Ingestor, RunError> {
         None => Schema::reading_app(),
     };
     let data_dir = &config.storage.data_dir;
-    let pepper_file = config
-        .privacy
-        .pepper_file
-        .clone()
-        .unwrap_or_else(|| data_dir.join("keys").join("pepper"));
     let started = std::time::Instant::now();
     let (ingestor, recovery) = Ingestor::open(IngestOptions {
         schema,
@@ -260,11 +284,7 @@ fn open_ingest(config: &Config) -> Result<Ingestor, RunError> {
             late_horizon: ingest.late_horizon.as_millis() as i64,
             future_tolerance: ingest.future_tolerance.as_millis() as i64,
         },
-        pepper: Pepper::from_ring(&KeyRing::from_config(
-            config.privacy.pepper.as_ref().map(|s| s.expose()),
-            "privacy.pepper",
-            &pepper_file,
-        )?),
+        pepper: Pepper::from_ring(peppers),
         wal: WalOptions {
             dir: data_dir.join("wal"),
             segment_bytes: ingest.wal_segment_size.0,
@@ -273,6 +293,7 @@ fn open_ingest(config: &Config) -> Result<Ingestor, RunError> {
         },
         dedup_ids: ingest.dedup_event_ids,
         dedup_gaps: ingest.dedup_gaps_per_device,
+        consent,
     })?;
     tracing::info!(
         epochs = recovery.epochs,

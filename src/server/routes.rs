@@ -21,8 +21,8 @@ use utoipa_axum::routes;
 
 use super::error::{self, ApiError, ErrorCode};
 use super::{
-    AppState, cohorts_api, experiments_api, flags_api, ingest_api, metrics, ops, sql_api,
-    stream_api,
+    AppState, cohorts_api, consent_api, experiments_api, flags_api, ingest_api, metrics, ops,
+    sql_api, stream_api,
 };
 
 #[derive(OpenApi)]
@@ -36,7 +36,8 @@ use super::{
         (name = "ingest", description = "Event intake: batches and the event schema."),
         (name = "cohorts", description = "Live per-cohort counters from the pipeline."),
         (name = "sql", description = "Ad-hoc and saved SQL over the recent window of events."),
-        (name = "experiments", description = "Experiments and their results with statistics.")
+        (name = "experiments", description = "Experiments and their results with statistics."),
+        (name = "privacy", description = "Guardians' consent and data-subject requests.")
     )
 )]
 struct ApiDoc;
@@ -72,6 +73,10 @@ fn table(
     let sql = OpenApiRouter::new()
         .routes(routes!(sql_api::sql))
         .layer(DefaultBodyLimit::max(sql_body));
+    // A consent decision is a few short fields.
+    let consent = OpenApiRouter::new()
+        .routes(routes!(consent_api::record))
+        .layer(DefaultBodyLimit::max(consent_api::MAX_BODY));
     let table = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
@@ -80,10 +85,12 @@ fn table(
         .routes(routes!(stream_api::stream))
         .routes(routes!(cohorts_api::cohorts))
         .routes(routes!(experiments_api::list))
+        .routes(routes!(consent_api::show))
         .routes(routes!(experiments_api::results))
         .routes(routes!(sql_api::list))
         .routes(routes!(sql_api::saved))
         .merge(sql)
+        .merge(consent)
         .merge(ingest)
         .merge(flags);
     if serve_metrics {

@@ -168,6 +168,17 @@ pub fn client_and_analyst_tokens() -> Vec<TokenConfig> {
     ]
 }
 
+/// Three tokens: `client-key`, `analyst-key` and `privacy-key`, one per role.
+pub fn role_tokens() -> Vec<TokenConfig> {
+    let mut tokens = client_and_analyst_tokens();
+    tokens.push(TokenConfig {
+        name: "dpo".into(),
+        role: Role::Privacy,
+        sha256: TokenHash::of("privacy-key"),
+    });
+    tokens
+}
+
 /// A configuration for tests: loopback on port 0, a temporary data dir, the repo's flags and
 /// queries.
 pub fn test_config(data_dir: &Path) -> Config {

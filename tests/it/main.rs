@@ -10,5 +10,6 @@ mod ingest;
 mod ops;
 mod peers;
 mod pipeline;
+mod privacy;
 mod sql;
 mod stream;

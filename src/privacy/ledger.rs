@@ -1,0 +1,420 @@
+//! The consent ledger on disk: an append-only file of framed records
+//! (`<data_dir>/consent/ledger`), each fsynced before its request is answered, replayed into a
+//! [`ConsentBook`] on start.
+//!
+//! A torn record at the end (a crash mid-write, never acknowledged) is cut off at start. A
+//! damaged record anywhere else stops the start: a lost revocation must not silently turn
+//! into a grant, so an operator has to restore the file.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use super::consent::{ConsentBook, ConsentRecord, ConsentScope};
+use super::keys::KeyRing;
+use super::pseudonym::Pepper;
+use crate::wal::frame::{Format, Scan, encode_frame, scan};
+
+/// Why the ledger could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The file system failed.
+    #[error("consent ledger {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A record before the end is damaged.
+    #[error(
+        "consent ledger {path} is damaged at byte {offset}; restore it from a backup (a lost revocation must not become a grant)"
+    )]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// Where.
+        offset: usize,
+    },
+    /// An earlier write failed and could not be undone; no more writes are taken.
+    #[error("consent ledger {0} failed earlier and takes no more writes until a restart")]
+    Failed(PathBuf),
+}
+
+/// A decision as a guardian's system sends it: raw ids, pseudonymized before anything is kept.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// The child's user id, as in events.
+    pub user_id: String,
+    /// The guardian's id.
+    pub guardian_id: String,
+    /// What it is about.
+    pub scope: ConsentScope,
+    /// Grant or revocation.
+    pub granted: bool,
+    /// When the guardian decided (ms since the Unix epoch).
+    pub at: i64,
+}
+
+/// A subject's consents as answered.
+#[derive(Debug, Clone)]
+pub struct SubjectConsents {
+    /// The pseudonym (newest pepper).
+    pub subject: String,
+    /// Per scope, the decision in force: granted or not, and when it was made.
+    pub in_force: Vec<(ConsentScope, Option<(bool, i64)>)>,
+    /// Every record, in ledger order.
+    pub history: Vec<ConsentRecord>,
+}
+
+struct Writer {
+    file: File,
+    len: u64,
+    failed: bool,
+}
+
+/// The ledger: the file, the book it replays into, and the peppers that name subjects.
+pub struct ConsentLedger {
+    path: PathBuf,
+    writer: Mutex<Writer>,
+    book: RwLock<ConsentBook>,
+    /// Newest first.
+    peppers: Vec<Pepper>,
+}
+
+impl ConsentLedger {
+    /// Opens (or creates) the ledger in `dir` and replays it; `peppers` is the pseudonym key
+    /// ring.
+    pub fn open(dir: &Path, peppers: &KeyRing) -> Result<Arc<Self>, LedgerError> {
+        let path = dir.join("ledger");
+        let io = |source| LedgerError::Io {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(io)?;
+        let bytes = std::fs::read(&path).map_err(io)?;
+        let mut book = ConsentBook::default();
+        let mut at = 0;
+        while at < bytes.len() {
+            match scan(&bytes, at) {
+                Scan::Frame { payload, next, .. } => {
+                    let record: ConsentRecord =
+                        serde_json::from_slice(payload).map_err(|_| LedgerError::Damaged {
+                            path: path.clone(),
+                            offset: at,
+                        })?;
+                    book.apply(record);
+                    at = next;
+                }
+                Scan::Incomplete => {
+                    tracing::warn!(path = %path.display(), bytes = bytes.len() - at, "cutting a torn consent record off the ledger");
+                    file.set_len(at as u64).map_err(io)?;
+                    file.sync_all().map_err(io)?;
+                    break;
+                }
+                Scan::Damaged => {
+                    return Err(LedgerError::Damaged {
+                        path: path.clone(),
+                        offset: at,
+                    });
+                }
+            }
+        }
+        file.flush().map_err(io)?;
+        sync_dir(dir).map_err(io)?;
+        let mut versions: Vec<Pepper> = peppers
+            .versions()
+            .map(|(version, key)| Pepper::new(version, *key))
+            .collect();
+        versions.reverse();
+        Ok(Arc::new(Self {
+            path,
+            writer: Mutex::new(Writer {
+                file,
+                len: at as u64,
+                failed: false,
+            }),
+            book: RwLock::new(book),
+            peppers: versions,
+        }))
+    }
+
+    /// Records `decision` durably and puts it in force; returns the stored record. Blocks on
+    /// the disk: call it from a blocking thread.
+    pub fn record(&self, decision: &Decision, now: i64) -> Result<ConsentRecord, LedgerError> {
+        let newest = &self.peppers[0];
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if writer.failed {
+            return Err(LedgerError::Failed(self.path.clone()));
+        }
+        let record = ConsentRecord {
+            seq: self.book().last_seq() + 1,
+            subject: newest.pseudonymize(&decision.user_id).0,
+            scope: decision.scope,
+            granted: decision.granted,
+            guardian: newest.pseudonymize(&decision.guardian_id).0,
+            at: decision.at,
+            recorded_at: now,
+        };
+        let mut frame = Vec::new();
+        let payload = serde_json::to_vec(&record).expect("records serialize");
+        encode_frame(&mut frame, Format::Plain, &payload);
+        let written = writer
+            .file
+            .write_all(&frame)
+            .and_then(|()| writer.file.sync_data());
+        if let Err(source) = written {
+            // Undo the partial record so that later ones do not follow damage.
+            let len = writer.len;
+            if writer
+                .file
+                .set_len(len)
+                .and_then(|()| writer.file.sync_data())
+                .is_err()
+            {
+                writer.failed = true;
+            }
+            return Err(LedgerError::Io {
+                path: self.path.clone(),
+                source,
+            });
+        }
+        writer.len += frame.len() as u64;
+        self.book
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .apply(record.clone());
+        Ok(record)
+    }
+
+    /// Returns whether the subject of `user_id` (whose newest pseudonym is `pseudonym`) has a
+    /// grant in force for `scope`.
+    pub fn allows(&self, user_id: &str, pseudonym: &str, scope: ConsentScope) -> bool {
+        let book = self.book();
+        if self.peppers.len() == 1 {
+            return book.allows(pseudonym, scope);
+        }
+        latest(&book, &self.pseudonyms(user_id), scope).is_some_and(|(granted, _)| granted)
+    }
+
+    /// Returns whether `user_id` has a grant in force for `scope` (pseudonymizing it here).
+    pub fn allows_user(&self, user_id: &str, scope: ConsentScope) -> bool {
+        let newest = self.peppers[0].pseudonymize(user_id).0;
+        self.allows(user_id, &newest, scope)
+    }
+
+    /// Returns the consents of `user_id` (a raw id, or a pseudonym the service made).
+    pub fn consents_of(&self, user_id: &str) -> SubjectConsents {
+        let names = if is_pseudonym(user_id) {
+            vec![user_id.to_owned()]
+        } else {
+            self.pseudonyms(user_id)
+        };
+        let book = self.book();
+        let mut history: Vec<ConsentRecord> = names
+            .iter()
+            .flat_map(|name| book.history(name).iter().cloned())
+            .collect();
+        history.sort_by_key(|r| r.seq);
+        SubjectConsents {
+            subject: names[0].clone(),
+            in_force: ConsentScope::ALL
+                .iter()
+                .map(|scope| (*scope, latest(&book, &names, *scope)))
+                .collect(),
+            history,
+        }
+    }
+
+    /// Returns how many subjects have records.
+    pub fn subjects(&self) -> usize {
+        self.book().subjects()
+    }
+
+    fn pseudonyms(&self, user_id: &str) -> Vec<String> {
+        self.peppers
+            .iter()
+            .map(|p| p.pseudonymize(user_id).0)
+            .collect()
+    }
+
+    fn book(&self) -> std::sync::RwLockReadGuard<'_, ConsentBook> {
+        self.book.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The newest decision over several names of one subject.
+fn latest(book: &ConsentBook, names: &[String], scope: ConsentScope) -> Option<(bool, i64)> {
+    names
+        .iter()
+        .filter_map(|name| {
+            let seq = book.history(name).last().map_or(0, |r| r.seq);
+            book.in_force(name, scope).map(|d| (d, seq))
+        })
+        .max_by_key(|((_, at), seq)| (*at, *seq))
+        .map(|(decision, _)| decision)
+}
+
+/// Whether `text` has the shape of a pseudonym: `p<version>_` and 32 hex characters.
+pub fn is_pseudonym(text: &str) -> bool {
+    let Some((version, hex)) = text.strip_prefix('p').and_then(|t| t.split_once('_')) else {
+        return false;
+    };
+    !version.is_empty()
+        && version.bytes().all(|b| b.is_ascii_digit())
+        && hex.len() == 32
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decision(user: &str, scope: ConsentScope, granted: bool, at: i64) -> Decision {
+        Decision {
+            user_id: user.into(),
+            guardian_id: "parent-1".into(),
+            scope,
+            granted,
+            at,
+        }
+    }
+
+    #[test]
+    fn decisions_survive_a_restart_and_a_torn_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = KeyRing::single(1, [3; 32]);
+        let pepper = Pepper::new(1, [3; 32]);
+        let child = pepper.pseudonymize("child-1").0;
+        {
+            let ledger = ConsentLedger::open(dir.path(), &ring).unwrap();
+            assert!(!ledger.allows("child-1", &child, ConsentScope::Analytics));
+            let record = ledger
+                .record(&decision("child-1", ConsentScope::Analytics, true, 10), 20)
+                .unwrap();
+            assert_eq!(record.seq, 1);
+            assert_eq!(record.subject, child);
+            assert!(ledger.allows("child-1", &child, ConsentScope::Analytics));
+            ledger
+                .record(
+                    &decision("child-1", ConsentScope::Experiments, true, 11),
+                    21,
+                )
+                .unwrap();
+        }
+        let path = dir.path().join("ledger");
+        let text = std::fs::read(&path).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&text).contains("child-1"),
+            "raw id on disk"
+        );
+        assert!(
+            !String::from_utf8_lossy(&text).contains("parent-1"),
+            "raw guardian id on disk"
+        );
+        // A crash in the middle of a third record.
+        let mut torn = text.clone();
+        torn.extend_from_slice(&text[..text.len() / 3]);
+        std::fs::write(&path, &torn).unwrap();
+        let ledger = ConsentLedger::open(dir.path(), &ring).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), text.len() as u64);
+        assert!(ledger.allows("child-1", &child, ConsentScope::Experiments));
+        let next = ledger
+            .record(&decision("child-1", ConsentScope::Analytics, false, 30), 31)
+            .unwrap();
+        assert_eq!(next.seq, 3, "numbering continues after a restart");
+        assert!(!ledger.allows("child-1", &child, ConsentScope::Analytics));
+        let view = ledger.consents_of("child-1");
+        assert_eq!(view.history.len(), 3);
+        assert_eq!(
+            view.in_force[0],
+            (ConsentScope::Analytics, Some((false, 30)))
+        );
+        assert_eq!(
+            ledger.consents_of(&child).history.len(),
+            3,
+            "by pseudonym too"
+        );
+    }
+
+    #[test]
+    fn damage_before_the_end_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = KeyRing::single(1, [3; 32]);
+        {
+            let ledger = ConsentLedger::open(dir.path(), &ring).unwrap();
+            for at in 0..3 {
+                ledger
+                    .record(
+                        &decision("child-2", ConsentScope::Analytics, at % 2 == 0, at),
+                        at,
+                    )
+                    .unwrap();
+            }
+        }
+        let path = dir.path().join("ledger");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[20] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        match ConsentLedger::open(dir.path(), &ring) {
+            Err(err @ LedgerError::Damaged { .. }) => {
+                assert!(err.to_string().contains("restore"), "{err}")
+            }
+            Err(other) => panic!("unexpected error {other}"),
+            Ok(_) => panic!("a damaged ledger was accepted"),
+        }
+    }
+
+    #[test]
+    fn a_rotated_pepper_keeps_earlier_decisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = KeyRing::single(1, [3; 32]);
+        ConsentLedger::open(dir.path(), &old)
+            .unwrap()
+            .record(&decision("child-3", ConsentScope::Analytics, true, 5), 5)
+            .unwrap();
+        let rotated = KeyRing::parse(&format!(
+            "1 {}\n2 {}",
+            crate::privacy::keys::to_hex(&[3; 32]),
+            crate::privacy::keys::to_hex(&[4; 32])
+        ))
+        .unwrap();
+        let ledger = ConsentLedger::open(dir.path(), &rotated).unwrap();
+        let newest = Pepper::new(2, [4; 32]).pseudonymize("child-3").0;
+        assert!(ledger.allows("child-3", &newest, ConsentScope::Analytics));
+        ledger
+            .record(&decision("child-3", ConsentScope::Analytics, false, 6), 6)
+            .unwrap();
+        assert!(!ledger.allows("child-3", &newest, ConsentScope::Analytics));
+        let view = ledger.consents_of("child-3");
+        assert_eq!(view.subject, newest);
+        assert_eq!(view.history.len(), 2);
+    }
+
+    #[test]
+    fn pseudonyms_are_recognized() {
+        let pseudonym = Pepper::new(12, [1; 32]).pseudonymize("x").0;
+        assert!(is_pseudonym(&pseudonym));
+        for text in [
+            "child-1",
+            "p1_",
+            "p_0123",
+            "px_00000000000000000000000000000000",
+        ] {
+            assert!(!is_pseudonym(text), "{text}");
+        }
+    }
+}

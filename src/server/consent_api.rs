@@ -1,0 +1,222 @@
+//! `POST /v1/consent` and `GET /v1/consent/{subject}`: guardians' grants and revocations, for
+//! the privacy role. Raw ids come in and are pseudonymized at once; answers name subjects and
+//! guardians by pseudonym only.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use super::auth::{Authorized, Privacy};
+use super::error::{ApiError, ErrorBody, ErrorCode};
+use super::ingest_api::now_ms;
+use super::metrics::{CONSENT_DECISIONS_TOTAL, CONSENT_SUBJECTS};
+use crate::events::time::{format_rfc3339, parse_rfc3339};
+use crate::privacy::ConsentScope;
+use crate::privacy::consent::ConsentRecord;
+use crate::privacy::ledger::Decision;
+
+/// The largest body of `POST /v1/consent`.
+pub const MAX_BODY: usize = 16 * 1024;
+
+/// The longest subject or guardian id.
+const MAX_ID_LENGTH: usize = 256;
+
+/// The body of `POST /v1/consent`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConsentRequest {
+    /// The child's user id, as the app sends it in events (pseudonymized at once).
+    pub subject: String,
+    /// `analytics` (events are kept) or `experiments` (exposures are kept).
+    #[schema(value_type = String)]
+    pub scope: ConsentScope,
+    /// `true` grants, `false` revokes.
+    pub granted: bool,
+    /// The guardian who decided (pseudonymized at once).
+    pub guardian_id: String,
+    /// When the guardian decided (RFC 3339); default: now.
+    #[serde(default)]
+    pub at: Option<String>,
+}
+
+/// A recorded decision.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ConsentEntry {
+    /// Its position in the ledger.
+    pub seq: u64,
+    /// The child's pseudonym.
+    pub subject: String,
+    /// `analytics` or `experiments`.
+    pub scope: &'static str,
+    /// Grant or revocation.
+    pub granted: bool,
+    /// The guardian's pseudonym.
+    pub guardian: String,
+    /// When the guardian decided.
+    pub at: String,
+    /// When the service recorded it.
+    pub recorded_at: String,
+}
+
+impl From<ConsentRecord> for ConsentEntry {
+    fn from(record: ConsentRecord) -> Self {
+        Self {
+            seq: record.seq,
+            subject: record.subject,
+            scope: record.scope.as_str(),
+            granted: record.granted,
+            guardian: record.guardian,
+            at: format_rfc3339(record.at),
+            recorded_at: format_rfc3339(record.recorded_at),
+        }
+    }
+}
+
+/// The decision in force for one scope.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct InForce {
+    /// Whether a grant is in force.
+    pub granted: bool,
+    /// When the guardian made that decision.
+    pub since: String,
+}
+
+/// The decisions in force; `null` where the guardian never decided (no consent).
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
+pub struct Consents {
+    /// Whether the child's events may be kept.
+    pub analytics: Option<InForce>,
+    /// Whether the child may take part in experiments.
+    pub experiments: Option<InForce>,
+}
+
+/// The answer of `GET /v1/consent/{subject}`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SubjectConsent {
+    /// The child's pseudonym.
+    pub subject: String,
+    /// Per scope, the decision in force.
+    pub consents: Consents,
+    /// Every decision, in ledger order.
+    pub history: Vec<ConsentEntry>,
+}
+
+/// Records a guardian's grant or revocation, durably, before answering. It is in force for
+/// ingest and exposures as soon as the answer is sent. The decision that counts is the latest
+/// by `at`, so a grant that arrives after a later revocation does not undo it.
+#[utoipa::path(post, path = "/v1/consent", tag = "privacy",
+    security(("bearer" = [])),
+    request_body = ConsentRequest,
+    responses(
+        (status = 201, description = "Recorded and in force.", body = ConsentEntry),
+        (status = 400, description = "A malformed body, an empty or overlong id, an unknown scope or a time in the future.", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token.", body = ErrorBody),
+        (status = 403, description = "Not a privacy token.", body = ErrorBody),
+        (status = 503, description = "The ledger could not be written; nothing was recorded.", body = ErrorBody)))]
+pub async fn record(
+    _caller: Authorized<Privacy>,
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<ConsentEntry>), ApiError> {
+    let body = body?;
+    let invalid = |text: String| ApiError::new(ErrorCode::InvalidRequest, text);
+    let request: ConsentRequest = serde_json::from_slice(&body).map_err(|e| {
+        invalid(format!(
+            "the body must be {{\"subject\", \"scope\", \"granted\", \"guardian_id\", \"at\"?}}: {e}"
+        ))
+    })?;
+    check_id("subject", &request.subject)?;
+    check_id("guardian_id", &request.guardian_id)?;
+    let now = now_ms();
+    let at = match &request.at {
+        None => now,
+        Some(text) => parse_rfc3339(text)
+            .ok_or_else(|| invalid(format!("at is not an RFC 3339 time: {text:?}")))?,
+    };
+    let tolerance = state.config.ingest.future_tolerance.as_millis() as i64;
+    if at > now + tolerance {
+        return Err(invalid("at is in the future".into()));
+    }
+    let decision = Decision {
+        user_id: request.subject,
+        guardian_id: request.guardian_id,
+        scope: request.scope,
+        granted: request.granted,
+        at,
+    };
+    let ledger = state.consent.clone();
+    let record = tokio::task::spawn_blocking(move || ledger.record(&decision, now))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|err| {
+            tracing::error!(error = %err, "consent not recorded");
+            ApiError::new(
+                ErrorCode::Overloaded,
+                "the consent ledger could not be written; nothing was recorded, try again",
+            )
+            .retry_after(std::time::Duration::from_secs(5))
+        })?;
+    let decision = if record.granted { "grant" } else { "revoke" };
+    metrics::counter!(CONSENT_DECISIONS_TOTAL, "scope" => record.scope.as_str(), "decision" => decision)
+        .increment(1);
+    metrics::gauge!(CONSENT_SUBJECTS).set(state.consent.subjects() as f64);
+    Ok((StatusCode::CREATED, Json(record.into())))
+}
+
+/// A subject's consents: the decision in force per scope and the whole history. `subject` is
+/// the child's user id or its pseudonym.
+#[utoipa::path(get, path = "/v1/consent/{subject}", tag = "privacy",
+    security(("bearer" = [])),
+    params(("subject" = String, Path, description = "The child's user id, or its pseudonym.")),
+    responses(
+        (status = 200, description = "The consents; scopes never decided are null.", body = SubjectConsent),
+        (status = 400, description = "An empty or overlong id.", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token.", body = ErrorBody),
+        (status = 403, description = "Not a privacy token.", body = ErrorBody)))]
+pub async fn show(
+    _caller: Authorized<Privacy>,
+    State(state): State<AppState>,
+    Path(subject): Path<String>,
+) -> Result<Json<SubjectConsent>, ApiError> {
+    check_id("subject", &subject)?;
+    let found = state.consent.consents_of(&subject);
+    let mut consents = Consents::default();
+    for (scope, decision) in found.in_force {
+        let in_force = decision.map(|(granted, at)| InForce {
+            granted,
+            since: format_rfc3339(at),
+        });
+        match scope {
+            ConsentScope::Analytics => consents.analytics = in_force,
+            ConsentScope::Experiments => consents.experiments = in_force,
+        }
+    }
+    Ok(Json(SubjectConsent {
+        subject: found.subject,
+        consents,
+        history: found.history.into_iter().map(ConsentEntry::from).collect(),
+    }))
+}
+
+fn check_id(name: &str, id: &str) -> Result<(), ApiError> {
+    let problem = if id.trim().is_empty() {
+        Some("is empty")
+    } else if id.len() > MAX_ID_LENGTH {
+        Some("is longer than 256 bytes")
+    } else if id.chars().any(char::is_control) {
+        Some("holds control characters")
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("{name} {problem}"),
+        )),
+        None => Ok(()),
+    }
+}
