@@ -16,8 +16,17 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-async fn send(service: &Service, token: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut request = service.http.request(method, service.url(path)).bearer_auth(token);
+async fn send(
+    service: &Service,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = service
+        .http
+        .request(method, service.url(path))
+        .bearer_auth(token);
     if let Some(body) = body {
         request = request.json(&body);
     }
@@ -28,7 +37,14 @@ async fn send(service: &Service, token: &str, method: reqwest::Method, path: &st
 
 async fn consent(service: &Service, user: &str, scope: &str, granted: bool) -> Value {
     let body = json!({"subject": user, "scope": scope, "granted": granted, "guardian_id": "guardian-of-" .to_owned() + user});
-    let (status, answer) = send(service, "privacy-key", reqwest::Method::POST, "/v1/consent", Some(body)).await;
+    let (status, answer) = send(
+        service,
+        "privacy-key",
+        reqwest::Method::POST,
+        "/v1/consent",
+        Some(body),
+    )
+    .await;
     assert_eq!(status, 201, "{answer}");
     answer
 }
@@ -55,7 +71,14 @@ async fn ingest(service: &Service, events: &[(Option<&str>, &str)]) -> Vec<(Stri
             event
         })
         .collect();
-    let (status, answer) = send(service, "client-key", reqwest::Method::POST, "/v1/batch", Some(json!({"batch": batch}))).await;
+    let (status, answer) = send(
+        service,
+        "client-key",
+        reqwest::Method::POST,
+        "/v1/batch",
+        Some(json!({"batch": batch})),
+    )
+    .await;
     assert_eq!(status, 200, "{answer}");
     answer["results"]
         .as_array()
@@ -79,9 +102,18 @@ fn no_consent() -> (String, String) {
 }
 
 async fn count(service: &Service, sql: &str) -> i64 {
-    let (status, answer) = send(service, "analyst-key", reqwest::Method::POST, "/v1/sql", Some(json!({"sql": sql}))).await;
+    let (status, answer) = send(
+        service,
+        "analyst-key",
+        reqwest::Method::POST,
+        "/v1/sql",
+        Some(json!({"sql": sql})),
+    )
+    .await;
     assert_eq!(status, 200, "{sql}: {answer}");
-    answer["rows"][0]["n"].as_i64().unwrap_or_else(|| panic!("{answer}"))
+    answer["rows"][0]["n"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("{answer}"))
 }
 
 /// Every file under `dir`, as bytes.
@@ -107,33 +139,67 @@ async fn consent_gates_ingest_and_exposures_at_once_and_survives_a_restart() {
     let service = Service::start_config(config.clone()).await;
 
     // Without a grant nothing of the child is kept; anonymous events pass.
-    let results = ingest(&service, &[(Some("child-ada"), "app_opened"), (None, "app_opened")]).await;
+    let results = ingest(
+        &service,
+        &[(Some("child-ada"), "app_opened"), (None, "app_opened")],
+    )
+    .await;
     assert_eq!(results, [no_consent(), ok()]);
 
     let granted = consent(&service, "child-ada", "analytics", true).await;
     let ada = granted["subject"].as_str().unwrap().to_owned();
     assert!(ada.starts_with("p1_"), "{granted}");
-    assert!(!granted.to_string().contains("child-ada"), "the raw id is echoed: {granted}");
+    assert!(
+        !granted.to_string().contains("child-ada"),
+        "the raw id is echoed: {granted}"
+    );
     assert_eq!(granted["seq"], 1);
     // In force for the very next request: events yes, exposures not yet.
-    let results = ingest(&service, &[(Some("child-ada"), "app_opened"), (Some("child-ada"), "$exposure")]).await;
+    let results = ingest(
+        &service,
+        &[
+            (Some("child-ada"), "app_opened"),
+            (Some("child-ada"), "$exposure"),
+        ],
+    )
+    .await;
     assert_eq!(results, [ok(), no_consent()]);
     consent(&service, "child-ada", "experiments", true).await;
-    assert_eq!(ingest(&service, &[(Some("child-ada"), "$exposure")]).await, [ok()]);
+    assert_eq!(
+        ingest(&service, &[(Some("child-ada"), "$exposure")]).await,
+        [ok()]
+    );
 
     // Server-side exposures follow the same gate: Ada's is kept, Bob's is not.
-    let (_, bob) = send(&service, "privacy-key", reqwest::Method::GET, "/v1/consent/child-bob", None).await;
+    let (_, bob) = send(
+        &service,
+        "privacy-key",
+        reqwest::Method::GET,
+        "/v1/consent/child-bob",
+        None,
+    )
+    .await;
     let bob = bob["subject"].as_str().unwrap().to_owned();
     for child in ["child-ada", "child-bob"] {
         let body = json!({"context": {"targetingKey": child}});
-        let (status, answer) = send(&service, "client-key", reqwest::Method::POST, "/ofrep/v1/evaluate/flags/reward-animation", Some(body)).await;
+        let (status, answer) = send(
+            &service,
+            "client-key",
+            reqwest::Method::POST,
+            "/ofrep/v1/evaluate/flags/reward-animation",
+            Some(body),
+        )
+        .await;
         assert_eq!(status, 200, "the flag still evaluates: {answer}");
     }
     // Ada has one client exposure; the server-side one makes two. Bob sent nothing.
     let exposures = "SELECT count(*) AS n FROM exposures WHERE subject = ";
     let deadline = Instant::now() + Duration::from_secs(10);
     while count(&service, &format!("{exposures}'{ada}'")).await < 2 {
-        assert!(Instant::now() < deadline, "Ada's server-side exposure never arrived");
+        assert!(
+            Instant::now() < deadline,
+            "Ada's server-side exposure never arrived"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(count(&service, &format!("{exposures}'{bob}'")).await, 0);
@@ -141,18 +207,45 @@ async fn consent_gates_ingest_and_exposures_at_once_and_survives_a_restart() {
     // A revocation takes effect at once; a grant decided earlier but sent later does not
     // undo it.
     consent(&service, "child-ada", "analytics", false).await;
-    assert_eq!(ingest(&service, &[(Some("child-ada"), "session_started")]).await, [no_consent()]);
+    assert_eq!(
+        ingest(&service, &[(Some("child-ada"), "session_started")]).await,
+        [no_consent()]
+    );
     let stale = json!({"subject": "child-ada", "scope": "analytics", "granted": true,
         "guardian_id": "guardian-of-child-ada", "at": format_rfc3339(now_ms() - 3_600_000)});
-    let (status, _) = send(&service, "privacy-key", reqwest::Method::POST, "/v1/consent", Some(stale)).await;
+    let (status, _) = send(
+        &service,
+        "privacy-key",
+        reqwest::Method::POST,
+        "/v1/consent",
+        Some(stale),
+    )
+    .await;
     assert_eq!(status, 201);
-    assert_eq!(ingest(&service, &[(Some("child-ada"), "session_started")]).await, [no_consent()]);
-    let kept = count(&service, &format!("SELECT count(*) AS n FROM events WHERE subject = '{ada}'")).await;
-    assert_eq!(kept, 3, "app_opened, the client exposure and the server-side one");
+    assert_eq!(
+        ingest(&service, &[(Some("child-ada"), "session_started")]).await,
+        [no_consent()]
+    );
+    let kept = count(
+        &service,
+        &format!("SELECT count(*) AS n FROM events WHERE subject = '{ada}'"),
+    )
+    .await;
+    assert_eq!(
+        kept, 3,
+        "app_opened, the client exposure and the server-side one"
+    );
 
     // The state and the history, by raw id or by pseudonym.
     for name in ["child-ada", ada.as_str()] {
-        let (status, state) = send(&service, "privacy-key", reqwest::Method::GET, &format!("/v1/consent/{name}"), None).await;
+        let (status, state) = send(
+            &service,
+            "privacy-key",
+            reqwest::Method::GET,
+            &format!("/v1/consent/{name}"),
+            None,
+        )
+        .await;
         assert_eq!(status, 200);
         assert_eq!(state["subject"], ada.as_str());
         assert_eq!(state["consents"]["analytics"]["granted"], false, "{state}");
@@ -160,21 +253,41 @@ async fn consent_gates_ingest_and_exposures_at_once_and_survives_a_restart() {
         assert_eq!(state["history"].as_array().unwrap().len(), 4, "{state}");
         assert!(!state.to_string().contains("child-ada"));
     }
-    let (_, nobody) = send(&service, "privacy-key", reqwest::Method::GET, "/v1/consent/child-zed", None).await;
+    let (_, nobody) = send(
+        &service,
+        "privacy-key",
+        reqwest::Method::GET,
+        "/v1/consent/child-zed",
+        None,
+    )
+    .await;
     assert_eq!(nobody["consents"]["analytics"], Value::Null);
     assert_eq!(nobody["history"], json!([]));
     let metrics = service.get_text("/metrics").await;
-    assert!(metrics.contains("reason=\"no_consent\""), "no_consent rejections are counted");
+    assert!(
+        metrics.contains("reason=\"no_consent\""),
+        "no_consent rejections are counted"
+    );
     assert!(metrics.contains("flagstream_exposures_total{outcome=\"no_consent\"}"));
 
     // After a restart the ledger holds the same decisions.
     service.stop().await.unwrap();
     let service = Service::start_config(config).await;
-    let results = ingest(&service, &[(Some("child-ada"), "app_opened"), (Some("child-ada"), "$exposure")]).await;
+    let results = ingest(
+        &service,
+        &[
+            (Some("child-ada"), "app_opened"),
+            (Some("child-ada"), "$exposure"),
+        ],
+    )
+    .await;
     assert_eq!(results, [no_consent(), ok()]);
     let next = consent(&service, "child-ada", "analytics", true).await;
     assert_eq!(next["seq"], 5, "the ledger continues");
-    assert_eq!(ingest(&service, &[(Some("child-ada"), "app_opened")]).await, [ok()]);
+    assert_eq!(
+        ingest(&service, &[(Some("child-ada"), "app_opened")]).await,
+        [ok()]
+    );
     service.stop().await.unwrap();
 
     // No raw id of a child or a guardian in any file of the data dir.
@@ -189,45 +302,124 @@ async fn consent_gates_ingest_and_exposures_at_once_and_survives_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consent_requests_are_authorized_and_checked() {
     let service = Service::start_with(|c| c.auth.tokens = role_tokens()).await;
-    let good = json!({"subject": "child-1", "scope": "analytics", "granted": true, "guardian_id": "g-1"});
+    let good =
+        json!({"subject": "child-1", "scope": "analytics", "granted": true, "guardian_id": "g-1"});
     for (token, status) in [("client-key", 403), ("analyst-key", 403), ("nope", 401)] {
-        let (got, answer) = send(&service, token, reqwest::Method::POST, "/v1/consent", Some(good.clone())).await;
+        let (got, answer) = send(
+            &service,
+            token,
+            reqwest::Method::POST,
+            "/v1/consent",
+            Some(good.clone()),
+        )
+        .await;
         assert_eq!(got, status, "{token}: {answer}");
-        let (got, _) = send(&service, token, reqwest::Method::GET, "/v1/consent/child-1", None).await;
+        let (got, _) = send(
+            &service,
+            token,
+            reqwest::Method::GET,
+            "/v1/consent/child-1",
+            None,
+        )
+        .await;
         assert_eq!(got, status, "{token}");
     }
-    let response = service.http.post(service.url("/v1/consent")).json(&good).send().await.unwrap();
+    let response = service
+        .http
+        .post(service.url("/v1/consent"))
+        .json(&good)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 401, "no token");
 
     let future = format_rfc3339(now_ms() + 86_400_000);
     let long = "x".repeat(300);
     let cases: Vec<(Value, &str)> = vec![
         (json!("not an object"), "the body must be"),
-        (json!({"subject": "child-1", "scope": "analytics", "granted": true}), "guardian_id"),
-        (json!({"subject": "child-1", "scope": "marketing", "granted": true, "guardian_id": "g"}), "unknown variant"),
-        (json!({"subject": "child-1", "scope": "analytics", "granted": "yes", "guardian_id": "g"}), "invalid type"),
-        (json!({"subject": "child-1", "scope": "analytics", "granted": true, "guardian_id": "g", "extra": 1}), "unknown field"),
-        (json!({"subject": " ", "scope": "analytics", "granted": true, "guardian_id": "g"}), "subject is empty"),
-        (json!({"subject": long, "scope": "analytics", "granted": true, "guardian_id": "g"}), "longer than 256"),
-        (json!({"subject": "a\u{0}b", "scope": "analytics", "granted": true, "guardian_id": "g"}), "control characters"),
-        (json!({"subject": "c", "scope": "analytics", "granted": true, "guardian_id": "g", "at": future}), "in the future"),
-        (json!({"subject": "c", "scope": "analytics", "granted": true, "guardian_id": "g", "at": "monday"}), "RFC 3339"),
+        (
+            json!({"subject": "child-1", "scope": "analytics", "granted": true}),
+            "guardian_id",
+        ),
+        (
+            json!({"subject": "child-1", "scope": "marketing", "granted": true, "guardian_id": "g"}),
+            "unknown variant",
+        ),
+        (
+            json!({"subject": "child-1", "scope": "analytics", "granted": "yes", "guardian_id": "g"}),
+            "invalid type",
+        ),
+        (
+            json!({"subject": "child-1", "scope": "analytics", "granted": true, "guardian_id": "g", "extra": 1}),
+            "unknown field",
+        ),
+        (
+            json!({"subject": " ", "scope": "analytics", "granted": true, "guardian_id": "g"}),
+            "subject is empty",
+        ),
+        (
+            json!({"subject": long, "scope": "analytics", "granted": true, "guardian_id": "g"}),
+            "longer than 256",
+        ),
+        (
+            json!({"subject": "a\u{0}b", "scope": "analytics", "granted": true, "guardian_id": "g"}),
+            "control characters",
+        ),
+        (
+            json!({"subject": "c", "scope": "analytics", "granted": true, "guardian_id": "g", "at": future}),
+            "in the future",
+        ),
+        (
+            json!({"subject": "c", "scope": "analytics", "granted": true, "guardian_id": "g", "at": "monday"}),
+            "RFC 3339",
+        ),
     ];
     for (body, text) in cases {
-        let (status, answer) = send(&service, "privacy-key", reqwest::Method::POST, "/v1/consent", Some(body.clone())).await;
+        let (status, answer) = send(
+            &service,
+            "privacy-key",
+            reqwest::Method::POST,
+            "/v1/consent",
+            Some(body.clone()),
+        )
+        .await;
         assert_eq!(status, 400, "{body}: {answer}");
         assert_eq!(answer["error"], "invalid_request");
         let description = answer["error_description"].as_str().unwrap();
         assert!(description.contains(text), "{body}: {description}");
-        assert!(!description.contains(&"x".repeat(100)), "the error echoes the input");
+        assert!(
+            !description.contains(&"x".repeat(100)),
+            "the error echoes the input"
+        );
     }
     let huge = json!({"subject": "c", "scope": "analytics", "granted": true, "guardian_id": "x".repeat(64 * 1024)});
-    let (status, answer) = send(&service, "privacy-key", reqwest::Method::POST, "/v1/consent", Some(huge)).await;
+    let (status, answer) = send(
+        &service,
+        "privacy-key",
+        reqwest::Method::POST,
+        "/v1/consent",
+        Some(huge),
+    )
+    .await;
     assert_eq!(status, 413, "{answer}");
-    let (status, _) = send(&service, "privacy-key", reqwest::Method::GET, &format!("/v1/consent/{long}"), None).await;
+    let (status, _) = send(
+        &service,
+        "privacy-key",
+        reqwest::Method::GET,
+        &format!("/v1/consent/{long}"),
+        None,
+    )
+    .await;
     assert_eq!(status, 400);
     // Nothing bad was recorded, and the service still takes good requests.
-    let (status, answer) = send(&service, "privacy-key", reqwest::Method::POST, "/v1/consent", Some(good)).await;
+    let (status, answer) = send(
+        &service,
+        "privacy-key",
+        reqwest::Method::POST,
+        "/v1/consent",
+        Some(good),
+    )
+    .await;
     assert_eq!(status, 201);
     assert_eq!(answer["seq"], 1, "no rejected request reached the ledger");
 }
