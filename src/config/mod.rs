@@ -190,6 +190,10 @@ section! {
         pub max_body: ByteSize = ByteSize::mib(4),
         /// Time given to open connections to finish after SIGTERM or SIGINT.
         pub shutdown_grace: Duration = Duration::from_secs(10),
+        /// Web origins (`https://app.example.org`) whose pages may call the API (CORS) and
+        /// open `/v1/stream`. Empty: no browser page of another origin may. Native apps send
+        /// no `Origin` and are not affected.
+        pub allowed_origins: Vec<String> = Vec::new(),
     }
 }
 
@@ -467,6 +471,26 @@ macro_rules! for_each_section {
 }
 pub(crate) use for_each_section;
 
+/// Checks that `origin` is a web origin as browsers send it: `http` or `https`, a host, an
+/// optional port, nothing else (no path, no trailing slash, no wildcard).
+fn check_origin(origin: &str) -> Result<(), &'static str> {
+    let rest = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .ok_or("must start with https:// or http://")?;
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => (host, Some(port)),
+        _ => (rest, None),
+    };
+    if host.is_empty() || host.contains(['/', '*', '?', '#', '@', ' ']) {
+        return Err("must be scheme://host[:port], without a path or a wildcard");
+    }
+    if port.is_some_and(|p| p.parse::<u16>().is_err()) {
+        return Err("has a port that is not a number");
+    }
+    Ok(())
+}
+
 /// Command-line flags that override the file (shorthand environment variables included).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct Overrides {
@@ -639,6 +663,11 @@ impl Config {
         ] {
             if value.is_zero() {
                 problem(key, "must be greater than zero".into());
+            }
+        }
+        for origin in &server.allowed_origins {
+            if let Err(why) = check_origin(origin) {
+                problem("server.allowed_origins", format!("{origin:?} {why}"));
             }
         }
         let pipeline = &self.pipeline;
@@ -854,6 +883,29 @@ fn read_file(path: &Path) -> Result<toml::Table, ConfigProblem> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn origins_are_checked() {
+        for good in [
+            "https://app.example.org",
+            "http://localhost:3000",
+            "https://[::1]:8443",
+            "https://[::1]",
+        ] {
+            assert_eq!(super::check_origin(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "app.example.org",
+            "https://app.example.org/",
+            "https://*.example.org",
+            "*",
+            "https://",
+            "https://a.org:http",
+            "ftp://a.org",
+        ] {
+            assert!(super::check_origin(bad).is_err(), "{bad}");
+        }
+    }
+
     use super::*;
 
     fn load(file: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {

@@ -1,17 +1,20 @@
 //! The route table, the OpenAPI document generated beside it, and the middleware stack.
 //!
-//! Middleware, outermost first: request id and tracing → HTTP metrics by matched route →
-//! load shedding, a global concurrency limit and the request timeout → body limit.
+//! Middleware, outermost first: request id and tracing → CORS for the configured origins →
+//! HTTP metrics by matched route → load shedding, a global concurrency limit and the request
+//! timeout → body limit.
 
 use std::sync::Arc;
 
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::routing::get;
 use axum::{BoxError, Json, Router, middleware};
 use tokio::sync::Semaphore;
 use tower::ServiceBuilder;
 use tower::limit::GlobalConcurrencyLimitLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
@@ -126,7 +129,8 @@ pub fn router(state: AppState, serve_metrics: bool) -> Router {
     let outer = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
-        .layer(PropagateRequestIdLayer::x_request_id());
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .option_layer(cors(&server.allowed_origins));
     let body_limit = server.max_body.as_usize();
     routes
         .route(
@@ -150,6 +154,40 @@ pub fn metrics_router(state: AppState) -> Router {
 }
 
 /// Raw paths can carry identifiers, so the span records only the method and request id.
+/// CORS for the configured web origins (none: no CORS headers, so browsers keep pages of
+/// other origins out). Preflight requests are answered here, before authentication.
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::CONTENT_ENCODING,
+                header::ACCEPT,
+                header::IF_NONE_MATCH,
+                HeaderName::from_static("x-api-key"),
+                HeaderName::from_static("x-request-id"),
+            ])
+            .expose_headers([
+                header::ETAG,
+                header::RETRY_AFTER,
+                HeaderName::from_static("x-request-id"),
+                HeaderName::from_static("x-truncated"),
+                HeaderName::from_static("x-row-count"),
+            ])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
+}
+
 fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
     let request_id = request
         .headers()

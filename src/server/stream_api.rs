@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use axum::extract::State;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
@@ -42,7 +42,7 @@ const SESSION_BUFFER: usize = 8 * 1024;
         (status = 101, description = "Switching to the WebSocket protocol."),
         (status = 400, description = "Not a WebSocket upgrade request.", body = ErrorBody),
         (status = 401, description = "Missing or unknown client key.", body = ErrorBody),
-        (status = 403, description = "Not a client key.", body = ErrorBody),
+        (status = 403, description = "Not a client key, or a browser Origin not in server.allowed_origins.", body = ErrorBody),
         (status = 503, description = "Too many sessions.", body = ErrorBody)))]
 pub async fn stream(
     State(state): State<AppState>,
@@ -61,6 +61,17 @@ pub async fn stream(
     let from_header = super::auth::presented_key(&headers);
     let presented = from_header.as_deref().or(from_protocol.as_deref());
     let caller = state.tokens.authorize(presented, Role::Client)?;
+    // A browser page may open a session only from an allowed origin, so another site cannot
+    // ride on a child's browser (cross-site WebSocket hijacking). Native apps send no Origin.
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let allowed = &state.config.server.allowed_origins;
+        if !allowed.iter().any(|a| a.as_bytes() == origin.as_bytes()) {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "this origin may not open a session; see server.allowed_origins",
+            ));
+        }
+    }
     let upgrade = upgrade
         .map_err(|rejection| ApiError::new(ErrorCode::InvalidRequest, rejection.body_text()))?;
     let limits = &state.config.stream;

@@ -423,3 +423,103 @@ async fn consent_requests_are_authorized_and_checked() {
     assert_eq!(status, 201);
     assert_eq!(answer["seq"], 1, "no rejected request reached the ledger");
 }
+
+/// Opens `/v1/stream` with a client key and, when given, an `Origin`; returns the handshake's
+/// status.
+async fn stream_status(service: &Service, origin: Option<&str>) -> u16 {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+    let mut request = format!("ws://{}/v1/stream", service.addr)
+        .into_client_request()
+        .unwrap();
+    let headers = request.headers_mut();
+    headers.insert(
+        "authorization",
+        HeaderValue::from_static("Bearer client-key"),
+    );
+    if let Some(origin) = origin {
+        headers.insert("origin", HeaderValue::from_str(origin).unwrap());
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((mut socket, response)) => {
+            let _ = socket.close(None).await;
+            response.status().as_u16()
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("unexpected handshake error: {other}"),
+    }
+}
+
+async fn preflight(service: &Service, origin: &str) -> reqwest::Response {
+    service
+        .http
+        .request(reqwest::Method::OPTIONS, service.url("/v1/batch"))
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type",
+        )
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_pages_of_allowed_origins_reach_the_api_from_a_browser() {
+    const APP: &str = "https://app.example.org";
+    const OTHER: &str = "https://elsewhere.example.com";
+    let service = Service::start_with(|c| {
+        c.auth.tokens = role_tokens();
+        c.server.allowed_origins = vec![APP.into()];
+    })
+    .await;
+    let response = preflight(&service, APP).await;
+    assert!(response.status().is_success(), "{}", response.status());
+    let headers = response.headers();
+    assert_eq!(headers["access-control-allow-origin"], APP);
+    let allowed = headers["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(
+        allowed.contains("authorization") && allowed.contains("content-type"),
+        "{allowed}"
+    );
+    let response = preflight(&service, OTHER).await;
+    assert!(
+        response
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+    // Answers (errors included) carry the header for the allowed origin only.
+    let response = service
+        .http
+        .get(service.url("/v1/experiments"))
+        .header("origin", APP)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(response.headers()["access-control-allow-origin"], APP);
+    assert_eq!(stream_status(&service, Some(APP)).await, 101);
+    assert_eq!(stream_status(&service, Some(OTHER)).await, 403);
+    assert_eq!(
+        stream_status(&service, None).await,
+        101,
+        "native apps send no Origin"
+    );
+
+    // With no origins configured, no page of another origin gets in.
+    let closed = Service::start_with(|c| c.auth.tokens = role_tokens()).await;
+    let response = preflight(&closed, APP).await;
+    assert!(
+        response
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+    assert_eq!(stream_status(&closed, Some(APP)).await, 403);
+    assert_eq!(stream_status(&closed, None).await, 101);
+}
