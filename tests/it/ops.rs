@@ -322,3 +322,75 @@ async fn slow_requests_time_out_with_the_json_error_body() {
     assert_eq!(status, 503);
     assert_eq!(body["error"], "timeout");
 }
+
+/// The role each documented operation needs (`None`: public). Every operation of the OpenAPI
+/// document must be listed, so a new endpoint cannot ship without a decision.
+fn required_role(method: &str, path: &str) -> Option<Option<&'static str>> {
+    let role = match (method, path) {
+        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/schema") => None,
+        (_, "/v1/batch" | "/v1/stream" | "/v1/config") => Some("client"),
+        (_, p) if p.starts_with("/ofrep/") => Some("client"),
+        (_, "/v1/sql" | "/v1/queries" | "/v1/queries/{name}" | "/v1/cohorts") => Some("analyst"),
+        (_, "/v1/experiments" | "/v1/experiments/{key}/results") => Some("analyst"),
+        (_, "/v1/consent" | "/v1/consent/{subject}") => Some("privacy"),
+        (_, "/v1/admin/config") => Some("admin"),
+        _ => return None,
+    };
+    Some(role)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_admits_exactly_its_roles() {
+    let mut tokens = crate::harness::role_tokens();
+    tokens.push(TokenConfig {
+        name: "ops".into(),
+        role: Role::Admin,
+        sha256: TokenHash::of("admin-key"),
+    });
+    let service = Service::start_with(|c| c.auth.tokens = tokens).await;
+    let (_, doc) = service.get_json("/openapi.json").await;
+    let callers = [
+        (None, "nobody"),
+        (Some("client-key"), "client"),
+        (Some("analyst-key"), "analyst"),
+        (Some("privacy-key"), "privacy"),
+        (Some("admin-key"), "admin"),
+        (Some("wrong-key"), "a wrong key"),
+    ];
+    let mut checked = 0;
+    for (path, operations) in doc["paths"].as_object().unwrap() {
+        for method in operations.as_object().unwrap().keys() {
+            let required = required_role(method, path)
+                .unwrap_or_else(|| panic!("{method} {path} has no entry in the role matrix"));
+            let filled = path
+                .replace("{name}", "events_per_platform")
+                .replace("{key}", "reward-animation")
+                .replace("{subject}", "child-1");
+            for (token, caller) in callers {
+                let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+                let mut request = service.http.request(method.clone(), service.url(&filled));
+                if let Some(token) = token {
+                    request = request.bearer_auth(token);
+                }
+                let status = request.send().await.unwrap().status().as_u16();
+                let expected = match (required, caller) {
+                    (None, _) => "admitted",
+                    (Some(_), "nobody" | "a wrong key") => "401",
+                    (Some(role), caller) if caller == role || caller == "admin" => "admitted",
+                    (Some(_), _) => "403",
+                };
+                let got = match status {
+                    401 => "401",
+                    403 => "403",
+                    _ => "admitted",
+                };
+                assert_eq!(got, expected, "{method} {path} as {caller}: {status}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(
+        checked >= 6 * 18,
+        "only {checked} checks: is the document complete?"
+    );
+}
