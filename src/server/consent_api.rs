@@ -118,8 +118,32 @@ pub struct SubjectConsent {
         (status = 403, description = "Not a privacy token.", body = ErrorBody),
         (status = 503, description = "The ledger could not be written; nothing was recorded.", body = ErrorBody)))]
 pub async fn record(
-    _caller: Authorized<Privacy>,
+    caller: Authorized<Privacy>,
     State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<ConsentEntry>), ApiError> {
+    let result = record_decision(&state, body).await;
+    let (detail, status) = match &result {
+        Ok((status, Json(entry))) => {
+            let decision = if entry.granted { "grant" } else { "revoke" };
+            (
+                format!(
+                    "{} {} {decision} seq {}",
+                    entry.subject, entry.scope, entry.seq
+                ),
+                status.as_u16(),
+            )
+        }
+        Err(err) => (String::new(), err.code().status().as_u16()),
+    };
+    state
+        .audit
+        .record(&caller.principal, "consent.record", &detail, status);
+    result
+}
+
+async fn record_decision(
+    state: &AppState,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<ConsentEntry>), ApiError> {
     let body = body?;
@@ -178,12 +202,21 @@ pub async fn record(
         (status = 401, description = "Missing or unknown token.", body = ErrorBody),
         (status = 403, description = "Not a privacy token.", body = ErrorBody)))]
 pub async fn show(
-    _caller: Authorized<Privacy>,
+    caller: Authorized<Privacy>,
     State(state): State<AppState>,
     Path(subject): Path<String>,
 ) -> Result<Json<SubjectConsent>, ApiError> {
-    check_id("subject", &subject)?;
+    if let Err(err) = check_id("subject", &subject) {
+        let status = err.code().status().as_u16();
+        state
+            .audit
+            .record(&caller.principal, "consent.read", "", status);
+        return Err(err);
+    }
     let found = state.consent.consents_of(&subject);
+    state
+        .audit
+        .record(&caller.principal, "consent.read", &found.subject, 200);
     let mut consents = Consents::default();
     for (scope, decision) in found.in_force {
         let in_force = decision.map(|(granted, at)| InForce {

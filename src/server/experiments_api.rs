@@ -12,7 +12,6 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use super::AppState;
 use super::auth::{Analyst, Authorized};
 use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::ingest_api::now_ms;
@@ -21,6 +20,7 @@ use super::metrics::{
     EXPERIMENT_REFRESHES_TOTAL, EXPERIMENT_RELATIVE_LIFT, EXPERIMENT_SRM_P_VALUE,
 };
 use super::sql_api::{api_error, run_counted};
+use super::{AppState, audit};
 use crate::events::time::parse_rfc3339;
 use crate::experiments::results::{Results, analyze};
 use crate::experiments::{Experiment, catalog, query};
@@ -72,10 +72,28 @@ pub async fn list(
         (status = 422, description = "query_timeout or query_resources_exhausted.", body = ErrorBody),
         (status = 503, description = "As many SQL queries running as allowed; Retry-After.", body = ErrorBody)))]
 pub async fn results(
-    _caller: Authorized<Analyst>,
+    caller: Authorized<Analyst>,
     State(state): State<AppState>,
     Path(key): Path<String>,
     headers: HeaderMap,
+    query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let detail = match &query {
+        Ok(Query(params)) => format!("{key} {}", serde_json::json!(params)),
+        Err(_) => key.clone(),
+    };
+    let result = answer_results(&state, &key, &headers, query).await;
+    let status = audit::status_of(&result);
+    state
+        .audit
+        .record(&caller.principal, "experiments.results", &detail, status);
+    result
+}
+
+async fn answer_results(
+    state: &AppState,
+    key: &str,
+    headers: &HeaderMap,
     query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(params) =
@@ -89,7 +107,7 @@ pub async fn results(
             "unknown parameter {key:?}; the parameters are from, to and format"
         )));
     }
-    let csv = wants_csv(&headers, params.get("format"))?;
+    let csv = wants_csv(headers, params.get("format"))?;
     let time = |name: &str| -> Result<Option<i64>, ApiError> {
         params
             .get(name)
@@ -105,13 +123,13 @@ pub async fn results(
         return Err(invalid("from must be before to".into()));
     }
     let snapshot = state.flags.snapshot();
-    let Some(experiment) = snapshot.get(&key).and_then(Experiment::of) else {
+    let Some(experiment) = snapshot.get(key).and_then(Experiment::of) else {
         return Err(ApiError::new(
             ErrorCode::NotFound,
             "no experiment of that key; GET /v1/experiments lists them",
         ));
     };
-    let results = compute(&state, &experiment, from, to, "experiment")
+    let results = compute(state, &experiment, from, to, "experiment")
         .await
         .map_err(api_error)?;
     Ok(if csv {

@@ -110,6 +110,8 @@ pub const EXPERIMENT_P_VALUE: &str = "flagstream_experiment_p_value";
 pub const EXPERIMENT_SRM_P_VALUE: &str = "flagstream_experiment_srm_p_value";
 /// Experiment result refreshes, by outcome (ok, failed, busy).
 pub const EXPERIMENT_REFRESHES_TOTAL: &str = "flagstream_experiment_refreshes_total";
+/// Audit entries that could not be written or synced.
+pub const AUDIT_WRITE_ERRORS_TOTAL: &str = "flagstream_audit_write_errors_total";
 /// Consent decisions recorded, by scope and decision (grant, revoke).
 pub const CONSENT_DECISIONS_TOTAL: &str = "flagstream_consent_decisions_total";
 /// Subjects with consent records.
@@ -376,6 +378,10 @@ fn describe() {
     metrics::describe_counter!(
         EXPERIMENT_REFRESHES_TOTAL,
         "Recomputations of experiment results for the gauges, by outcome."
+    );
+    metrics::describe_counter!(
+        AUDIT_WRITE_ERRORS_TOTAL,
+        "Audit log entries that could not be written or synced."
     );
     metrics::describe_counter!(
         CONSENT_DECISIONS_TOTAL,

@@ -3,6 +3,7 @@
 //! `run(config, listeners, shutdown)` takes listeners that are already bound, so tests serve
 //! on `127.0.0.1:0` through the very same code as production.
 
+pub mod audit;
 pub mod auth;
 pub mod cohorts_api;
 pub mod consent_api;
@@ -100,6 +101,14 @@ pub enum RunError {
     /// The write-ahead log could not be opened.
     #[error("cannot open the write-ahead log: {0}")]
     Ingest(#[from] crate::ingest::IngestError),
+    /// The audit log could not be opened.
+    #[error("cannot open the audit log in {path}: {source}")]
+    Audit {
+        /// The directory.
+        path: String,
+        /// The cause.
+        source: io::Error,
+    },
     /// The consent ledger could not be opened.
     #[error(transparent)]
     Consent(#[from] crate::privacy::LedgerError),
@@ -134,6 +143,8 @@ pub struct AppState {
     pub sql: Arc<SqlEngine>,
     /// Guardians' consents.
     pub consent: Arc<ConsentLedger>,
+    /// Who did what.
+    pub audit: Arc<audit::AuditLog>,
 }
 
 impl AppState {
@@ -142,6 +153,11 @@ impl AppState {
     pub fn new(config: &Config) -> Result<Self, RunError> {
         // First, so that what recovery and the first flag load record is kept.
         let metrics = metrics::install()?;
+        let audit_dir = config.storage.data_dir.join("audit");
+        let audit = audit::AuditLog::open(&audit_dir).map_err(|source| RunError::Audit {
+            path: audit_dir.display().to_string(),
+            source,
+        })?;
         let peppers = peppers(config)?;
         let consent = ConsentLedger::open(&config.storage.data_dir.join("consent"), &peppers)?;
         let gate = config.privacy.consent_required.then(|| consent.clone());
@@ -168,6 +184,7 @@ impl AppState {
             )),
             sql: Arc::new(sql),
             consent,
+            audit: Arc::new(audit),
         })
     }
 }
@@ -354,6 +371,8 @@ pub async fn run(
     let handle = state.metrics.clone();
     let mut stopping = stop_rx.clone();
     let counters = state.counters.clone();
+    let audit = state.audit.clone();
+    let audit_at_stop = state.audit.clone();
     let gauge_cap = config.pipeline.experiment_gauges;
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
@@ -366,6 +385,8 @@ pub async fn run(
                 break;
             }
             handle.run_upkeep();
+            let audit = audit.clone();
+            let _ = tokio::task::spawn_blocking(move || audit.sync()).await;
             if let CounterStore::Embedded(store) = &counters {
                 store.expire(ingest_api::now_ms());
             }
@@ -401,6 +422,7 @@ pub async fn run(
     let _ = tokio::task::spawn_blocking(move || {
         pipeline.stop();
         feeder.stop();
+        audit_at_stop.sync();
     })
     .await;
     tracing::info!("stopped");

@@ -175,9 +175,12 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         (status = 401, description = "Missing or unknown token.", body = ErrorBody),
         (status = 403, description = "The token is not an admin token.", body = ErrorBody)))]
 pub async fn admin_config(
-    _caller: Authorized<Admin>,
+    caller: Authorized<Admin>,
     State(state): State<AppState>,
 ) -> impl IntoResponse {
+    state
+        .audit
+        .record(&caller.principal, "admin.config", "", 200);
     (
         [(header::CONTENT_TYPE, "application/toml")],
         state.config.render(),

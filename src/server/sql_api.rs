@@ -12,10 +12,10 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use super::AppState;
 use super::auth::{Analyst, Authorized};
 use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::metrics::{SQL_QUERIES_TOTAL, SQL_QUERY_DURATION_SECONDS};
+use super::{AppState, audit};
 use crate::sql::output::{Format, encode};
 use crate::sql::saved::Param;
 use crate::sql::{QueryResult, SqlError};
@@ -70,21 +70,31 @@ pub struct SavedQueries {
         (status = 422, description = "query_timeout (over sql.timeout) or query_resources_exhausted (over sql.memory_limit).", body = ErrorBody),
         (status = 503, description = "As many queries running as allowed; Retry-After.", body = ErrorBody)))]
 pub async fn sql(
-    _caller: Authorized<Analyst>,
+    caller: Authorized<Analyst>,
     State(state): State<AppState>,
     headers: HeaderMap,
     query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let format = pick_format(&headers, &only_format(query)?)?;
-    let body = body?;
-    let request: SqlRequest = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            ErrorCode::InvalidRequest,
-            format!("the body must be {{\"sql\": \"…\", \"params\": {{…}}}}: {e}"),
-        )
-    })?;
-    answer(&state, "adhoc", &request.sql, &request.params, format).await
+    let mut detail = String::new();
+    let result = async {
+        let format = pick_format(&headers, &only_format(query)?)?;
+        let body = body?;
+        let request: SqlRequest = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("the body must be {{\"sql\": \"…\", \"params\": {{…}}}}: {e}"),
+            )
+        })?;
+        detail = request.sql.clone();
+        answer(&state, "adhoc", &request.sql, &request.params, format).await
+    }
+    .await;
+    let status = audit::status_of(&result);
+    state
+        .audit
+        .record(&caller.principal, "sql.adhoc", &detail, status);
+    result
 }
 
 /// Lists the saved queries with their parameters.
@@ -126,17 +136,36 @@ pub async fn list(
         (status = 422, description = "query_timeout or query_resources_exhausted.", body = ErrorBody),
         (status = 503, description = "As many queries running as allowed; Retry-After.", body = ErrorBody)))]
 pub async fn saved(
-    _caller: Authorized<Analyst>,
+    caller: Authorized<Analyst>,
     State(state): State<AppState>,
     Path(name): Path<String>,
     headers: HeaderMap,
     query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    // The query's name and its parameters as given.
+    let detail = match &query {
+        Ok(Query(params)) => format!("{name} {}", serde_json::json!(params)),
+        Err(_) => name.clone(),
+    };
+    let result = run_saved(&state, &name, &headers, query).await;
+    let status = audit::status_of(&result);
+    state
+        .audit
+        .record(&caller.principal, "sql.saved", &detail, status);
+    result
+}
+
+async fn run_saved(
+    state: &AppState,
+    name: &str,
+    headers: &HeaderMap,
+    query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
+) -> Result<Response, ApiError> {
     let Query(mut params) =
         query.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.body_text()))?;
     let format_name = params.remove("format");
-    let format = pick_format(&headers, &format_name)?;
-    let Some(saved) = state.sql.saved().get(&name) else {
+    let format = pick_format(headers, &format_name)?;
+    let Some(saved) = state.sql.saved().get(name) else {
         return Err(ApiError::new(
             ErrorCode::NotFound,
             format!("no saved query {name:?}; GET /v1/queries lists them"),
@@ -145,7 +174,7 @@ pub async fn saved(
     let params = saved
         .bind(&params)
         .map_err(|text| ApiError::new(ErrorCode::InvalidRequest, text))?;
-    answer(&state, "saved", &saved.sql, &params, format).await
+    answer(state, "saved", &saved.sql, &params, format).await
 }
 
 fn only_format(

@@ -523,3 +523,129 @@ async fn only_pages_of_allowed_origins_reach_the_api_from_a_browser() {
     assert_eq!(stream_status(&closed, Some(APP)).await, 403);
     assert_eq!(stream_status(&closed, None).await, 101);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_privacy_and_admin_actions_are_audited_without_raw_ids() {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = test_config(data.path());
+    let mut tokens = role_tokens();
+    tokens.push(flagstream::config::TokenConfig {
+        name: "ops".into(),
+        role: flagstream::config::Role::Admin,
+        sha256: flagstream::config::TokenHash::of("admin-key"),
+    });
+    config.auth.tokens = tokens;
+    let service = Service::start_config(config).await;
+    let post = reqwest::Method::POST;
+    let get = reqwest::Method::GET;
+    let (status, _) = send(
+        &service,
+        "analyst-key",
+        post.clone(),
+        "/v1/sql",
+        Some(json!({"sql": "SELECT 42 AS answer"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = send(
+        &service,
+        "analyst-key",
+        post.clone(),
+        "/v1/sql",
+        Some(json!({"sql": "SELEC nope"})),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, _) = send(
+        &service,
+        "analyst-key",
+        get.clone(),
+        "/v1/queries/events_per_platform?hours=2",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = send(
+        &service,
+        "analyst-key",
+        get.clone(),
+        "/v1/experiments/reward-animation/results",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let granted = consent(&service, "child-audit", "analytics", true).await;
+    let pseudonym = granted["subject"].as_str().unwrap().to_owned();
+    let (status, _) = send(
+        &service,
+        "privacy-key",
+        get.clone(),
+        "/v1/consent/child-audit",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let response = service
+        .http
+        .get(service.url("/v1/admin/config"))
+        .bearer_auth("admin-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    service.stop().await.unwrap();
+
+    let text = std::fs::read_to_string(data.path().join("audit").join("audit.log")).unwrap();
+    assert!(
+        !text.contains("child-audit"),
+        "a raw id in the audit log:\n{text}"
+    );
+    let entries: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let summary: Vec<(String, String, String, u64)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e["who"].as_str().unwrap().to_owned(),
+                e["action"].as_str().unwrap().to_owned(),
+                e["detail"].as_str().unwrap().to_owned(),
+                e["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("team", "sql.adhoc", "SELECT 42 AS answer".to_owned(), 200),
+        ("team", "sql.adhoc", "SELEC nope".to_owned(), 400),
+        (
+            "team",
+            "sql.saved",
+            r#"events_per_platform {"hours":"2"}"#.to_owned(),
+            200,
+        ),
+        (
+            "team",
+            "experiments.results",
+            "reward-animation {}".to_owned(),
+            200,
+        ),
+        (
+            "dpo",
+            "consent.record",
+            format!("{pseudonym} analytics grant seq 1"),
+            201,
+        ),
+        ("dpo", "consent.read", pseudonym.clone(), 200),
+        ("ops", "admin.config", String::new(), 200),
+    ];
+    let expected: Vec<(String, String, String, u64)> = expected
+        .into_iter()
+        .map(|(who, action, detail, status)| (who.to_owned(), action.to_owned(), detail, status))
+        .collect();
+    assert_eq!(summary, expected);
+    for entry in &entries {
+        assert!(entry["at"].as_str().unwrap().ends_with('Z'));
+    }
+    assert_eq!(entries[0]["role"], "analyst");
+}
