@@ -194,6 +194,11 @@ section! {
         /// open `/v1/stream`. Empty: no browser page of another origin may. Native apps send
         /// no `Origin` and are not affected.
         pub allowed_origins: Vec<String> = Vec::new(),
+        /// PEM certificate chain: with `tls_key`, the API listener speaks only HTTPS (and
+        /// answers with HSTS). The metrics listener stays plain HTTP for the scraper.
+        pub tls_cert: Option<PathBuf> = None,
+        /// PEM private key of `tls_cert`.
+        pub tls_key: Option<PathBuf> = None,
     }
 }
 
@@ -665,6 +670,12 @@ impl Config {
                 problem(key, "must be greater than zero".into());
             }
         }
+        if server.tls_cert.is_some() != server.tls_key.is_some() {
+            problem(
+                "server.tls_cert",
+                "set both server.tls_cert and server.tls_key, or neither".into(),
+            );
+        }
         for origin in &server.allowed_origins {
             if let Err(why) = check_origin(origin) {
                 problem("server.allowed_origins", format!("{origin:?} {why}"));
@@ -883,6 +894,16 @@ fn read_file(path: &Path) -> Result<toml::Table, ConfigProblem> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tls_needs_both_files() {
+        let mut config = super::Config::default();
+        config.server.tls_cert = Some("cert.pem".into());
+        let problems = config.validate();
+        assert!(problems.iter().any(|p| p.at == "server.tls_cert"), "{problems:?}");
+        config.server.tls_key = Some("key.pem".into());
+        assert!(config.validate().is_empty());
+    }
+
     #[test]
     fn origins_are_checked() {
         for good in [

@@ -18,6 +18,7 @@ mod serve;
 pub mod sql_api;
 pub mod stream_api;
 pub mod telemetry;
+pub mod tls;
 
 use std::future::Future;
 use std::io;
@@ -109,6 +110,9 @@ pub enum RunError {
         /// The cause.
         source: io::Error,
     },
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// The consent ledger could not be opened.
     #[error(transparent)]
     Consent(#[from] crate::privacy::LedgerError),
@@ -350,6 +354,10 @@ pub async fn run(
             "no auth.tokens configured: the API is open to anyone who can reach this loopback listener"
         );
     }
+    let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        _ => None,
+    };
     let state = AppState::new(&config)?;
     state.flags.watch(config.flags.reload_interval)?;
     let checkpoints = Arc::new(
@@ -406,12 +414,12 @@ pub async fn run(
         shutdown_grace: config.server.shutdown_grace,
     };
     tracing::info!(addr = %listeners.api.local_addr()?, counters = state.counters.kind(), "serving the api");
-    let api = serve::serve(listeners.api, app, limits, stop_rx.clone());
+    let api = serve::serve(listeners.api, app, limits, tls, stop_rx.clone());
     match listeners.metrics {
         Some(listener) => {
             tracing::info!(addr = %listener.local_addr()?, "serving metrics");
             let metrics_app = routes::metrics_router(state);
-            let metrics = serve::serve(listener, metrics_app, limits, stop_rx);
+            let metrics = serve::serve(listener, metrics_app, limits, None, stop_rx);
             let (api, metrics) = tokio::join!(api, metrics);
             api?;
             metrics?;

@@ -16,6 +16,7 @@ use tower::ServiceBuilder;
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -126,7 +127,15 @@ pub fn router(state: AppState, serve_metrics: bool) -> Router {
             Semaphore::new(server.max_concurrent_requests),
         )))
         .timeout(server.request_timeout);
+    // With TLS on, browsers are told to reach this host over HTTPS only, for a year.
+    let hsts = server.tls_cert.is_some().then(|| {
+        SetResponseHeaderLayer::overriding(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        )
+    });
     let outer = ServiceBuilder::new()
+        .option_layer(hsts)
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::x_request_id())
@@ -153,7 +162,6 @@ pub fn metrics_router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Raw paths can carry identifiers, so the span records only the method and request id.
 /// CORS for the configured web origins (none: no CORS headers, so browsers keep pages of
 /// other origins out). Preflight requests are answered here, before authentication.
 fn cors(origins: &[String]) -> Option<CorsLayer> {
@@ -188,6 +196,7 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
     )
 }
 
+/// Raw paths can carry identifiers, so the span records only the method and request id.
 fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
     let request_id = request
         .headers()

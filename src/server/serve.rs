@@ -10,6 +10,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
 
 /// Connection limits.
 #[derive(Debug, Clone, Copy)]
@@ -20,11 +21,13 @@ pub struct Limits {
     pub shutdown_grace: Duration,
 }
 
-/// Serves `app` on `listener` until `stop` turns true.
+/// Serves `app` on `listener` until `stop` turns true; over TLS when `tls` is given (the
+/// handshake must end within the header-read timeout).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    tls: Option<TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let mut http = http1::Builder::new();
@@ -47,13 +50,28 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let connection = http
-                    .serve_connection(TokioIo::new(stream), service.clone())
-                    .with_upgrades();
+                let (http, service, tls) = (http.clone(), service.clone(), tls.clone());
                 let stop = stop.clone();
                 let open = open_tx.clone();
                 tokio::spawn(async move {
-                    drive(connection, stop).await;
+                    match tls {
+                        None => {
+                            let connection = http.serve_connection(TokioIo::new(stream), service);
+                            drive(connection.with_upgrades(), stop).await;
+                        }
+                        Some(tls) => {
+                            let handshake = tls.accept(stream);
+                            match tokio::time::timeout(limits.header_read_timeout, handshake).await {
+                                Ok(Ok(stream)) => {
+                                    let connection =
+                                        http.serve_connection(TokioIo::new(stream), service);
+                                    drive(connection.with_upgrades(), stop).await;
+                                }
+                                Ok(Err(err)) => tracing::debug!(error = %err, "tls handshake failed"),
+                                Err(_) => tracing::debug!("tls handshake timed out"),
+                            }
+                        }
+                    }
                     drop(open);
                 });
             }

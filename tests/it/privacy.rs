@@ -649,3 +649,93 @@ async fn sql_privacy_and_admin_actions_are_audited_without_raw_ids() {
     }
     assert_eq!(entries[0]["role"], "analyst");
 }
+
+/// Sends one HTTP/1.1 request over `stream` and returns the whole answer as text.
+async fn raw_get<S>(mut stream: S, path: &str) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A TLS client that trusts `root` (or nothing).
+fn tls_client(root: Option<&rcgen::Certificate>) -> tokio_rustls::TlsConnector {
+    use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+    let mut roots = RootCertStore::empty();
+    if let Some(root) = root {
+        roots.add(root.der().clone()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_https_with_hsts_and_refuses_plain_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, generated.cert.pem()).unwrap();
+    std::fs::write(&key, generated.key_pair.serialize_pem()).unwrap();
+    let service = Service::start_with(|c| {
+        c.server.tls_cert = Some(cert);
+        c.server.tls_key = Some(key);
+    })
+    .await;
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let connect = || tokio::net::TcpStream::connect(service.addr);
+
+    // A client that trusts the generated certificate gets the API, with HSTS.
+    let trusting = tls_client(Some(&generated.cert));
+    let tls = trusting
+        .connect(name.clone(), connect().await.unwrap())
+        .await
+        .expect("the TLS handshake");
+    let answer = raw_get(tls, "/healthz").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("strict-transport-security: max-age=31536000"),
+        "{answer}"
+    );
+    // Plain HTTP on the TLS port gets no answer.
+    let answer = raw_get(connect().await.unwrap(), "/healthz").await;
+    assert!(
+        !answer.contains("HTTP/1.1 200"),
+        "plain HTTP was served: {answer}"
+    );
+    // A client that does not trust the certificate refuses it.
+    let untrusting = tls_client(None);
+    assert!(
+        untrusting
+            .connect(name.clone(), connect().await.unwrap())
+            .await
+            .is_err()
+    );
+    // Still serving after both.
+    let tls = trusting
+        .connect(name, connect().await.unwrap())
+        .await
+        .unwrap();
+    assert!(raw_get(tls, "/readyz").await.starts_with("HTTP/1.1 200"));
+
+    // Without TLS there is no HSTS header.
+    let plain = Service::start().await;
+    let response = plain.http.get(plain.url("/healthz")).send().await.unwrap();
+    assert!(
+        response
+            .headers()
+            .get("strict-transport-security")
+            .is_none()
+    );
+}
