@@ -899,7 +899,10 @@ mod tests {
         let mut config = super::Config::default();
         config.server.tls_cert = Some("cert.pem".into());
         let problems = config.validate();
-        assert!(problems.iter().any(|p| p.at == "server.tls_cert"), "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p.at == "server.tls_cert"),
+            "{problems:?}"
+        );
         config.server.tls_key = Some("key.pem".into());
         assert!(config.validate().is_empty());
     }

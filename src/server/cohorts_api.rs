@@ -115,15 +115,7 @@ pub async fn cohorts(
         Some(name) => Window::from_name(name)
             .ok_or_else(|| invalid(format!("window must be 1m, 1h or 1d, not {name:?}")))?,
     };
-    let time = |key: &str| -> Result<Option<i64>, ApiError> {
-        params
-            .get(key)
-            .map(|text| {
-                parse_rfc3339(text)
-                    .ok_or_else(|| invalid(format!("{key} is not an RFC 3339 time: {text:?}")))
-            })
-            .transpose()
-    };
+    let time = |name: &str| time_param(name, params.get(name));
     let to = time("to")?.unwrap_or_else(super::ingest_api::now_ms);
     let first = window.start_of(time("from")?.unwrap_or(to - 24 * window.millis()));
     let last = window.start_of(to - 1);
@@ -169,6 +161,20 @@ pub async fn cohorts(
         to: format_rfc3339(last.0 + window.millis()),
         series,
     }))
+}
+
+/// Reads query parameter `name` as an RFC 3339 time, if it is given.
+pub(super) fn time_param(name: &str, value: Option<&String>) -> Result<Option<i64>, ApiError> {
+    value
+        .map(|text| {
+            parse_rfc3339(text).ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("{name} is not an RFC 3339 time such as 2026-11-24T09:00:00Z"),
+                )
+            })
+        })
+        .transpose()
 }
 
 async fn selected(store: &CounterStore, selection: &Selection) -> Result<Vec<CohortKey>, ApiError> {

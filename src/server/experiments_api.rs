@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::auth::{Analyst, Authorized};
+use super::cohorts_api::time_param;
 use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::ingest_api::now_ms;
 use super::metrics::{
@@ -21,7 +22,6 @@ use super::metrics::{
 };
 use super::sql_api::{api_error, run_counted};
 use super::{AppState, audit};
-use crate::events::time::parse_rfc3339;
 use crate::experiments::results::{Results, analyze};
 use crate::experiments::{Experiment, catalog, query};
 use crate::sql::SqlError;
@@ -108,15 +108,7 @@ async fn answer_results(
         )));
     }
     let csv = wants_csv(headers, params.get("format"))?;
-    let time = |name: &str| -> Result<Option<i64>, ApiError> {
-        params
-            .get(name)
-            .map(|text| {
-                parse_rfc3339(text)
-                    .ok_or_else(|| invalid(format!("{name} is not an RFC 3339 time: {text:?}")))
-            })
-            .transpose()
-    };
+    let time = |name: &str| time_param(name, params.get(name));
     let to = time("to")?.unwrap_or_else(|| now_ms() + 1);
     let from = time("from")?.unwrap_or(to - state.config.sql.retention.as_millis() as i64);
     if from >= to {
