@@ -1,46 +1,18 @@
-//! The consent ledger on disk: an append-only file of framed records
+//! The consent ledger on disk: a [`Journal`] of consent records
 //! (`<data_dir>/consent/ledger`), each fsynced before its request is answered, replayed into a
-//! [`ConsentBook`] on start.
-//!
-//! A torn record at the end (a crash mid-write, never acknowledged) is cut off at start. A
-//! damaged record anywhere else stops the start: a lost revocation must not silently turn
-//! into a grant, so an operator has to restore the file.
+//! [`ConsentBook`] on start. A damaged record stops the start: a lost revocation must not
+//! silently turn into a grant, so an operator has to restore the file.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::consent::{ConsentBook, ConsentRecord, ConsentScope};
+use super::journal::{Journal, JournalError};
 use super::keys::KeyRing;
 use super::pseudonym::Pepper;
-use crate::wal::frame::{Format, Scan, encode_frame, scan};
 
 /// Why the ledger could not be read or written.
-#[derive(Debug, thiserror::Error)]
-pub enum LedgerError {
-    /// The file system failed.
-    #[error("consent ledger {path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// A record before the end is damaged.
-    #[error(
-        "consent ledger {path} is damaged at byte {offset}; restore it from a backup (a lost revocation must not become a grant)"
-    )]
-    Damaged {
-        /// The file.
-        path: PathBuf,
-        /// Where.
-        offset: usize,
-    },
-    /// An earlier write failed and could not be undone; no more writes are taken.
-    #[error("consent ledger {0} failed earlier and takes no more writes until a restart")]
-    Failed(PathBuf),
-}
+pub type LedgerError = JournalError;
 
 /// A decision as a guardian's system sends it: raw ids, pseudonymized before anything is kept.
 #[derive(Debug, Clone)]
@@ -68,16 +40,9 @@ pub struct SubjectConsents {
     pub history: Vec<ConsentRecord>,
 }
 
-struct Writer {
-    file: File,
-    len: u64,
-    failed: bool,
-}
-
 /// The ledger: the file, the book it replays into, and the peppers that name subjects.
 pub struct ConsentLedger {
-    path: PathBuf,
-    writer: Mutex<Writer>,
+    journal: Mutex<Journal<ConsentRecord>>,
     book: RwLock<ConsentBook>,
     /// Newest first.
     peppers: Vec<Pepper>,
@@ -87,60 +52,18 @@ impl ConsentLedger {
     /// Opens (or creates) the ledger in `dir` and replays it; `peppers` is the pseudonym key
     /// ring.
     pub fn open(dir: &Path, peppers: &KeyRing) -> Result<Arc<Self>, LedgerError> {
-        let path = dir.join("ledger");
-        let io = |source| LedgerError::Io {
-            path: path.clone(),
-            source,
-        };
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&path)
-            .map_err(io)?;
-        let bytes = std::fs::read(&path).map_err(io)?;
+        let (journal, records) = Journal::open(&dir.join("ledger"))?;
         let mut book = ConsentBook::default();
-        let mut at = 0;
-        while at < bytes.len() {
-            match scan(&bytes, at) {
-                Scan::Frame { payload, next, .. } => {
-                    let record: ConsentRecord =
-                        serde_json::from_slice(payload).map_err(|_| LedgerError::Damaged {
-                            path: path.clone(),
-                            offset: at,
-                        })?;
-                    book.apply(record);
-                    at = next;
-                }
-                Scan::Incomplete => {
-                    tracing::warn!(path = %path.display(), bytes = bytes.len() - at, "cutting a torn consent record off the ledger");
-                    file.set_len(at as u64).map_err(io)?;
-                    file.sync_all().map_err(io)?;
-                    break;
-                }
-                Scan::Damaged => {
-                    return Err(LedgerError::Damaged {
-                        path: path.clone(),
-                        offset: at,
-                    });
-                }
-            }
+        for record in records {
+            book.apply(record);
         }
-        file.flush().map_err(io)?;
-        sync_dir(dir).map_err(io)?;
         let mut versions: Vec<Pepper> = peppers
             .versions()
             .map(|(version, key)| Pepper::new(version, *key))
             .collect();
         versions.reverse();
         Ok(Arc::new(Self {
-            path,
-            writer: Mutex::new(Writer {
-                file,
-                len: at as u64,
-                failed: false,
-            }),
+            journal: Mutex::new(journal),
             book: RwLock::new(book),
             peppers: versions,
         }))
@@ -150,10 +73,7 @@ impl ConsentLedger {
     /// the disk: call it from a blocking thread.
     pub fn record(&self, decision: &Decision, now: i64) -> Result<ConsentRecord, LedgerError> {
         let newest = &self.peppers[0];
-        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        if writer.failed {
-            return Err(LedgerError::Failed(self.path.clone()));
-        }
+        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
         let record = ConsentRecord {
             seq: self.book().last_seq() + 1,
             subject: newest.pseudonymize(&decision.user_id).0,
@@ -163,30 +83,7 @@ impl ConsentLedger {
             at: decision.at,
             recorded_at: now,
         };
-        let mut frame = Vec::new();
-        let payload = serde_json::to_vec(&record).expect("records serialize");
-        encode_frame(&mut frame, Format::Plain, &payload);
-        let written = writer
-            .file
-            .write_all(&frame)
-            .and_then(|()| writer.file.sync_data());
-        if let Err(source) = written {
-            // Undo the partial record so that later ones do not follow damage.
-            let len = writer.len;
-            if writer
-                .file
-                .set_len(len)
-                .and_then(|()| writer.file.sync_data())
-                .is_err()
-            {
-                writer.failed = true;
-            }
-            return Err(LedgerError::Io {
-                path: self.path.clone(),
-                source,
-            });
-        }
-        writer.len += frame.len() as u64;
+        journal.append(&record)?;
         self.book
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -273,10 +170,6 @@ pub fn is_pseudonym(text: &str) -> bool {
         && hex
             .bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -370,7 +263,7 @@ mod tests {
         bytes[20] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
         match ConsentLedger::open(dir.path(), &ring) {
-            Err(err @ LedgerError::Damaged { .. }) => {
+            Err(err @ JournalError::Damaged { .. }) => {
                 assert!(err.to_string().contains("restore"), "{err}")
             }
             Err(other) => panic!("unexpected error {other}"),

@@ -5,9 +5,11 @@
 //! user id, and nothing from a subject without granted consent (where the project requires it).
 
 pub mod consent;
+pub mod journal;
 pub mod keys;
 pub mod ledger;
 pub mod pseudonym;
+pub mod requests;
 
 pub use consent::ConsentScope;
 pub use keys::{KeyError, KeyRing};

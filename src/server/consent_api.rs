@@ -235,7 +235,7 @@ pub async fn show(
     }))
 }
 
-fn check_id(name: &str, id: &str) -> Result<(), ApiError> {
+pub(super) fn check_id(name: &str, id: &str) -> Result<(), ApiError> {
     let problem = if id.trim().is_empty() {
         Some("is empty")
     } else if id.len() > MAX_ID_LENGTH {

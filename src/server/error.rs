@@ -28,6 +28,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// An `Accept` header naming no format the route gives.
     NotAcceptable,
+    /// The resource is not in a state that allows this yet.
+    Conflict,
     /// A content type or encoding the route does not take.
     UnsupportedMediaType,
     /// Too many requests for this key.
@@ -42,6 +44,8 @@ pub enum ErrorCode {
     QueryResources,
     /// Something failed inside the service.
     Internal,
+    /// The service does not do this (yet).
+    NotImplemented,
 }
 
 impl ErrorCode {
@@ -55,12 +59,14 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
+            ErrorCode::Conflict => StatusCode::CONFLICT,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Timeout => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::QueryTimeout | ErrorCode::QueryResources => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::NotImplemented => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -74,6 +80,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::NotAcceptable => "not_acceptable",
+            ErrorCode::Conflict => "conflict",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Overloaded => "overloaded",
@@ -81,6 +88,7 @@ impl ErrorCode {
             ErrorCode::QueryTimeout => "query_timeout",
             ErrorCode::QueryResources => "query_resources_exhausted",
             ErrorCode::Internal => "internal_error",
+            ErrorCode::NotImplemented => "not_implemented",
         }
     }
 }
@@ -97,7 +105,8 @@ pub struct ApiError {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
     /// A stable code: invalid_request, unauthorized, forbidden, not_found,
-    /// method_not_allowed, payload_too_large, not_acceptable, unsupported_media_type, rate_limited,
+    /// method_not_allowed, payload_too_large, not_acceptable, conflict, unsupported_media_type,
+    /// rate_limited, not_implemented,
     /// overloaded, timeout, query_timeout, query_resources_exhausted or internal_error.
     pub error: &'static str,
     /// What went wrong, in words for a developer.

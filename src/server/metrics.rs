@@ -112,6 +112,8 @@ pub const EXPERIMENT_SRM_P_VALUE: &str = "flagstream_experiment_srm_p_value";
 pub const EXPERIMENT_REFRESHES_TOTAL: &str = "flagstream_experiment_refreshes_total";
 /// Audit entries that could not be written or synced.
 pub const AUDIT_WRITE_ERRORS_TOTAL: &str = "flagstream_audit_write_errors_total";
+/// Data-subject requests, by type and outcome (received, completed, failed).
+pub const PRIVACY_REQUESTS_TOTAL: &str = "flagstream_privacy_requests_total";
 /// Consent decisions recorded, by scope and decision (grant, revoke).
 pub const CONSENT_DECISIONS_TOTAL: &str = "flagstream_consent_decisions_total";
 /// Subjects with consent records.
@@ -382,6 +384,10 @@ fn describe() {
     metrics::describe_counter!(
         AUDIT_WRITE_ERRORS_TOTAL,
         "Audit log entries that could not be written or synced."
+    );
+    metrics::describe_counter!(
+        PRIVACY_REQUESTS_TOTAL,
+        "Data-subject requests by type and outcome (received, completed, failed)."
     );
     metrics::describe_counter!(
         CONSENT_DECISIONS_TOTAL,

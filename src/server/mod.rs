@@ -13,6 +13,7 @@ pub mod flags_api;
 pub mod ingest_api;
 pub mod metrics;
 pub mod ops;
+pub mod requests_api;
 mod routes;
 mod serve;
 pub mod sql_api;
@@ -113,7 +114,7 @@ pub enum RunError {
     /// TLS could not be set up.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    /// The consent ledger could not be opened.
+    /// The consent ledger or the data-subject requests journal could not be opened.
     #[error(transparent)]
     Consent(#[from] crate::privacy::LedgerError),
     /// The pipeline could not start.
@@ -149,6 +150,10 @@ pub struct AppState {
     pub consent: Arc<ConsentLedger>,
     /// Who did what.
     pub audit: Arc<audit::AuditLog>,
+    /// Data-subject requests.
+    pub requests: Arc<crate::privacy::requests::Requests>,
+    /// Wakes the worker that carries out data-subject requests.
+    pub request_worker: Arc<tokio::sync::Notify>,
 }
 
 impl AppState {
@@ -165,6 +170,10 @@ impl AppState {
         let peppers = peppers(config)?;
         let consent = ConsentLedger::open(&config.storage.data_dir.join("consent"), &peppers)?;
         let gate = config.privacy.consent_required.then(|| consent.clone());
+        let requests = crate::privacy::requests::Requests::open(
+            &config.storage.data_dir.join("privacy"),
+            &peppers,
+        )?;
         let ingest = Arc::new(open_ingest(config, &peppers, gate.clone())?);
         let flags = FlagStore::load(config.flags.dir.clone());
         let exposures = flags_api::Exposures::new(
@@ -189,6 +198,8 @@ impl AppState {
             sql: Arc::new(sql),
             consent,
             audit: Arc::new(audit),
+            requests,
+            request_worker: Arc::new(tokio::sync::Notify::new()),
         })
     }
 }
@@ -401,6 +412,12 @@ pub async fn run(
             cohorts_api::publish_gauges(&counters, gauge_cap).await;
         }
     });
+    tokio::spawn(requests_api::work(
+        state.requests.clone(),
+        state.consent.clone(),
+        state.ingest.wal().dir().to_path_buf(),
+        state.request_worker.clone(),
+    ));
     if !config.experiments.refresh.is_zero() {
         tokio::spawn(experiments_api::publish_results(
             state.clone(),

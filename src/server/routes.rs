@@ -26,7 +26,7 @@ use utoipa_axum::routes;
 use super::error::{self, ApiError, ErrorCode};
 use super::{
     AppState, cohorts_api, consent_api, experiments_api, flags_api, ingest_api, metrics, ops,
-    sql_api, stream_api,
+    requests_api, sql_api, stream_api,
 };
 
 #[derive(OpenApi)]
@@ -81,6 +81,9 @@ fn table(
     let consent = OpenApiRouter::new()
         .routes(routes!(consent_api::record))
         .layer(DefaultBodyLimit::max(consent_api::MAX_BODY));
+    let requests = OpenApiRouter::new()
+        .routes(routes!(requests_api::submit))
+        .layer(DefaultBodyLimit::max(requests_api::MAX_BODY));
     let table = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
@@ -90,11 +93,14 @@ fn table(
         .routes(routes!(cohorts_api::cohorts))
         .routes(routes!(experiments_api::list))
         .routes(routes!(consent_api::show))
+        .routes(routes!(requests_api::show))
+        .routes(routes!(requests_api::export))
         .routes(routes!(experiments_api::results))
         .routes(routes!(sql_api::list))
         .routes(routes!(sql_api::saved))
         .merge(sql)
         .merge(consent)
+        .merge(requests)
         .merge(ingest)
         .merge(flags);
     if serve_metrics {

@@ -110,8 +110,9 @@ async fn every_documented_operation_is_routed() {
                 .unwrap();
             let status = response.status().as_u16();
             let body = response.text().await.unwrap();
+            // A resource that does not exist (a request id) is fine; no route is not.
             assert!(
-                !body.contains("\"not_found\"") && !body.contains("\"method_not_allowed\""),
+                !body.contains("no route for") && !body.contains("\"method_not_allowed\""),
                 "{method} {path} is documented but not routed: {status} {body}"
             );
         }
@@ -333,6 +334,7 @@ fn required_role(method: &str, path: &str) -> Option<Option<&'static str>> {
         (_, "/v1/sql" | "/v1/queries" | "/v1/queries/{name}" | "/v1/cohorts") => Some("analyst"),
         (_, "/v1/experiments" | "/v1/experiments/{key}/results") => Some("analyst"),
         (_, "/v1/consent" | "/v1/consent/{subject}") => Some("privacy"),
+        (_, p) if p.starts_with("/v1/privacy/") => Some("privacy"),
         (_, "/v1/admin/config") => Some("admin"),
         _ => return None,
     };

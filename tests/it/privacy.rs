@@ -739,3 +739,160 @@ async fn tls_serves_https_with_hsts_and_refuses_plain_http() {
             .is_none()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_access_request_exports_everything_held_about_the_child() {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = test_config(data.path());
+    config.auth.tokens = role_tokens();
+    let service = Service::start_config(config.clone()).await;
+    let results = ingest(
+        &service,
+        &[
+            (Some("child-exp"), "app_opened"),
+            (Some("child-exp"), "$exposure"),
+            (Some("child-exp"), "session_started"),
+            (Some("child-other"), "app_opened"),
+        ],
+    )
+    .await;
+    assert!(results.iter().all(|r| r.0 == "ok"), "{results:?}");
+    let granted = consent(&service, "child-exp", "analytics", true).await;
+    let pseudonym = granted["subject"].as_str().unwrap().to_owned();
+
+    let post = reqwest::Method::POST;
+    let get = reqwest::Method::GET;
+    let body = json!({"type": "access", "subject": "child-exp"});
+    let (status, received) = send(
+        &service,
+        "privacy-key",
+        post.clone(),
+        "/v1/privacy/requests",
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, 202, "{received}");
+    assert_eq!(received["subject"], pseudonym.as_str());
+    assert!(!received.to_string().contains("child-exp"));
+    let id = received["id"].as_str().unwrap().to_owned();
+    let received_at =
+        flagstream::events::time::parse_rfc3339(received["received_at"].as_str().unwrap()).unwrap();
+    let due = flagstream::events::time::parse_rfc3339(received["due"].as_str().unwrap()).unwrap();
+    let days = (due - received_at) as f64 / 86_400_000.0;
+    assert!(
+        (28.0..=31.0).contains(&days),
+        "due {days} days after receipt"
+    );
+
+    let path = format!("/v1/privacy/requests/{id}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let done = loop {
+        let (status, state) = send(&service, "privacy-key", get.clone(), &path, None).await;
+        assert_eq!(status, 200);
+        if state["status"] == "completed" {
+            break state;
+        }
+        assert_ne!(state["status"], "failed", "{state}");
+        assert!(
+            Instant::now() < deadline,
+            "the request never completed: {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(done["events"], 3, "{done}");
+    let download = done["download"].as_str().unwrap().to_owned();
+    assert_eq!(download, format!("{path}/export"));
+
+    let export = |service: &Service| {
+        let request = service
+            .http
+            .get(service.url(&download))
+            .bearer_auth("privacy-key");
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            assert_eq!(response.headers()["content-type"], "application/x-ndjson");
+            response.text().await.unwrap()
+        }
+    };
+    let text = export(&service).await;
+    assert!(
+        !text.contains("child-exp") && !text.contains("child-other"),
+        "{text}"
+    );
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = lines.iter().map(|l| l["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "request",
+            "event",
+            "event",
+            "event",
+            "assignment",
+            "consent"
+        ],
+        "{text}"
+    );
+    for event in lines.iter().filter(|l| l["kind"] == "event") {
+        assert_eq!(event["event"]["subject"], pseudonym.as_str());
+    }
+    assert_eq!(lines[4]["flag"], "reward-animation");
+    assert_eq!(lines[4]["variant"], "stars");
+    assert_eq!(lines[5]["scope"], "analytics");
+
+    // Bad requests get clear errors and record nothing.
+    let cases = [
+        (json!({"type": "erasure", "subject": "child-exp"}), 501),
+        (json!({"type": "delete", "subject": "child-exp"}), 400),
+        (json!({"type": "access"}), 400),
+        (json!({"type": "access", "subject": ""}), 400),
+        (
+            json!({"type": "access", "subject": "c", "why": "curious"}),
+            400,
+        ),
+        (
+            json!({"type": "access", "subject": "x".repeat(20_000)}),
+            413,
+        ),
+    ];
+    for (body, expected) in cases {
+        let (status, answer) = send(
+            &service,
+            "privacy-key",
+            post.clone(),
+            "/v1/privacy/requests",
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(status, expected, "{answer}");
+        assert!(answer["error_description"].is_string(), "{answer}");
+    }
+    let (status, _) = send(
+        &service,
+        "analyst-key",
+        post.clone(),
+        "/v1/privacy/requests",
+        Some(json!({"type": "access", "subject": "c"})),
+    )
+    .await;
+    assert_eq!(status, 403);
+    for unknown in [
+        "/v1/privacy/requests/dsr-nope",
+        "/v1/privacy/requests/dsr-nope/export",
+    ] {
+        let (status, _) = send(&service, "privacy-key", get.clone(), unknown, None).await;
+        assert_eq!(status, 404, "{unknown}");
+    }
+
+    // The request and its export outlive a restart.
+    service.stop().await.unwrap();
+    let service = Service::start_config(config).await;
+    let (status, state) = send(&service, "privacy-key", get, &path, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(state["status"], "completed");
+    assert_eq!(export(&service).await, text);
+}

@@ -1,0 +1,180 @@
+//! An append-only journal of JSON records in one file: each record a checksummed frame (the
+//! write-ahead log's framing), fsynced before `append` returns, replayed by `open`.
+//!
+//! A torn record at the end (a crash mid-write, never acknowledged) is cut off at open. A
+//! damaged record anywhere else is an error: the journals hold decisions (consent, data-subject
+//! requests) whose loss must be seen by an operator, not skipped.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::wal::frame::{Format, Scan, encode_frame, scan};
+
+/// Why a journal could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// The file system failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A record before the end is damaged.
+    #[error(
+        "{path} is damaged at byte {offset}; restore it from a backup (its records must not be lost silently)"
+    )]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// Where.
+        offset: usize,
+    },
+    /// An earlier write failed and could not be undone; no more writes are taken.
+    #[error("{0} failed earlier and takes no more writes until a restart")]
+    Failed(PathBuf),
+}
+
+/// An open journal of records of type `T`. Not synchronized: wrap it in a mutex to share it.
+pub struct Journal<T> {
+    path: PathBuf,
+    file: File,
+    len: u64,
+    failed: bool,
+    _records: PhantomData<fn(T)>,
+}
+
+impl<T: Serialize + DeserializeOwned> Journal<T> {
+    /// Opens (or creates) the journal at `path` and returns it with every record it holds,
+    /// in order.
+    pub fn open(path: &Path) -> Result<(Self, Vec<T>), JournalError> {
+        let io = |source| JournalError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(io)?;
+        let bytes = std::fs::read(path).map_err(io)?;
+        let mut records = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            match scan(&bytes, at) {
+                Scan::Frame { payload, next, .. } => {
+                    let record =
+                        serde_json::from_slice(payload).map_err(|_| JournalError::Damaged {
+                            path: path.to_path_buf(),
+                            offset: at,
+                        })?;
+                    records.push(record);
+                    at = next;
+                }
+                Scan::Incomplete => {
+                    tracing::warn!(path = %path.display(), bytes = bytes.len() - at, "cutting a torn record off a journal");
+                    file.set_len(at as u64).map_err(io)?;
+                    file.sync_all().map_err(io)?;
+                    break;
+                }
+                Scan::Damaged => {
+                    return Err(JournalError::Damaged {
+                        path: path.to_path_buf(),
+                        offset: at,
+                    });
+                }
+            }
+        }
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        let journal = Self {
+            path: path.to_path_buf(),
+            file,
+            len: at as u64,
+            failed: false,
+            _records: PhantomData,
+        };
+        Ok((journal, records))
+    }
+
+    /// Appends `record` and returns once it is durable. A failed write is undone (the file
+    /// is cut back), so later records never follow damage.
+    pub fn append(&mut self, record: &T) -> Result<(), JournalError> {
+        if self.failed {
+            return Err(JournalError::Failed(self.path.clone()));
+        }
+        let payload = serde_json::to_vec(record).expect("records serialize");
+        let mut frame = Vec::with_capacity(payload.len() + 16);
+        encode_frame(&mut frame, Format::Plain, &payload);
+        let written = self
+            .file
+            .write_all(&frame)
+            .and_then(|()| self.file.sync_data());
+        if let Err(source) = written {
+            if self
+                .file
+                .set_len(self.len)
+                .and_then(|()| self.file.sync_data())
+                .is_err()
+            {
+                self.failed = true;
+            }
+            return Err(JournalError::Io {
+                path: self.path.clone(),
+                source,
+            });
+        }
+        self.len += frame.len() as u64;
+        Ok(())
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_survive_a_reopen_a_torn_tail_is_cut_and_damage_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("journal");
+        {
+            let (mut journal, records) = Journal::<String>::open(&path).unwrap();
+            assert!(records.is_empty());
+            for text in ["one", "two", "three"] {
+                journal.append(&text.to_owned()).unwrap();
+            }
+        }
+        let whole = std::fs::read(&path).unwrap();
+        let mut torn = whole.clone();
+        torn.extend_from_slice(&whole[..7]);
+        std::fs::write(&path, &torn).unwrap();
+        {
+            let (mut journal, records) = Journal::<String>::open(&path).unwrap();
+            assert_eq!(records, ["one", "two", "three"]);
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), whole.len() as u64);
+            journal.append(&"four".to_owned()).unwrap();
+        }
+        let (_, records) = Journal::<String>::open(&path).unwrap();
+        assert_eq!(records.len(), 4);
+        let mut damaged = std::fs::read(&path).unwrap();
+        damaged[15] ^= 0xff;
+        std::fs::write(&path, &damaged).unwrap();
+        let err = Journal::<String>::open(&path)
+            .err()
+            .expect("damage is refused");
+        assert!(err.to_string().contains("restore"), "{err}");
+    }
+}

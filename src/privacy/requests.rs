@@ -1,0 +1,438 @@
+//! Data-subject requests: a family asks what is held about a child (access) or asks for it
+//! to be erased. Requests are journaled (`<data_dir>/privacy/requests`) before they are
+//! acknowledged, carry a due date one calendar month ahead, and are worked off in the
+//! background; an access request produces an NDJSON export to download.
+//!
+//! Subjects are kept as pseudonyms: under every pepper version when the request names a raw
+//! id, so that events recorded before a pepper rotation are found too.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::journal::{Journal, JournalError};
+use super::keys::KeyRing;
+use super::ledger::{ConsentLedger, is_pseudonym};
+use super::pseudonym::Pepper;
+use crate::events::schema::EXPOSURE_TYPE;
+use crate::events::time::{format_rfc3339, parse_rfc3339};
+
+/// What a family asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestKind {
+    /// A copy of everything held about the child.
+    Access,
+    /// Erasure of everything that identifies the child.
+    Erasure,
+}
+
+/// One entry of the requests journal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "record", rename_all = "snake_case")]
+pub enum RequestRecord {
+    /// A request was received.
+    Received {
+        /// Its id.
+        id: String,
+        /// Access or erasure.
+        kind: RequestKind,
+        /// The child's pseudonyms, newest pepper first.
+        subjects: Vec<String>,
+        /// When it was received (ms since the Unix epoch).
+        received_at: i64,
+        /// When it must be answered.
+        due: i64,
+    },
+    /// A request was carried out.
+    Completed {
+        /// Its id.
+        id: String,
+        /// When.
+        at: i64,
+        /// Events found (access) or removed (erasure).
+        events: u64,
+    },
+    /// A request could not be carried out; it stays to be retried after a restart.
+    Failed {
+        /// Its id.
+        id: String,
+        /// When.
+        at: i64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Where a request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Received, not carried out yet.
+    Pending,
+    /// Carried out.
+    Completed,
+    /// The last attempt failed.
+    Failed,
+}
+
+/// A request and where it stands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// Its id.
+    pub id: String,
+    /// Access or erasure.
+    pub kind: RequestKind,
+    /// The child's pseudonyms, newest pepper first.
+    pub subjects: Vec<String>,
+    /// When it was received.
+    pub received_at: i64,
+    /// When it must be answered.
+    pub due: i64,
+    /// Where it stands.
+    pub status: Status,
+    /// When it was carried out or last failed.
+    pub updated_at: Option<i64>,
+    /// Events found or removed, once completed.
+    pub events: Option<u64>,
+    /// Why the last attempt failed.
+    pub reason: Option<String>,
+}
+
+impl Request {
+    fn apply(requests: &mut BTreeMap<String, Request>, record: RequestRecord) {
+        match record {
+            RequestRecord::Received {
+                id,
+                kind,
+                subjects,
+                received_at,
+                due,
+            } => {
+                let request = Request {
+                    id: id.clone(),
+                    kind,
+                    subjects,
+                    received_at,
+                    due,
+                    status: Status::Pending,
+                    updated_at: None,
+                    events: None,
+                    reason: None,
+                };
+                requests.insert(id, request);
+            }
+            RequestRecord::Completed { id, at, events } => {
+                if let Some(request) = requests.get_mut(&id) {
+                    request.status = Status::Completed;
+                    request.updated_at = Some(at);
+                    request.events = Some(events);
+                    request.reason = None;
+                }
+            }
+            RequestRecord::Failed { id, at, reason } => {
+                if let Some(request) = requests.get_mut(&id) {
+                    request.status = Status::Failed;
+                    request.updated_at = Some(at);
+                    request.reason = Some(reason);
+                }
+            }
+        }
+    }
+}
+
+/// The journaled requests.
+pub struct Requests {
+    journal: Mutex<Journal<RequestRecord>>,
+    requests: RwLock<BTreeMap<String, Request>>,
+    peppers: Vec<Pepper>,
+    exports: PathBuf,
+}
+
+impl Requests {
+    /// Opens the journal in `dir` (exports go to `dir/exports`).
+    pub fn open(dir: &Path, peppers: &KeyRing) -> Result<Arc<Self>, JournalError> {
+        let (journal, records) = Journal::open(&dir.join("requests"))?;
+        let mut requests = BTreeMap::new();
+        for record in records {
+            Request::apply(&mut requests, record);
+        }
+        let mut versions: Vec<Pepper> = peppers
+            .versions()
+            .map(|(version, key)| Pepper::new(version, *key))
+            .collect();
+        versions.reverse();
+        Ok(Arc::new(Self {
+            journal: Mutex::new(journal),
+            requests: RwLock::new(requests),
+            peppers: versions,
+            exports: dir.join("exports"),
+        }))
+    }
+
+    /// Journals a request about `subject` (a raw user id or a pseudonym) and returns it.
+    /// Blocks on the disk.
+    pub fn submit(
+        &self,
+        kind: RequestKind,
+        subject: &str,
+        now: i64,
+    ) -> Result<Request, JournalError> {
+        let subjects = if is_pseudonym(subject) {
+            vec![subject.to_owned()]
+        } else {
+            self.peppers
+                .iter()
+                .map(|p| p.pseudonymize(subject).0)
+                .collect()
+        };
+        let id = format!("dsr-{}", uuid::Uuid::new_v4().simple());
+        self.record(RequestRecord::Received {
+            id: id.clone(),
+            kind,
+            subjects,
+            received_at: now,
+            due: one_month_after(now),
+        })?;
+        Ok(self.get(&id).expect("just recorded"))
+    }
+
+    /// Marks a request carried out. Blocks on the disk.
+    pub fn complete(&self, id: &str, events: u64, now: i64) -> Result<(), JournalError> {
+        self.record(RequestRecord::Completed {
+            id: id.to_owned(),
+            at: now,
+            events,
+        })
+    }
+
+    /// Marks a request failed (it is retried after a restart). Blocks on the disk.
+    pub fn fail(&self, id: &str, reason: String, now: i64) -> Result<(), JournalError> {
+        self.record(RequestRecord::Failed {
+            id: id.to_owned(),
+            at: now,
+            reason,
+        })
+    }
+
+    fn record(&self, record: RequestRecord) -> Result<(), JournalError> {
+        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        journal.append(&record)?;
+        let mut requests = self.requests.write().unwrap_or_else(|p| p.into_inner());
+        Request::apply(&mut requests, record);
+        Ok(())
+    }
+
+    /// Returns the request `id`.
+    pub fn get(&self, id: &str) -> Option<Request> {
+        self.requests
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Returns the requests not carried out yet, oldest first.
+    pub fn unfinished(&self) -> Vec<Request> {
+        let requests = self.requests.read().unwrap_or_else(|p| p.into_inner());
+        let mut open: Vec<Request> = requests
+            .values()
+            .filter(|r| r.status != Status::Completed)
+            .cloned()
+            .collect();
+        open.sort_by_key(|r| r.received_at);
+        open
+    }
+
+    /// Returns the requests received and not attempted yet, oldest first.
+    pub fn pending(&self) -> Vec<Request> {
+        let mut pending = self.unfinished();
+        pending.retain(|r| r.status == Status::Pending);
+        pending
+    }
+
+    /// Where the export of access request `id` is written.
+    pub fn export_path(&self, id: &str) -> PathBuf {
+        self.exports.join(format!("{id}.ndjson"))
+    }
+}
+
+/// The same wall-clock time one calendar month later (the 31st becomes the month's last day).
+pub fn one_month_after(ms: i64) -> i64 {
+    let text = format_rfc3339(ms);
+    let (year, month, day) = (
+        text[0..4].parse::<i64>().unwrap_or(1970),
+        text[5..7].parse::<u32>().unwrap_or(1),
+        text[8..10].parse::<u32>().unwrap_or(1),
+    );
+    let (year, month) = if month == 12 {
+        (year + 1, 1)
+    } else {
+        (year, month + 1)
+    };
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let days = match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    let later = format!("{year:04}-{month:02}-{:02}{}", day.min(days), &text[10..]);
+    parse_rfc3339(&later).unwrap_or(ms + 30 * 86_400_000)
+}
+
+/// Writes the access export of `request` to `out`: a header line, every stored event of the
+/// subject (read from the write-ahead log, which holds everything kept), the subject's flag
+/// assignments (its first exposure per flag) and its consent history. Returns the number of
+/// events. Written to a temporary file, fsynced, then renamed.
+pub fn write_access_export(
+    request: &Request,
+    wal_dir: &Path,
+    consent: &ConsentLedger,
+    out: &Path,
+    now: i64,
+) -> std::io::Result<u64> {
+    let dir = out.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let partial = out.with_extension("partial");
+    let file = std::fs::File::create(&partial)?;
+    let mut writer = std::io::BufWriter::new(file);
+    let header = json!({"kind": "request", "id": request.id, "subject": request.subjects[0],
+        "received_at": format_rfc3339(request.received_at), "generated_at": format_rfc3339(now),
+        "contents": "every stored event of the subject, its flag assignments and its consent history"});
+    writeln!(writer, "{header}")?;
+    let names: HashSet<&str> = request.subjects.iter().map(String::as_str).collect();
+    let mut events = 0u64;
+    let mut failure = None;
+    // Per flag: the first exposure by event time.
+    let mut assignments: HashMap<String, (i64, String)> = HashMap::new();
+    crate::wal::recover(wal_dir, false, |_, stored| {
+        for bytes in stored {
+            let Ok(event) = serde_json::from_slice::<Value>(bytes) else {
+                continue;
+            };
+            let Some(subject) = event.get("subject").and_then(Value::as_str) else {
+                continue;
+            };
+            if !names.contains(subject) {
+                continue;
+            }
+            if event.get("type").and_then(Value::as_str) == Some(EXPOSURE_TYPE) {
+                note_assignment(&event, &mut assignments);
+            }
+            if failure.is_none()
+                && let Err(err) = writeln!(writer, "{}", json!({"kind": "event", "event": event}))
+            {
+                failure = Some(err);
+            }
+            events += 1;
+        }
+    })
+    .map_err(std::io::Error::other)?;
+    if let Some(err) = failure {
+        return Err(err);
+    }
+    let mut flags: Vec<_> = assignments.into_iter().collect();
+    flags.sort();
+    for (flag, (at, variant)) in flags {
+        let line = json!({"kind": "assignment", "flag": flag, "variant": variant,
+            "first_exposed_at": format_rfc3339(at)});
+        writeln!(writer, "{line}")?;
+    }
+    let mut history = Vec::new();
+    for name in &request.subjects {
+        history.extend(consent.consents_of(name).history);
+    }
+    history.sort_by_key(|r| r.seq);
+    for record in history {
+        let line = json!({"kind": "consent", "scope": record.scope.as_str(),
+            "granted": record.granted, "guardian": record.guardian,
+            "at": format_rfc3339(record.at), "recorded_at": format_rfc3339(record.recorded_at)});
+        writeln!(writer, "{line}")?;
+    }
+    let file = writer.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    std::fs::rename(&partial, out)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(events)
+}
+
+fn note_assignment(event: &Value, assignments: &mut HashMap<String, (i64, String)>) {
+    let properties = &event["properties"];
+    let (Some(flag), Some(variant)) = (
+        properties.get("flag").and_then(Value::as_str),
+        properties.get("variant").and_then(Value::as_str),
+    ) else {
+        return;
+    };
+    let at = event
+        .get("event_time")
+        .and_then(Value::as_i64)
+        .unwrap_or(i64::MAX);
+    let entry = assignments
+        .entry(flag.to_owned())
+        .or_insert((at, variant.to_owned()));
+    if at < entry.0 {
+        *entry = (at, variant.to_owned());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_due_date_is_one_calendar_month_ahead() {
+        let at = |text: &str| parse_rfc3339(text).unwrap();
+        let cases = [
+            ("2026-11-24T09:30:00Z", "2026-12-24T09:30:00Z"),
+            ("2026-12-15T00:00:00Z", "2027-01-15T00:00:00Z"),
+            ("2027-01-31T12:00:00Z", "2027-02-28T12:00:00Z"),
+            ("2028-01-31T12:00:00Z", "2028-02-29T12:00:00Z"),
+            ("2026-03-31T23:59:59.500Z", "2026-04-30T23:59:59.500Z"),
+        ];
+        for (from, to) in cases {
+            assert_eq!(one_month_after(at(from)), at(to), "{from}");
+        }
+    }
+
+    #[test]
+    fn requests_are_journaled_and_their_state_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = KeyRing::single(1, [9; 32]);
+        let requests = Requests::open(dir.path(), &ring).unwrap();
+        let access = requests
+            .submit(RequestKind::Access, "child-1", 1_000)
+            .unwrap();
+        assert!(access.id.starts_with("dsr-"));
+        assert_eq!(access.status, Status::Pending);
+        assert_eq!(
+            access.subjects,
+            [Pepper::new(1, [9; 32]).pseudonymize("child-1").0]
+        );
+        let by_pseudonym = requests
+            .submit(RequestKind::Access, &access.subjects[0], 2_000)
+            .unwrap();
+        assert_eq!(by_pseudonym.subjects, access.subjects);
+        requests
+            .fail(&access.id, "disk full".into(), 3_000)
+            .unwrap();
+        requests.complete(&by_pseudonym.id, 7, 4_000).unwrap();
+        drop(requests);
+        let text = std::fs::read(dir.path().join("requests")).unwrap();
+        assert!(!String::from_utf8_lossy(&text).contains("child-1"));
+        let requests = Requests::open(dir.path(), &ring).unwrap();
+        let failed = requests.get(&access.id).unwrap();
+        assert_eq!(failed.status, Status::Failed);
+        assert_eq!(failed.reason.as_deref(), Some("disk full"));
+        let done = requests.get(&by_pseudonym.id).unwrap();
+        assert_eq!((done.status, done.events), (Status::Completed, Some(7)));
+        let unfinished: Vec<String> = requests.unfinished().into_iter().map(|r| r.id).collect();
+        assert_eq!(unfinished, [access.id]);
+        assert!(requests.get("dsr-nope").is_none());
+    }
+}

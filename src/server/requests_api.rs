@@ -1,0 +1,296 @@
+//! `POST /v1/privacy/requests`, `GET /v1/privacy/requests/{id}` and its export: data-subject
+//! requests for the privacy role, and the worker that carries them out in the background.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use super::auth::{Authorized, Privacy};
+use super::error::{ApiError, ErrorBody, ErrorCode};
+use super::ingest_api::now_ms;
+use super::metrics::PRIVACY_REQUESTS_TOTAL;
+use super::{AppState, audit};
+use crate::events::time::format_rfc3339;
+use crate::privacy::ConsentLedger;
+use crate::privacy::requests::{Request, RequestKind, Requests, Status, write_access_export};
+
+/// The largest body of `POST /v1/privacy/requests`.
+pub const MAX_BODY: usize = 16 * 1024;
+
+/// The body of `POST /v1/privacy/requests`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RequestBody {
+    /// `access` or `erasure`.
+    #[serde(rename = "type")]
+    #[schema(value_type = String)]
+    pub kind: RequestKind,
+    /// The child's user id, or its pseudonym.
+    pub subject: String,
+}
+
+/// A request as answered.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RequestView {
+    /// Its id.
+    pub id: String,
+    /// `access` or `erasure`.
+    #[serde(rename = "type")]
+    #[schema(value_type = String)]
+    pub kind: RequestKind,
+    /// The child's pseudonym.
+    pub subject: String,
+    /// `pending`, `completed` or `failed` (retried after a restart).
+    #[schema(value_type = String)]
+    pub status: Status,
+    /// When it was received.
+    pub received_at: String,
+    /// When it must be answered: one calendar month after it was received.
+    pub due: String,
+    /// When it was carried out or last failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+    /// Events found, once completed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events: Option<u64>,
+    /// Why the last attempt failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Where to download the export, once an access request is completed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub download: Option<String>,
+}
+
+impl From<Request> for RequestView {
+    fn from(request: Request) -> Self {
+        let download = (request.kind == RequestKind::Access && request.status == Status::Completed)
+            .then(|| format!("/v1/privacy/requests/{}/export", request.id));
+        Self {
+            subject: request.subjects[0].clone(),
+            id: request.id,
+            kind: request.kind,
+            status: request.status,
+            received_at: format_rfc3339(request.received_at),
+            due: format_rfc3339(request.due),
+            updated_at: request.updated_at.map(format_rfc3339),
+            events: request.events,
+            reason: request.reason,
+            download,
+        }
+    }
+}
+
+/// Receives a data-subject request. An access request is carried out in the background
+/// (poll its status); its export holds every stored event of the child, its flag
+/// assignments and its consent history, as NDJSON.
+#[utoipa::path(post, path = "/v1/privacy/requests", tag = "privacy",
+    security(("bearer" = [])),
+    request_body = RequestBody,
+    responses(
+        (status = 202, description = "Received; carried out in the background.", body = RequestView),
+        (status = 400, description = "A malformed body, an unknown type or a bad subject.", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token.", body = ErrorBody),
+        (status = 403, description = "Not a privacy token.", body = ErrorBody),
+        (status = 501, description = "Erasure is not available yet.", body = ErrorBody),
+        (status = 503, description = "The request could not be recorded; nothing was received.", body = ErrorBody)))]
+pub async fn submit(
+    caller: Authorized<Privacy>,
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<RequestView>), ApiError> {
+    let result = receive(&state, body).await;
+    let (detail, status) = match &result {
+        Ok((status, Json(view))) => (
+            format!("{} {:?} {}", view.id, view.kind, view.subject).to_lowercase(),
+            status.as_u16(),
+        ),
+        Err(err) => (String::new(), err.code().status().as_u16()),
+    };
+    state
+        .audit
+        .record(&caller.principal, "privacy.request", &detail, status);
+    result
+}
+
+async fn receive(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<RequestView>), ApiError> {
+    let body = body?;
+    let request: RequestBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("the body must be {{\"type\": \"access\" | \"erasure\", \"subject\"}}: {e}"),
+        )
+    })?;
+    super::consent_api::check_id("subject", &request.subject)?;
+    if request.kind == RequestKind::Erasure {
+        return Err(ApiError::new(
+            ErrorCode::NotImplemented,
+            "erasure requests are not available yet; nothing was recorded",
+        ));
+    }
+    let requests = state.requests.clone();
+    let received = tokio::task::spawn_blocking(move || {
+        requests.submit(request.kind, &request.subject, now_ms())
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(|err| {
+        tracing::error!(error = %err, "data-subject request not recorded");
+        ApiError::new(
+            ErrorCode::Overloaded,
+            "the request could not be recorded; nothing was received, try again",
+        )
+        .retry_after(std::time::Duration::from_secs(5))
+    })?;
+    metrics::counter!(PRIVACY_REQUESTS_TOTAL, "type" => "access", "outcome" => "received")
+        .increment(1);
+    state.request_worker.notify_one();
+    Ok((StatusCode::ACCEPTED, Json(received.into())))
+}
+
+/// A data-subject request and where it stands.
+#[utoipa::path(get, path = "/v1/privacy/requests/{id}", tag = "privacy",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "The request's id.")),
+    responses(
+        (status = 200, description = "The request.", body = RequestView),
+        (status = 401, description = "Missing or unknown token.", body = ErrorBody),
+        (status = 403, description = "Not a privacy token.", body = ErrorBody),
+        (status = 404, description = "No request of that id.", body = ErrorBody)))]
+pub async fn show(
+    caller: Authorized<Privacy>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<RequestView>, ApiError> {
+    let result = find(&state, &id).map(|r| Json(r.into()));
+    let status = audit::status_of(&result);
+    let detail = if status == 200 { id.as_str() } else { "" };
+    state
+        .audit
+        .record(&caller.principal, "privacy.request.read", detail, status);
+    result
+}
+
+/// Downloads the export of a completed access request (NDJSON: a header line, then lines of
+/// kind `event`, `assignment` and `consent`).
+#[utoipa::path(get, path = "/v1/privacy/requests/{id}/export", tag = "privacy",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "The request's id.")),
+    responses(
+        (status = 200, description = "The export.", content_type = "application/x-ndjson", body = String),
+        (status = 401, description = "Missing or unknown token.", body = ErrorBody),
+        (status = 403, description = "Not a privacy token.", body = ErrorBody),
+        (status = 404, description = "No access request of that id.", body = ErrorBody),
+        (status = 409, description = "The request is not completed yet.", body = ErrorBody)))]
+pub async fn export(
+    caller: Authorized<Privacy>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let result = open_export(&state, &id).await;
+    let status = audit::status_of(&result);
+    let detail = if status == 200 { id.as_str() } else { "" };
+    state
+        .audit
+        .record(&caller.principal, "privacy.export", detail, status);
+    result
+}
+
+async fn open_export(state: &AppState, id: &str) -> Result<Response, ApiError> {
+    let request = find(state, id)?;
+    if request.kind != RequestKind::Access {
+        return Err(not_found());
+    }
+    if request.status != Status::Completed {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "the export is not ready: GET the request until its status is completed",
+        ));
+    }
+    // One child's export: read whole (bounded by what is held about one child).
+    let bytes = tokio::fs::read(state.requests.export_path(id))
+        .await
+        .map_err(ApiError::internal)?;
+    let body = Body::from(bytes);
+    let disposition = format!("attachment; filename=\"{id}.ndjson\"");
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/x-ndjson"),
+            ),
+            (
+                header::CONTENT_DISPOSITION,
+                HeaderValue::from_str(&disposition).map_err(ApiError::internal)?,
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+fn find(state: &AppState, id: &str) -> Result<Request, ApiError> {
+    state.requests.get(id).ok_or_else(not_found)
+}
+
+fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no data-subject request of that id")
+}
+
+/// Carries out unfinished requests: those found at start, then each one as it arrives
+/// (`wake` is notified). Runs until the process ends.
+pub async fn work(
+    requests: Arc<Requests>,
+    consent: Arc<ConsentLedger>,
+    wal_dir: std::path::PathBuf,
+    wake: Arc<Notify>,
+) {
+    // At start, failed requests are retried too; after that, each new one once.
+    let mut batch = requests.unfinished();
+    loop {
+        // Only access requests are received today.
+        for request in batch.into_iter().filter(|r| r.kind == RequestKind::Access) {
+            let (requests, consent, wal_dir) = (requests.clone(), consent.clone(), wal_dir.clone());
+            let outcome = tokio::task::spawn_blocking(move || {
+                let out = requests.export_path(&request.id);
+                let now = now_ms();
+                match write_access_export(&request, &wal_dir, &consent, &out, now) {
+                    Ok(events) => requests
+                        .complete(&request.id, events, now_ms())
+                        .map(|()| "completed"),
+                    Err(err) => {
+                        tracing::warn!(id = %request.id, error = %err, "access export failed");
+                        requests
+                            .fail(&request.id, err.to_string(), now_ms())
+                            .map(|()| "failed")
+                    }
+                }
+            })
+            .await;
+            let outcome = match outcome {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(err)) => {
+                    tracing::error!(error = %err, "data-subject request state not recorded");
+                    "failed"
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "data-subject request worker panicked");
+                    "failed"
+                }
+            };
+            metrics::counter!(PRIVACY_REQUESTS_TOTAL, "type" => "access", "outcome" => outcome)
+                .increment(1);
+        }
+        wake.notified().await;
+        batch = requests.pending();
+    }
+}
