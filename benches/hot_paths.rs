@@ -51,5 +51,24 @@ fn flag_evaluation(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, flag_evaluation);
+/// Sealing one group commit of the write-ahead log (AES-256-GCM), at two typical sizes.
+fn wal_seal(c: &mut Criterion) {
+    let sealer =
+        flagstream::wal::seal::Sealer::new(&flagstream::privacy::KeyRing::single(1, [7; 32]));
+    let mut group = c.benchmark_group("wal_seal");
+    for size in [4 << 10, 256 << 10] {
+        let payload = vec![b'x'; size];
+        group.throughput(criterion::Throughput::Bytes(size as u64));
+        group.bench_function(format!("{} KiB", size >> 10), |b| {
+            let mut epoch = 0u64;
+            b.iter(|| {
+                epoch += 1;
+                std::hint::black_box(sealer.seal(epoch, &payload))
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, flag_evaluation, wal_seal);
 criterion_main!(benches);

@@ -281,6 +281,9 @@ section! {
         /// answered `rejected` (`no_consent`) and only counted. Events without a `user_id`
         /// are not tied to a child and pass.
         pub consent_required: bool = false,
+        /// Encrypt new write-ahead log records with the data keys (AES-256-GCM). Records
+        /// written either way stay readable while the data keys that sealed them are kept.
+        pub encrypt_wal: bool = true,
     }
 }
 

@@ -333,7 +333,8 @@ fn feed(
     input: &mut EventInput,
     probe: &ProbeHandle<u64>,
 ) -> Epoch {
-    let mut tail = Tail::new(shared.wal.dir(), shared.start);
+    let mut tail =
+        Tail::new(shared.wal.dir(), shared.start).sealed_by(shared.wal.sealer().cloned());
     let mut pending: VecDeque<(u64, usize)> = VecDeque::new();
     let mut pending_events = 0usize;
     let mut last_checkpoint = Instant::now();

@@ -57,15 +57,10 @@ impl ConsentLedger {
         for record in records {
             book.apply(record);
         }
-        let mut versions: Vec<Pepper> = peppers
-            .versions()
-            .map(|(version, key)| Pepper::new(version, *key))
-            .collect();
-        versions.reverse();
         Ok(Arc::new(Self {
             journal: Mutex::new(journal),
             book: RwLock::new(book),
-            peppers: versions,
+            peppers: Pepper::every(peppers),
         }))
     }
 

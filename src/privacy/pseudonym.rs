@@ -42,6 +42,15 @@ impl Pepper {
         SubjectId(out)
     }
 
+    /// Every pepper of a ring, newest first: a subject's pseudonyms under each version, for
+    /// finding what was recorded before a rotation.
+    pub fn every(ring: &KeyRing) -> Vec<Self> {
+        ring.versions()
+            .rev()
+            .map(|(version, key)| Self::new(version, *key))
+            .collect()
+    }
+
     /// Uses the newest key of a ring.
     pub fn from_ring(ring: &KeyRing) -> Self {
         let (version, key) = ring.newest();

@@ -161,15 +161,10 @@ impl Requests {
         for record in records {
             Request::apply(&mut requests, record);
         }
-        let mut versions: Vec<Pepper> = peppers
-            .versions()
-            .map(|(version, key)| Pepper::new(version, *key))
-            .collect();
-        versions.reverse();
         Ok(Arc::new(Self {
             journal: Mutex::new(journal),
             requests: RwLock::new(requests),
-            peppers: versions,
+            peppers: Pepper::every(peppers),
             exports: dir.join("exports"),
         }))
     }
@@ -291,7 +286,7 @@ pub fn one_month_after(ms: i64) -> i64 {
 /// events. Written to a temporary file, fsynced, then renamed.
 pub fn write_access_export(
     request: &Request,
-    wal_dir: &Path,
+    wal: &crate::wal::Wal,
     consent: &ConsentLedger,
     out: &Path,
     now: i64,
@@ -310,28 +305,34 @@ pub fn write_access_export(
     let mut failure = None;
     // Per flag: the first exposure by event time.
     let mut assignments: HashMap<String, (i64, String)> = HashMap::new();
-    crate::wal::recover(wal_dir, false, |_, stored| {
-        for bytes in stored {
-            let Ok(event) = serde_json::from_slice::<Value>(bytes) else {
-                continue;
-            };
-            let Some(subject) = event.get("subject").and_then(Value::as_str) else {
-                continue;
-            };
-            if !names.contains(subject) {
-                continue;
+    crate::wal::recover(
+        wal.dir(),
+        false,
+        wal.sealer().map(|s| s.as_ref()),
+        |_, stored| {
+            for bytes in stored {
+                let Ok(event) = serde_json::from_slice::<Value>(bytes) else {
+                    continue;
+                };
+                let Some(subject) = event.get("subject").and_then(Value::as_str) else {
+                    continue;
+                };
+                if !names.contains(subject) {
+                    continue;
+                }
+                if event.get("type").and_then(Value::as_str) == Some(EXPOSURE_TYPE) {
+                    note_assignment(&event, &mut assignments);
+                }
+                if failure.is_none()
+                    && let Err(err) =
+                        writeln!(writer, "{}", json!({"kind": "event", "event": event}))
+                {
+                    failure = Some(err);
+                }
+                events += 1;
             }
-            if event.get("type").and_then(Value::as_str) == Some(EXPOSURE_TYPE) {
-                note_assignment(&event, &mut assignments);
-            }
-            if failure.is_none()
-                && let Err(err) = writeln!(writer, "{}", json!({"kind": "event", "event": event}))
-            {
-                failure = Some(err);
-            }
-            events += 1;
-        }
-    })
+        },
+    )
     .map_err(std::io::Error::other)?;
     if let Some(err) = failure {
         return Err(err);

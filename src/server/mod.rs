@@ -43,6 +43,7 @@ use crate::privacy::{ConsentLedger, KeyRing, Pepper};
 use crate::sql::feed::{FeedOptions, Feeder};
 use crate::sql::table::RecentEvents;
 use crate::sql::{SqlEngine, SqlOptions};
+use crate::wal::seal::Sealer;
 use crate::wal::{Checkpoints, WalOptions};
 
 /// The listeners the service answers on, bound before `run` is called.
@@ -168,13 +169,18 @@ impl AppState {
             source,
         })?;
         let peppers = peppers(config)?;
+        let data_keys = data_keys(config)?;
         let consent = ConsentLedger::open(&config.storage.data_dir.join("consent"), &peppers)?;
         let gate = config.privacy.consent_required.then(|| consent.clone());
         let requests = crate::privacy::requests::Requests::open(
             &config.storage.data_dir.join("privacy"),
             &peppers,
         )?;
-        let ingest = Arc::new(open_ingest(config, &peppers, gate.clone())?);
+        let sealer = config
+            .privacy
+            .encrypt_wal
+            .then(|| Arc::new(Sealer::new(&data_keys)));
+        let ingest = Arc::new(open_ingest(config, &peppers, sealer, gate.clone())?);
         let flags = FlagStore::load(config.flags.dir.clone());
         let exposures = flags_api::Exposures::new(
             config.flags.exposure_dedup_capacity,
@@ -182,7 +188,7 @@ impl AppState {
             gate,
         );
         let wal = ingest.wal().clone();
-        let sql = open_sql(config)?.read_your_writes(move || wal.last_epoch().0);
+        let sql = open_sql(config, data_keys)?.read_your_writes(move || wal.last_epoch().0);
         Ok(Self {
             config: Arc::new(config.clone()),
             tokens: auth::Tokens::new(&config.auth.tokens),
@@ -206,17 +212,8 @@ impl AppState {
 
 /// Opens the SQL engine: data keys, the segments on disk, the saved queries (every one must
 /// plan against the tables).
-fn open_sql(config: &Config) -> Result<SqlEngine, RunError> {
+fn open_sql(config: &Config, keys: KeyRing) -> Result<SqlEngine, RunError> {
     let data_dir = &config.storage.data_dir;
-    let privacy = &config.privacy;
-    let keys = KeyRing::from_config(
-        privacy.data_key.as_ref().map(|s| s.expose()),
-        "privacy.data_key",
-        &privacy
-            .data_key_file
-            .clone()
-            .unwrap_or_else(|| data_dir.join("keys").join("data")),
-    )?;
     let segments = crate::sql::segments::list(&data_dir.join("sql"))
         .map_err(|e| RunError::Sql(e.to_string()))?;
     let (saved, problems) = crate::sql::saved::read_dir(&config.sql.queries_dir);
@@ -281,6 +278,20 @@ fn plan_saved(engine: &SqlEngine) -> Vec<String> {
 }
 
 /// Opens the ingest path: schema, pepper, and the write-ahead log (replayed into dedup).
+/// The data keys that encrypt storage at rest, from the configuration or the data dir.
+fn data_keys(config: &Config) -> Result<KeyRing, RunError> {
+    let privacy = &config.privacy;
+    let file = privacy
+        .data_key_file
+        .clone()
+        .unwrap_or_else(|| config.storage.data_dir.join("keys").join("data"));
+    Ok(KeyRing::from_config(
+        privacy.data_key.as_ref().map(|s| s.expose()),
+        "privacy.data_key",
+        &file,
+    )?)
+}
+
 /// The pseudonymization peppers, from the configuration or the data dir.
 fn peppers(config: &Config) -> Result<KeyRing, RunError> {
     let file = config
@@ -298,6 +309,7 @@ fn peppers(config: &Config) -> Result<KeyRing, RunError> {
 fn open_ingest(
     config: &Config,
     peppers: &KeyRing,
+    sealer: Option<Arc<Sealer>>,
     consent: Option<Arc<ConsentLedger>>,
 ) -> Result<Ingestor, RunError> {
     let ingest = &config.ingest;
@@ -322,6 +334,7 @@ fn open_ingest(
             segment_bytes: ingest.wal_segment_size.0,
             queue: ingest.wal_queue,
             group_bytes: ingest.wal_group_size.as_usize(),
+            sealer,
         },
         dedup_ids: ingest.dedup_event_ids,
         dedup_gaps: ingest.dedup_gaps_per_device,
@@ -415,7 +428,7 @@ pub async fn run(
     tokio::spawn(requests_api::work(
         state.requests.clone(),
         state.consent.clone(),
-        state.ingest.wal().dir().to_path_buf(),
+        state.ingest.wal().clone(),
         state.request_worker.clone(),
     ));
     if !config.experiments.refresh.is_zero() {

@@ -251,7 +251,7 @@ fn not_found() -> ApiError {
 pub async fn work(
     requests: Arc<Requests>,
     consent: Arc<ConsentLedger>,
-    wal_dir: std::path::PathBuf,
+    wal: crate::wal::Wal,
     wake: Arc<Notify>,
 ) {
     // At start, failed requests are retried too; after that, each new one once.
@@ -259,11 +259,11 @@ pub async fn work(
     loop {
         // Only access requests are received today.
         for request in batch.into_iter().filter(|r| r.kind == RequestKind::Access) {
-            let (requests, consent, wal_dir) = (requests.clone(), consent.clone(), wal_dir.clone());
+            let (requests, consent, wal) = (requests.clone(), consent.clone(), wal.clone());
             let outcome = tokio::task::spawn_blocking(move || {
                 let out = requests.export_path(&request.id);
                 let now = now_ms();
-                match write_access_export(&request, &wal_dir, &consent, &out, now) {
+                match write_access_export(&request, &wal, &consent, &out, now) {
                     Ok(events) => requests
                         .complete(&request.id, events, now_ms())
                         .map(|()| "completed"),

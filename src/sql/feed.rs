@@ -93,7 +93,7 @@ struct Feed {
 
 impl Feed {
     fn run(mut self, stop: &AtomicBool) {
-        let mut tail = Tail::new(self.wal.dir(), self.start);
+        let mut tail = Tail::new(self.wal.dir(), self.start).sealed_by(self.wal.sealer().cloned());
         let mut next_expiry = Instant::now();
         let mut roll_after = Instant::now();
         while !stop.load(Ordering::Acquire) {

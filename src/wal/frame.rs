@@ -1,9 +1,10 @@
 //! The on-disk record format. Pure: bytes in, bytes out.
 //!
 //! A frame is `MAGIC (4) | format (1) | length (4, LE) | crc32 of the payload (4, LE) | payload`.
-//! The magic lets recovery find the next frame after a damaged one; the format byte leaves room
-//! for encrypted payloads. A payload is one epoch: `epoch (8, LE) | count (4, LE)` then, per
-//! event, `length (4, LE) | event JSON`.
+//! The magic lets recovery find the next frame after a damaged one; the format byte says
+//! whether the payload is in clear or sealed (encrypted, see `seal`). A payload (once opened)
+//! is one epoch: `epoch (8, LE) | count (4, LE)` then, per event, `length (4, LE) | event
+//! JSON`.
 
 /// Marks the start of every frame.
 pub const MAGIC: [u8; 4] = *b"FSW1";

@@ -6,9 +6,12 @@
 //!
 //! Invariants: an append completes with `Ok` only after its frame is on disk (`fdatasync`);
 //! after a write or sync error the log stops accepting appends (no false acknowledgement);
-//! recovery truncates a torn tail and reports, then skips, damage in the middle.
+//! recovery truncates a torn tail and reports, then skips, damage in the middle. With a
+//! [`Sealer`], records are encrypted at rest (see [`seal`]); a sealed record whose key is
+//! missing stops recovery instead of being skipped.
 
 pub mod frame;
+pub mod seal;
 pub mod tail;
 
 use std::fs::{File, OpenOptions};
@@ -25,6 +28,7 @@ use crate::server::metrics::{
     WAL_FSYNC_DURATION_SECONDS, WAL_QUEUE_DEPTH, WAL_TRUNCATED_BYTES_TOTAL,
 };
 use frame::{Format, Scan};
+use seal::Sealer;
 
 /// The number of a committed WAL batch; timely's timestamp in the pipeline.
 ///
@@ -66,6 +70,14 @@ pub enum WalError {
     /// Too many appends are waiting.
     #[error("the write-ahead log queue is full")]
     Overloaded,
+    /// An intact encrypted record does not open with the configured data keys.
+    #[error(
+        "write-ahead log record {at} is encrypted with a data key that is not configured (or not at all); configure the data keys it was written with (privacy.data_key_file)"
+    )]
+    Key {
+        /// The segment and offset.
+        at: String,
+    },
 }
 
 /// How the log is laid out and batched.
@@ -79,6 +91,9 @@ pub struct WalOptions {
     pub queue: usize,
     /// The most bytes one group commit gathers.
     pub group_bytes: usize,
+    /// Seals new records at rest (AES-256-GCM) and opens sealed ones; `None` writes them
+    /// in clear (sealed records of an earlier run then cannot be read).
+    pub sealer: Option<Arc<Sealer>>,
 }
 
 /// What recovery found.
@@ -109,6 +124,7 @@ pub struct Wal {
     last_epoch: Arc<AtomicU64>,
     clock: Arc<std::sync::Mutex<EpochClock>>,
     dir: PathBuf,
+    sealer: Option<Arc<Sealer>>,
 }
 
 impl Wal {
@@ -119,7 +135,7 @@ impl Wal {
         replay: impl FnMut(Epoch, &[&[u8]]),
     ) -> Result<(Self, Recovery), WalError> {
         std::fs::create_dir_all(&options.dir)?;
-        let recovery = recover(&options.dir, true, replay)?;
+        let recovery = recover(&options.dir, true, options.sealer.as_deref(), replay)?;
         let (tx, rx) = mpsc::channel(options.queue.max(1));
         let stopped = Arc::new(AtomicBool::new(false));
         let last_epoch = Arc::new(AtomicU64::new(recovery.last_epoch.0));
@@ -129,6 +145,7 @@ impl Wal {
             durable: recovery.last_epoch.0,
         }));
         let dir = options.dir.clone();
+        let sealer = options.sealer.clone();
         let writer = Writer {
             clock: clock.clone(),
             segment: Segment::open_last(&options.dir)?,
@@ -146,6 +163,7 @@ impl Wal {
                 last_epoch,
                 clock,
                 dir,
+                sealer,
             },
             recovery,
         ))
@@ -166,6 +184,11 @@ impl Wal {
                 mpsc::error::TrySendError::Closed(_) => WalError::Stopped,
             })?;
         result.await.unwrap_or(Err(WalError::Stopped))
+    }
+
+    /// Returns what seals and opens its records, when they are encrypted.
+    pub fn sealer(&self) -> Option<&Arc<Sealer>> {
+        self.sealer.as_ref()
     }
 
     /// Returns whether the log stopped after a failure.
@@ -352,7 +375,12 @@ impl Writer {
                     .into_iter(),
             );
             frame.clear();
-            frame::encode_frame(&mut frame, Format::Plain, &payload);
+            match &self.options.sealer {
+                Some(sealer) => {
+                    frame::encode_frame(&mut frame, Format::Sealed, &sealer.seal(epoch, &payload))
+                }
+                None => frame::encode_frame(&mut frame, Format::Plain, &payload),
+            }
             let written = self.write(epoch, &frame);
             {
                 let mut clock = self.clock.lock().unwrap_or_else(|p| p.into_inner());
@@ -418,14 +446,30 @@ pub fn segments(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
+/// The epoch and events of a frame's payload, opened first when it is sealed; `None` when
+/// it does not decode (or opens with no key of the ring).
+pub fn read_epoch<'a>(
+    format: Format,
+    payload: &'a [u8],
+    sealer: Option<&Sealer>,
+    scratch: &'a mut Vec<u8>,
+) -> Option<(u64, Vec<&'a [u8]>)> {
+    match format {
+        Format::Plain => frame::decode_epoch(payload),
+        Format::Sealed => frame::decode_epoch(sealer?.open(payload, scratch)?),
+    }
+}
+
 /// Reads every intact epoch of the log in `dir`, in order. With `repair`, a torn tail is cut
 /// off the last segment; without, nothing is changed (for readers other than the writer).
 pub fn recover(
     dir: &Path,
     repair: bool,
+    sealer: Option<&Sealer>,
     mut replay: impl FnMut(Epoch, &[&[u8]]),
 ) -> Result<Recovery, WalError> {
     let mut report = Recovery::default();
+    let mut scratch = Vec::new();
     let paths = segments(dir)?;
     for (index, path) in paths.iter().enumerate() {
         let is_last = index + 1 == paths.len();
@@ -438,14 +482,20 @@ pub fn recover(
                     payload,
                     next,
                 } => {
-                    match (format, frame::decode_epoch(payload)) {
-                        (Format::Plain, Some((epoch, events))) => {
+                    match read_epoch(format, payload, sealer, &mut scratch) {
+                        Some((epoch, events)) => {
                             report.epochs += 1;
                             report.events += events.len() as u64;
                             report.last_epoch = report.last_epoch.max(Epoch(epoch));
                             replay(Epoch(epoch), &events);
                         }
-                        _ => {
+                        // The checksum held, so the bytes are as written: the key is wrong.
+                        None if format == Format::Sealed => {
+                            return Err(WalError::Key {
+                                at: format!("{}@{at}", path.display()),
+                            });
+                        }
+                        None => {
                             report
                                 .damaged
                                 .push(format!("{}@{at} (undecodable record)", path.display()));
@@ -516,12 +566,13 @@ mod tests {
             segment_bytes: 4096,
             queue: 64,
             group_bytes: 1 << 20,
+            sealer: None,
         }
     }
 
     fn read(dir: &Path) -> Vec<(u64, Vec<Vec<u8>>)> {
         let mut out = Vec::new();
-        recover(dir, false, |epoch, events| {
+        recover(dir, false, None, |epoch, events| {
             out.push((epoch.0, events.iter().map(|e| e.to_vec()).collect()))
         })
         .unwrap();

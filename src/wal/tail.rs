@@ -6,8 +6,10 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use super::frame::{self, Format, Scan};
+use super::frame::{self, Scan};
+use super::seal::Sealer;
 use super::{Epoch, first_epoch, segments};
 
 /// Bytes read from a segment at a time, unless one frame needs more.
@@ -21,6 +23,8 @@ pub struct Tail {
     offset: u64,
     delivered: Epoch,
     buffer: Vec<u8>,
+    sealer: Option<Arc<Sealer>>,
+    scratch: Vec<u8>,
 }
 
 impl Tail {
@@ -32,7 +36,15 @@ impl Tail {
             offset: 0,
             delivered,
             buffer: Vec::new(),
+            sealer: None,
+            scratch: Vec::new(),
         }
+    }
+
+    /// Opens sealed records with `sealer` (the log's own, see `Wal::sealer`).
+    pub fn sealed_by(mut self, sealer: Option<Arc<Sealer>>) -> Self {
+        self.sealer = sealer;
+        self
     }
 
     /// Returns the last epoch delivered.
@@ -69,9 +81,12 @@ impl Tail {
                         next,
                     } => {
                         // Damage was reported and counted by recovery when the log opened.
-                        if let (Format::Plain, Some((epoch, batch))) =
-                            (format, frame::decode_epoch(payload))
-                        {
+                        if let Some((epoch, batch)) = super::read_epoch(
+                            format,
+                            payload,
+                            self.sealer.as_deref(),
+                            &mut self.scratch,
+                        ) {
                             if epoch > through.0 {
                                 stop = true;
                                 break;
@@ -197,6 +212,7 @@ mod tests {
             segment_bytes: 2048,
             queue: 64,
             group_bytes: 1 << 20,
+            sealer: None,
         }
     }
 
@@ -218,7 +234,7 @@ mod tests {
     fn frame_of(epoch: u64, event: &str) -> Vec<u8> {
         let mut out = Vec::new();
         let payload = frame::encode_epoch(epoch, [event.as_bytes()].into_iter());
-        frame::encode_frame(&mut out, Format::Plain, &payload);
+        frame::encode_frame(&mut out, frame::Format::Plain, &payload);
         out
     }
 

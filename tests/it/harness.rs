@@ -388,7 +388,11 @@ impl Drop for Process {
 /// Every stored event of the write-ahead log under `data_dir`, as JSON.
 pub fn stored_events(data_dir: &Path) -> Vec<serde_json::Value> {
     let mut events = Vec::new();
-    flagstream::wal::recover(&data_dir.join("wal"), false, |_, records| {
+    // The service's own data key (created in the data dir on first start) opens sealed records.
+    let keys = flagstream::privacy::KeyRing::load_or_create(&data_dir.join("keys").join("data"))
+        .expect("the data key");
+    let sealer = flagstream::wal::seal::Sealer::new(&keys);
+    flagstream::wal::recover(&data_dir.join("wal"), false, Some(&sealer), |_, records| {
         for bytes in records {
             events.push(serde_json::from_slice(bytes).expect("stored events are JSON"));
         }

@@ -896,3 +896,77 @@ async fn an_access_request_exports_everything_held_about_the_child() {
     assert_eq!(state["status"], "completed");
     assert_eq!(export(&service).await, text);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_is_encrypted_at_rest_and_keys_rotate_without_losing_data() {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = test_config(data.path());
+    config.auth.tokens = role_tokens();
+    // The query names nothing of the events: the audit log keeps its text.
+    let count_sql = "SELECT count(*) AS n FROM events";
+    let lessons = |service: &Service, n: usize| {
+        let batch: Vec<Value> = (0..n)
+            .map(|i| {
+                let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                json!({"event_id": format!("enc-{id}"), "user_id": "child-enc", "type": "lesson_completed",
+                    "timestamp": format_rfc3339(now_ms()),
+                    "properties": {"lesson_id": format!("secret-lesson-{i}"), "score": 1}})
+            })
+            .collect();
+        let request = service
+            .http
+            .post(service.url("/v1/batch"))
+            .bearer_auth("client-key")
+            .json(&json!({"batch": batch}));
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+        }
+    };
+    let service = Service::start_config(config.clone()).await;
+    lessons(&service, 20).await;
+    assert_eq!(count(&service, count_sql).await, 20);
+    service.stop().await.unwrap();
+    // Nothing of the events is readable in any file of the data dir.
+    for (path, bytes) in files(data.path()) {
+        let text = String::from_utf8_lossy(&bytes);
+        for clear in ["secret-lesson", "lesson_completed", "child-enc"] {
+            assert!(!text.contains(clear), "{path} holds {clear:?} in clear");
+        }
+    }
+
+    // Rotate: a second key joins the ring; new records use it, old ones still open.
+    let key_file = data.path().join("keys").join("data");
+    let mut ring = std::fs::read_to_string(&key_file).unwrap();
+    let first_key = ring.trim().to_owned();
+    ring.push_str(&format!("\n2 {}\n", "5a".repeat(32)));
+    std::fs::write(&key_file, &ring).unwrap();
+    let service = Service::start_config(config.clone()).await;
+    assert_eq!(
+        count(&service, count_sql).await,
+        20,
+        "records of key 1 after the rotation"
+    );
+    lessons(&service, 5).await;
+    assert_eq!(count(&service, count_sql).await, 25);
+    service.stop().await.unwrap();
+    let service = Service::start_config(config.clone()).await;
+    assert_eq!(
+        count(&service, count_sql).await,
+        25,
+        "records of both keys after a restart"
+    );
+    service.stop().await.unwrap();
+
+    // Dropping the old key while records still need it stops the start, with the reason.
+    std::fs::write(&key_file, format!("2 {}\n", "5a".repeat(32))).unwrap();
+    let service = Service::start_config(config.clone()).await;
+    let err = service
+        .stop()
+        .await
+        .expect_err("records of key 1 cannot be read");
+    assert!(err.to_string().contains("data key"), "{err}");
+    std::fs::write(&key_file, format!("{first_key}\n2 {}\n", "5a".repeat(32))).unwrap();
+    let service = Service::start_config(config).await;
+    assert_eq!(count(&service, count_sql).await, 25);
+}
