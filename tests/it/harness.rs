@@ -323,6 +323,7 @@ pub struct Process {
     child: std::process::Child,
     /// The API address it listens on.
     pub addr: SocketAddr,
+    logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Process {
@@ -349,12 +350,15 @@ impl Process {
             .expect("flagstream runs");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = logs.clone();
         std::thread::spawn(move || {
             let mut sent = false;
             for line in std::io::BufReader::new(stderr)
                 .lines()
                 .map_while(Result::ok)
             {
+                kept.lock().unwrap().push(line.clone());
                 if !sent
                     && let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
                     && event["message"] == "serving the api"
@@ -369,7 +373,12 @@ impl Process {
             .expect("flagstream starts listening within 60 s")
             .parse()
             .expect("a socket address");
-        Self { child, addr }
+        Self { child, addr, logs }
+    }
+
+    /// Every log line the process has written so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
     }
 
     /// Kills the process with SIGKILL and waits for it.

@@ -970,3 +970,106 @@ async fn the_log_is_encrypted_at_rest_and_keys_rotate_without_losing_data() {
     let service = Service::start_config(config).await;
     assert_eq!(count(&service, count_sql).await, 25);
 }
+
+/// Sends one HTTP/1.1 POST of `body` to `path` over a fresh connection and returns the
+/// client's own port (to look for in the logs) and the answer.
+async fn post_raw(addr: std::net::SocketAddr, path: &str, body: &Value) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let port = stream.local_addr().unwrap().port();
+    let body = body.to_string();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    (port, String::from_utf8_lossy(&answer).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_raw_id_or_client_address_reaches_the_logs_redis_or_the_data_dir() {
+    const RAW: &str = "child-logcheck-7";
+    let redis = crate::harness::Redis::start();
+    let data = tempfile::tempdir().unwrap();
+    let url = format!("unix://{}", redis.socket().display());
+    let process = crate::harness::Process::spawn(
+        data.path(),
+        &[
+            ("FLAGSTREAM_REDIS_URL", url.as_str()),
+            ("FLAGSTREAM_TELEMETRY__LOG_FILTER", "debug"),
+        ],
+    );
+    let at = format_rfc3339(now_ms());
+    let batch = json!({"batch": [
+        {"event_id": "log-1", "user_id": RAW, "type": "app_opened", "timestamp": at},
+        {"event_id": "log-2", "user_id": RAW, "type": "lesson_completed", "timestamp": at,
+         "properties": {"lesson_id": "l-1", "score": 1}},
+        {"event_id": "log-3", "user_id": RAW, "type": "no_such_type", "timestamp": at},
+        {"event_id": "log-4", "user_id": RAW, "type": "lesson_completed", "timestamp": "garbage"}
+    ]});
+    let mut ports = Vec::new();
+    let (port, answer) = post_raw(process.addr, "/v1/batch", &batch).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    ports.push(port);
+    let context = json!({"context": {"targetingKey": RAW}});
+    let (port, answer) = post_raw(
+        process.addr,
+        "/ofrep/v1/evaluate/flags/reward-animation",
+        &context,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    ports.push(port);
+    let decision = json!({"subject": RAW, "scope": "analytics", "granted": true, "guardian_id": "guardian-logcheck"});
+    let (port, answer) = post_raw(process.addr, "/v1/consent", &decision).await;
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    ports.push(port);
+    let (port, answer) = post_raw(process.addr, "/v1/batch", &json!({"batch": "nope"})).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    ports.push(port);
+
+    // Wait until the pipeline has written the child's counters to Redis.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut redis_conn = client.get_connection().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let keys = loop {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("fs:*")
+            .query(&mut redis_conn)
+            .unwrap();
+        if keys.iter().any(|k| k.contains(":s:lesson_completed")) {
+            break keys;
+        }
+        assert!(Instant::now() < deadline, "no counters in Redis: {keys:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for key in &keys {
+        assert!(!key.contains(RAW), "a Redis key names the child: {key}");
+        let dump: Vec<u8> = redis::cmd("DUMP").arg(key).query(&mut redis_conn).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&dump).contains(RAW),
+            "Redis value of {key} holds the raw id"
+        );
+    }
+    let logs = process.logs();
+    assert!(logs.len() > 3, "the logs were not captured: {logs:?}");
+    for line in &logs {
+        assert!(
+            !line.contains(RAW) && !line.contains("guardian-logcheck"),
+            "a log line holds a raw id: {line}"
+        );
+        for port in &ports {
+            assert!(
+                !line.contains(&format!(":{port}")),
+                "a log line holds a client address: {line}"
+            );
+        }
+    }
+    drop(process);
+    for (path, bytes) in files(data.path()) {
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(!text.contains(RAW), "{path} holds the raw id");
+    }
+}
