@@ -284,6 +284,9 @@ section! {
         /// Encrypt new write-ahead log records with the data keys (AES-256-GCM). Records
         /// written either way stay readable while the data keys that sealed them are kept.
         pub encrypt_wal: bool = true,
+        /// An access request's export can be downloaded for this long after it is made, then
+        /// it is deleted (a new request makes a new one).
+        pub export_retention: Duration = Duration::from_secs(7 * 86_400),
     }
 }
 

@@ -250,6 +250,24 @@ impl Requests {
         pending
     }
 
+    /// Deletes the exports of access requests completed before `horizon`; returns how many.
+    /// Blocks on the disk.
+    pub fn expire_exports(&self, horizon: i64) -> usize {
+        let expired: Vec<String> = self
+            .requests
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|r| r.kind == RequestKind::Access && r.status == Status::Completed)
+            .filter(|r| r.updated_at.is_some_and(|at| at < horizon))
+            .map(|r| r.id.clone())
+            .collect();
+        expired
+            .iter()
+            .filter(|id| std::fs::remove_file(self.export_path(id)).is_ok())
+            .count()
+    }
+
     /// Where the export of access request `id` is written.
     pub fn export_path(&self, id: &str) -> PathBuf {
         self.exports.join(format!("{id}.ndjson"))
@@ -435,5 +453,18 @@ mod tests {
         let unfinished: Vec<String> = requests.unfinished().into_iter().map(|r| r.id).collect();
         assert_eq!(unfinished, [access.id]);
         assert!(requests.get("dsr-nope").is_none());
+
+        // Exports of requests completed before the horizon are deleted, others kept.
+        std::fs::create_dir_all(dir.path().join("exports")).unwrap();
+        std::fs::write(requests.export_path(&done.id), "{}").unwrap();
+        assert_eq!(
+            requests.expire_exports(4_000),
+            0,
+            "completed at 4,000: not before it"
+        );
+        assert!(requests.export_path(&done.id).exists());
+        assert_eq!(requests.expire_exports(4_001), 1);
+        assert!(!requests.export_path(&done.id).exists());
+        assert_eq!(requests.expire_exports(9_999), 0, "already gone");
     }
 }

@@ -30,6 +30,8 @@ pub enum ErrorCode {
     NotAcceptable,
     /// The resource is not in a state that allows this yet.
     Conflict,
+    /// The resource existed and was deleted on purpose.
+    Gone,
     /// A content type or encoding the route does not take.
     UnsupportedMediaType,
     /// Too many requests for this key.
@@ -60,6 +62,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
             ErrorCode::Conflict => StatusCode::CONFLICT,
+            ErrorCode::Gone => StatusCode::GONE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
@@ -81,6 +84,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::NotAcceptable => "not_acceptable",
             ErrorCode::Conflict => "conflict",
+            ErrorCode::Gone => "gone",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Overloaded => "overloaded",
@@ -105,7 +109,8 @@ pub struct ApiError {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
     /// A stable code: invalid_request, unauthorized, forbidden, not_found,
-    /// method_not_allowed, payload_too_large, not_acceptable, conflict, unsupported_media_type,
+    /// method_not_allowed, payload_too_large, not_acceptable, conflict, gone,
+    /// unsupported_media_type,
     /// rate_limited, not_implemented,
     /// overloaded, timeout, query_timeout, query_resources_exhausted or internal_error.
     pub error: &'static str,

@@ -405,6 +405,8 @@ pub async fn run(
     let counters = state.counters.clone();
     let audit = state.audit.clone();
     let audit_at_stop = state.audit.clone();
+    let requests = state.requests.clone();
+    let export_retention = config.privacy.export_retention;
     let gauge_cap = config.pipeline.experiment_gauges;
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
@@ -417,8 +419,13 @@ pub async fn run(
                 break;
             }
             handle.run_upkeep();
-            let audit = audit.clone();
-            let _ = tokio::task::spawn_blocking(move || audit.sync()).await;
+            let (audit, requests) = (audit.clone(), requests.clone());
+            let horizon = ingest_api::now_ms() - export_retention.as_millis() as i64;
+            let _ = tokio::task::spawn_blocking(move || {
+                audit.sync();
+                requests.expire_exports(horizon);
+            })
+            .await;
             if let CounterStore::Embedded(store) = &counters {
                 store.expire(ingest_api::now_ms());
             }

@@ -63,15 +63,28 @@ pub struct RequestView {
     /// Why the last attempt failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// Where to download the export, once an access request is completed.
+    /// Where to download the export, once an access request is completed and until it
+    /// expires.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub download: Option<String>,
+    /// When the export is (or was) deleted: `privacy.export_retention` after completion.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub export_expires_at: Option<String>,
 }
 
-impl From<Request> for RequestView {
-    fn from(request: Request) -> Self {
-        let download = (request.kind == RequestKind::Access && request.status == Status::Completed)
-            .then(|| format!("/v1/privacy/requests/{}/export", request.id));
+/// When the export of a completed access request expires.
+fn export_expiry(state: &AppState, request: &Request) -> Option<i64> {
+    let keep = state.config.privacy.export_retention.as_millis() as i64;
+    (request.kind == RequestKind::Access && request.status == Status::Completed)
+        .then_some(request.updated_at?.saturating_add(keep))
+}
+
+impl RequestView {
+    fn of(state: &AppState, request: Request) -> Self {
+        let expires = export_expiry(state, &request);
+        let download = expires
+            .filter(|at| *at > now_ms())
+            .map(|_| format!("/v1/privacy/requests/{}/export", request.id));
         Self {
             subject: request.subjects[0].clone(),
             id: request.id,
@@ -83,6 +96,7 @@ impl From<Request> for RequestView {
             events: request.events,
             reason: request.reason,
             download,
+            export_expires_at: expires.map(format_rfc3339),
         }
     }
 }
@@ -154,7 +168,7 @@ async fn receive(
     metrics::counter!(PRIVACY_REQUESTS_TOTAL, "type" => "access", "outcome" => "received")
         .increment(1);
     state.request_worker.notify_one();
-    Ok((StatusCode::ACCEPTED, Json(received.into())))
+    Ok((StatusCode::ACCEPTED, Json(RequestView::of(state, received))))
 }
 
 /// A data-subject request and where it stands.
@@ -171,7 +185,7 @@ pub async fn show(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<RequestView>, ApiError> {
-    let result = find(&state, &id).map(|r| Json(r.into()));
+    let result = find(&state, &id).map(|r| Json(RequestView::of(&state, r)));
     let status = audit::status_of(&result);
     let detail = if status == 200 { id.as_str() } else { "" };
     state
@@ -190,7 +204,8 @@ pub async fn show(
         (status = 401, description = "Missing or unknown token.", body = ErrorBody),
         (status = 403, description = "Not a privacy token.", body = ErrorBody),
         (status = 404, description = "No access request of that id.", body = ErrorBody),
-        (status = 409, description = "The request is not completed yet.", body = ErrorBody)))]
+        (status = 409, description = "The request is not completed yet.", body = ErrorBody),
+        (status = 410, description = "The export expired and was deleted.", body = ErrorBody)))]
 pub async fn export(
     caller: Authorized<Privacy>,
     State(state): State<AppState>,
@@ -214,6 +229,15 @@ async fn open_export(state: &AppState, id: &str) -> Result<Response, ApiError> {
         return Err(ApiError::new(
             ErrorCode::Conflict,
             "the export is not ready: GET the request until its status is completed",
+        ));
+    }
+    if let Some(expired) = export_expiry(state, &request).filter(|at| *at <= now_ms()) {
+        return Err(ApiError::new(
+            ErrorCode::Gone,
+            format!(
+                "the export was deleted at {}; submit a new access request",
+                format_rfc3339(expired)
+            ),
         ));
     }
     // One child's export: read whole (bounded by what is held about one child).

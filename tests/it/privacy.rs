@@ -1073,3 +1073,62 @@ async fn no_raw_id_or_client_address_reaches_the_logs_redis_or_the_data_dir() {
         assert!(!text.contains(RAW), "{path} holds the raw id");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_export_is_gone_and_deleted() {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = test_config(data.path());
+    config.auth.tokens = role_tokens();
+    config.privacy.export_retention = Duration::from_millis(1);
+    let service = Service::start_config(config).await;
+    ingest(&service, &[(Some("child-expiry"), "app_opened")]).await;
+    let body = json!({"type": "access", "subject": "child-expiry"});
+    let (status, received) = send(
+        &service,
+        "privacy-key",
+        reqwest::Method::POST,
+        "/v1/privacy/requests",
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let id = received["id"].as_str().unwrap().to_owned();
+    let path = format!("/v1/privacy/requests/{id}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let done = loop {
+        let (_, state) = send(&service, "privacy-key", reqwest::Method::GET, &path, None).await;
+        if state["status"] == "completed" {
+            break state;
+        }
+        assert!(Instant::now() < deadline, "never completed: {state}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        done.get("download").is_none(),
+        "an expired export is offered: {done}"
+    );
+    assert!(done["export_expires_at"].is_string(), "{done}");
+    let (status, answer) = send(
+        &service,
+        "privacy-key",
+        reqwest::Method::GET,
+        &format!("{path}/export"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 410, "{answer}");
+    assert_eq!(answer["error"], "gone");
+    // The upkeep deletes the file.
+    let file = data
+        .path()
+        .join("privacy")
+        .join("exports")
+        .join(format!("{id}.ndjson"));
+    while file.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the expired export stays on disk"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
