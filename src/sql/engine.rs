@@ -371,9 +371,10 @@ impl<T> std::future::Future for AbortOnDrop<T> {
     }
 }
 
-/// Runs SQL threads at a lower scheduling priority, so a heavy query yields the cores to
-/// ingest and flag evaluation.
-fn lower_priority() {
+/// Lowers the calling thread's scheduling priority (nice 10), so that work the write-ahead log
+/// buffers (the SQL window) or that analysts wait for (queries) yields the cores to ingest and
+/// flag evaluation.
+pub(crate) fn lower_priority() {
     #[cfg(target_os = "linux")]
     // SAFETY: setpriority with PRIO_PROCESS and who = 0 changes only the calling thread on
     // Linux (threads are tasks); it touches no memory.

@@ -65,7 +65,11 @@ impl Feeder {
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("sql-feeder".into())
-            .spawn(move || feed.run(&flag))?;
+            .spawn(move || {
+                // The window follows the log, which buffers it: ingest comes first.
+                super::engine::lower_priority();
+                feed.run(&flag)
+            })?;
         Ok(Self {
             stop,
             thread: Some(thread),
