@@ -120,6 +120,16 @@ impl ConsentBook {
         self.decision(subject, scope).map(|d| (d.granted, d.at))
     }
 
+    /// Returns the decision in force over several names of one subject (its pseudonyms under
+    /// several pepper versions): the latest by time, then by ledger order.
+    pub fn latest(&self, names: &[String], scope: ConsentScope) -> Option<(bool, i64)> {
+        names
+            .iter()
+            .filter_map(|name| self.decision(name, scope))
+            .max_by_key(|d| (d.at, d.seq))
+            .map(|d| (d.granted, d.at))
+    }
+
     /// Returns every record of `subject`, in ledger order.
     pub fn history(&self, subject: &str) -> &[ConsentRecord] {
         self.history.get(subject).map_or(&[], Vec::as_slice)
@@ -179,6 +189,34 @@ mod tests {
         assert!(book.history("p1_other").is_empty());
         assert_eq!(book.last_seq(), 4);
         assert_eq!(book.subjects(), 1);
+    }
+
+    #[test]
+    fn across_pepper_versions_the_latest_decision_counts() {
+        let mut book = ConsentBook::default();
+        let mut old = record(1, ConsentScope::Analytics, true, 100);
+        old.subject = "p1_child".into();
+        let mut new = record(2, ConsentScope::Analytics, false, 100);
+        new.subject = "p2_child".into();
+        // A later record of another scope under the old name must not win the tie.
+        let mut other = record(3, ConsentScope::Experiments, true, 100);
+        other.subject = "p1_child".into();
+        for r in [old, new, other] {
+            book.apply(r);
+        }
+        let names = ["p2_child".to_owned(), "p1_child".to_owned()];
+        assert_eq!(
+            book.latest(&names, ConsentScope::Analytics),
+            Some((false, 100))
+        );
+        assert_eq!(
+            book.latest(&names, ConsentScope::Experiments),
+            Some((true, 100))
+        );
+        assert_eq!(
+            book.latest(&["p9_x".to_owned()], ConsentScope::Analytics),
+            None
+        );
     }
 
     #[test]

@@ -93,7 +93,8 @@ impl ConsentLedger {
         if self.peppers.len() == 1 {
             return book.allows(pseudonym, scope);
         }
-        latest(&book, &self.pseudonyms(user_id), scope).is_some_and(|(granted, _)| granted)
+        book.latest(&self.pseudonyms(user_id), scope)
+            .is_some_and(|(granted, _)| granted)
     }
 
     /// Returns whether `user_id` has a grant in force for `scope` (pseudonymizing it here).
@@ -119,7 +120,7 @@ impl ConsentLedger {
             subject: names[0].clone(),
             in_force: ConsentScope::ALL
                 .iter()
-                .map(|scope| (*scope, latest(&book, &names, *scope)))
+                .map(|scope| (*scope, book.latest(&names, *scope)))
                 .collect(),
             history,
         }
@@ -140,18 +141,6 @@ impl ConsentLedger {
     fn book(&self) -> std::sync::RwLockReadGuard<'_, ConsentBook> {
         self.book.read().unwrap_or_else(|p| p.into_inner())
     }
-}
-
-/// The newest decision over several names of one subject.
-fn latest(book: &ConsentBook, names: &[String], scope: ConsentScope) -> Option<(bool, i64)> {
-    names
-        .iter()
-        .filter_map(|name| {
-            let seq = book.history(name).last().map_or(0, |r| r.seq);
-            book.in_force(name, scope).map(|d| (d, seq))
-        })
-        .max_by_key(|((_, at), seq)| (*at, *seq))
-        .map(|(decision, _)| decision)
 }
 
 /// Whether `text` has the shape of a pseudonym: `p<version>_` and 32 hex characters.

@@ -31,6 +31,16 @@ pub enum RequestKind {
     Erasure,
 }
 
+impl RequestKind {
+    /// The kind's name in requests and answers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestKind::Access => "access",
+            RequestKind::Erasure => "erasure",
+        }
+    }
+}
+
 /// One entry of the requests journal.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "record", rename_all = "snake_case")]

@@ -122,7 +122,7 @@ pub async fn submit(
     let result = receive(&state, body).await;
     let (detail, status) = match &result {
         Ok((status, Json(view))) => (
-            format!("{} {:?} {}", view.id, view.kind, view.subject).to_lowercase(),
+            format!("{} {} {}", view.id, view.kind.as_str(), view.subject),
             status.as_u16(),
         ),
         Err(err) => (String::new(), err.code().status().as_u16()),

@@ -536,44 +536,32 @@ async fn sql_privacy_and_admin_actions_are_audited_without_raw_ids() {
     });
     config.auth.tokens = tokens;
     let service = Service::start_config(config).await;
-    let post = reqwest::Method::POST;
-    let get = reqwest::Method::GET;
-    let (status, _) = send(
-        &service,
-        "analyst-key",
-        post.clone(),
-        "/v1/sql",
-        Some(json!({"sql": "SELECT 42 AS answer"})),
-    )
-    .await;
-    assert_eq!(status, 200);
-    let (status, _) = send(
-        &service,
-        "analyst-key",
-        post.clone(),
-        "/v1/sql",
-        Some(json!({"sql": "SELEC nope"})),
-    )
-    .await;
-    assert_eq!(status, 400);
-    let (status, _) = send(
-        &service,
-        "analyst-key",
-        get.clone(),
-        "/v1/queries/events_per_platform?hours=2",
-        None,
-    )
-    .await;
-    assert_eq!(status, 200);
-    let (status, _) = send(
-        &service,
-        "analyst-key",
-        get.clone(),
-        "/v1/experiments/reward-animation/results",
-        None,
-    )
-    .await;
-    assert_eq!(status, 200);
+    let (post, get) = (reqwest::Method::POST, reqwest::Method::GET);
+    let analyst_calls = [
+        (
+            post.clone(),
+            "/v1/sql",
+            Some(json!({"sql": "SELECT 42 AS answer"})),
+            200,
+        ),
+        (post, "/v1/sql", Some(json!({"sql": "SELEC nope"})), 400),
+        (
+            get.clone(),
+            "/v1/queries/events_per_platform?hours=2",
+            None,
+            200,
+        ),
+        (
+            get.clone(),
+            "/v1/experiments/reward-animation/results",
+            None,
+            200,
+        ),
+    ];
+    for (method, path, body, expected) in analyst_calls {
+        let (status, answer) = send(&service, "analyst-key", method, path, body).await;
+        assert_eq!(status, expected, "{path}: {answer}");
+    }
     let granted = consent(&service, "child-audit", "analytics", true).await;
     let pseudonym = granted["subject"].as_str().unwrap().to_owned();
     let (status, _) = send(
@@ -585,14 +573,8 @@ async fn sql_privacy_and_admin_actions_are_audited_without_raw_ids() {
     )
     .await;
     assert_eq!(status, 200);
-    let response = service
-        .http
-        .get(service.url("/v1/admin/config"))
-        .bearer_auth("admin-key")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    let (status, _) = send(&service, "admin-key", get, "/v1/admin/config", None).await;
+    assert_eq!(status, 200);
     service.stop().await.unwrap();
 
     let text = std::fs::read_to_string(data.path().join("audit").join("audit.log")).unwrap();
