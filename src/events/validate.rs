@@ -68,6 +68,8 @@ pub enum RejectReason {
     TooOld,
     /// The subject has not given the consent the project requires.
     NoConsent,
+    /// The subject's data was erased at the family's request.
+    Erased,
 }
 
 impl RejectReason {
@@ -83,11 +85,12 @@ impl RejectReason {
             RejectReason::InvalidTimestamp => "invalid_timestamp",
             RejectReason::TooOld => "too_old",
             RejectReason::NoConsent => "no_consent",
+            RejectReason::Erased => "erased",
         }
     }
 
     /// Every reason, for metrics.
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::Malformed,
         RejectReason::TooLarge,
         RejectReason::MissingField,
@@ -97,6 +100,7 @@ impl RejectReason {
         RejectReason::InvalidTimestamp,
         RejectReason::TooOld,
         RejectReason::NoConsent,
+        RejectReason::Erased,
     ];
 }
 

@@ -20,6 +20,7 @@ use crate::events::schema::EXPOSURE_TYPE;
 use crate::events::time::Millis;
 use crate::events::{Event, Limits, Rejection, Schema, validate};
 use crate::flags::exposure::Exposure;
+use crate::privacy::erasure::Suppressions;
 use crate::privacy::{ConsentLedger, ConsentScope, Pepper};
 use crate::server::metrics::{
     DEDUP_DEVICES, DEDUP_EVENT_IDS, EVENTS_TOTAL, EXPOSURES_TOTAL, FIELDS_DROPPED_TOTAL,
@@ -89,6 +90,8 @@ pub struct IngestOptions {
     /// The consent gate: when set, events of a subject without a grant in force for the
     /// scope they need are not stored (rejected `no_consent`, and counted).
     pub consent: Option<Arc<ConsentLedger>>,
+    /// The subjects under erasure, whose events are refused.
+    pub suppressions: Arc<Suppressions>,
 }
 
 /// The ingest path.
@@ -97,6 +100,7 @@ pub struct Ingestor {
     limits: Limits,
     pepper: Pepper,
     consent: Option<Arc<ConsentLedger>>,
+    suppressions: Arc<Suppressions>,
     dedup: Mutex<Dedup>,
     wal: Wal,
 }
@@ -127,6 +131,7 @@ impl Ingestor {
                 limits: options.limits,
                 pepper: options.pepper,
                 consent: options.consent,
+                suppressions: options.suppressions,
                 dedup: Mutex::new(dedup),
                 wal,
             },
@@ -142,6 +147,26 @@ impl Ingestor {
     /// Returns the write-ahead log.
     pub fn wal(&self) -> &Wal {
         &self.wal
+    }
+
+    /// Returns the subjects under erasure.
+    pub fn suppressions(&self) -> &Arc<Suppressions> {
+        &self.suppressions
+    }
+
+    /// Forgets the event ids of erased events, so the dedup state keeps nothing of them.
+    /// Per-device sequence marks stay: a device may be shared by several children, and its
+    /// marks say nothing about one of them (a resend of an erased event is refused by the
+    /// suppression list instead).
+    pub fn forget_erased(&self, events: &[Event]) {
+        let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
+        for event in events
+            .iter()
+            .filter(|e| e.device_id.is_none() || e.seq.is_none())
+        {
+            dedup.forget(event);
+        }
+        publish_dedup(&dedup);
     }
 
     /// Validates, pseudonymizes, deduplicates and stores `events`; completes once the new
@@ -183,6 +208,13 @@ impl Ingestor {
                     let mut event = valid.event;
                     if let Some(user_id) = &valid.user_id {
                         let subject = self.pepper.pseudonymize(user_id).0;
+                        if self.suppressions.hides(&subject, event.event_time) {
+                            outcomes.push(Outcome::Rejected(Rejection::new(
+                                RejectReason::Erased,
+                                "this user's data was erased at the family's request; events from before the request are not kept",
+                            )));
+                            continue;
+                        }
                         if let Some(gate) = &self.consent {
                             let scope = ConsentScope::needed_by(&event.event_type);
                             if !gate.allows(user_id, &subject, scope) {
@@ -284,9 +316,19 @@ impl Ingestor {
     /// Stores already-built events (server-side exposures), deduplicated like any other.
     pub async fn store_internal(
         &self,
-        events: Vec<Event>,
+        mut events: Vec<Event>,
         transport: Transport,
     ) -> Result<usize, IngestError> {
+        events.retain(|e| {
+            let hidden = e
+                .subject
+                .as_deref()
+                .is_some_and(|s| self.suppressions.hides(s, e.event_time));
+            if hidden {
+                metrics::counter!(EXPOSURES_TOTAL, "outcome" => "erased").increment(1);
+            }
+            !hidden
+        });
         let mut outcomes = vec![Outcome::Ok; events.len()];
         let stored = self.store(events, &mut outcomes).await?;
         count_outcomes(&outcomes, transport);

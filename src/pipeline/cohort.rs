@@ -142,6 +142,14 @@ impl Assignments {
         Some(assignment)
     }
 
+    /// Forgets the assignments of `subjects` (erased); returns how many subjects had any.
+    pub fn forget(&mut self, subjects: &std::collections::HashSet<u64>) -> usize {
+        subjects
+            .iter()
+            .filter(|s| self.by_subject.remove(s).is_some())
+            .count()
+    }
+
     /// Returns the subjects known.
     pub fn subjects(&self) -> usize {
         self.by_subject.len()

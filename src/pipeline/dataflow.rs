@@ -12,10 +12,10 @@
 //! Operators hold a capability for each cell until its counters are written (and the
 //! assignments it created are on disk), so the probe's frontier is a safe checkpoint.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use timely::container::CapacityContainerBuilder;
@@ -82,6 +82,10 @@ struct Shared {
     abandoned: AtomicBool,
     /// The last epoch whose counters are written on every worker.
     flushed: AtomicU64,
+    /// Erased subjects whose assignments every worker must forget.
+    forgotten: Mutex<HashSet<u64>>,
+    /// Bumped with each erasure, so workers look at `forgotten` only when it changed.
+    forget_generation: AtomicU64,
 }
 
 /// A running pipeline.
@@ -130,6 +134,8 @@ impl Pipeline {
             stop: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),
             flushed: AtomicU64::new(start.0),
+            forgotten: Mutex::default(),
+            forget_generation: AtomicU64::new(0),
         });
         let in_thread = shared.clone();
         // Joining the cluster blocks until every peer is up; the service does not wait for it.
@@ -160,6 +166,13 @@ impl Pipeline {
         Epoch(self.shared.flushed.load(Ordering::Acquire))
     }
 
+    /// Returns a handle that erases subjects' assignments (see [`Forgetter::forget`]).
+    pub fn forgetter(&self) -> Forgetter {
+        Forgetter {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Stops reading, writes what was read, checkpoints and waits for the threads.
     pub fn stop(mut self) {
         self.shared.stop.store(true, Ordering::Release);
@@ -172,6 +185,31 @@ impl Pipeline {
 impl Drop for Pipeline {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
+    }
+}
+
+/// Erases subjects from a running pipeline's state.
+#[derive(Clone)]
+pub struct Forgetter {
+    shared: Arc<Shared>,
+}
+
+impl Forgetter {
+    /// Erasure: makes every worker forget the experiment assignments of `subjects` (by
+    /// subject hash), in memory at its next step and in its assignment log; returns the log
+    /// lines removed. Blocks on the disk.
+    pub fn forget(&self, subjects: &[u64]) -> std::io::Result<usize> {
+        let all = {
+            let mut forgotten = self
+                .shared
+                .forgotten
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            forgotten.extend(subjects.iter().copied());
+            forgotten.clone()
+        };
+        self.shared.forget_generation.fetch_add(1, Ordering::AcqRel);
+        AssignmentLog::forget(&self.shared.options.state_dir, &all)
     }
 }
 
@@ -225,7 +263,22 @@ fn run_worker(worker: &mut Worker, shared: &Arc<Shared>) {
                     let mut stash: BTreeMap<u64, (Capability<u64>, Vec<PipelineEvent>)> =
                         BTreeMap::new();
                     let mut cells: BTreeMap<u64, (Capability<u64>, Aggregate)> = BTreeMap::new();
+                    let mut forgotten_seen = 0;
                     move |(input, frontier), output| {
+                        let generation =
+                            attribute_shared.forget_generation.load(Ordering::Acquire);
+                        if generation != forgotten_seen {
+                            forgotten_seen = generation;
+                            let forgotten = attribute_shared
+                                .forgotten
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .clone();
+                            assignments.forget(&forgotten);
+                            if let Some(log) = &mut log {
+                                log.forget_unwritten(&forgotten);
+                            }
+                        }
                         input.for_each_stamp(|cap, data| {
                             let Some(&time) = cap.least() else { return };
                             let Some(retained) = cap.retain_least(output.output_index()) else {

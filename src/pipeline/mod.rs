@@ -12,5 +12,5 @@ pub mod state;
 pub mod window;
 
 pub use cohort::CohortKey;
-pub use dataflow::{Pipeline, PipelineError, PipelineOptions};
+pub use dataflow::{Forgetter, Pipeline, PipelineError, PipelineOptions};
 pub use window::{Window, WindowStart};

@@ -5,6 +5,7 @@
 //! user id, and nothing from a subject without granted consent (where the project requires it).
 
 pub mod consent;
+pub mod erasure;
 pub mod journal;
 pub mod keys;
 pub mod ledger;

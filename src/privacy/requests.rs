@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::erasure::{is_reference, reference};
 use super::journal::{Journal, JournalError};
 use super::keys::KeyRing;
 use super::ledger::{ConsentLedger, is_pseudonym};
@@ -114,6 +115,38 @@ pub struct Request {
 }
 
 impl Request {
+    /// Returns whether this is an access request whose subject was erased since (its export
+    /// is gone with the subject's data).
+    pub fn erased(&self) -> bool {
+        self.kind == RequestKind::Access && self.subjects.iter().all(|s| is_reference(s))
+    }
+
+    /// The journal records that rebuild this request as it stands.
+    fn records(&self) -> Vec<RequestRecord> {
+        let mut records = vec![RequestRecord::Received {
+            id: self.id.clone(),
+            kind: self.kind,
+            subjects: self.subjects.clone(),
+            received_at: self.received_at,
+            due: self.due,
+        }];
+        let at = self.updated_at.unwrap_or(self.received_at);
+        match self.status {
+            Status::Pending => {}
+            Status::Completed => records.push(RequestRecord::Completed {
+                id: self.id.clone(),
+                at,
+                events: self.events.unwrap_or(0),
+            }),
+            Status::Failed => records.push(RequestRecord::Failed {
+                id: self.id.clone(),
+                at,
+                reason: self.reason.clone().unwrap_or_default(),
+            }),
+        }
+        records
+    }
+
     fn apply(requests: &mut BTreeMap<String, Request>, record: RequestRecord) {
         match record {
             RequestRecord::Received {
@@ -161,6 +194,9 @@ pub struct Requests {
     requests: RwLock<BTreeMap<String, Request>>,
     peppers: Vec<Pepper>,
     exports: PathBuf,
+    /// The pseudonyms of the erasure requests received by this process (the journal holds
+    /// only their references).
+    erasing: Mutex<HashMap<String, Vec<String>>>,
 }
 
 impl Requests {
@@ -176,6 +212,7 @@ impl Requests {
             requests: RwLock::new(requests),
             peppers: Pepper::every(peppers),
             exports: dir.join("exports"),
+            erasing: Mutex::default(),
         }))
     }
 
@@ -187,7 +224,7 @@ impl Requests {
         subject: &str,
         now: i64,
     ) -> Result<Request, JournalError> {
-        let subjects = if is_pseudonym(subject) {
+        let names: Vec<String> = if is_pseudonym(subject) {
             vec![subject.to_owned()]
         } else {
             self.peppers
@@ -196,6 +233,11 @@ impl Requests {
                 .collect()
         };
         let id = format!("dsr-{}", uuid::Uuid::new_v4().simple());
+        let subjects = match kind {
+            RequestKind::Access => names.clone(),
+            // The journal of an erasure must not keep the names it erases.
+            RequestKind::Erasure => names.iter().map(|n| reference(n)).collect(),
+        };
         self.record(RequestRecord::Received {
             id: id.clone(),
             kind,
@@ -203,7 +245,62 @@ impl Requests {
             received_at: now,
             due: one_month_after(now),
         })?;
+        if kind == RequestKind::Erasure {
+            let mut erasing = self.erasing.lock().unwrap_or_else(|p| p.into_inner());
+            erasing.insert(id.clone(), names);
+        }
         Ok(self.get(&id).expect("just recorded"))
+    }
+
+    /// Returns the pseudonyms of erasure request `id` when this process received it (after a
+    /// restart only its references are known).
+    pub fn pseudonyms_of(&self, id: &str) -> Vec<String> {
+        let erasing = self.erasing.lock().unwrap_or_else(|p| p.into_inner());
+        erasing.get(id).cloned().unwrap_or_default()
+    }
+
+    /// Makes the journal forget the subjects of `references`: the access requests about them
+    /// keep only their references, and their exports are deleted. Rewrites the journal when
+    /// anything changed; returns how many requests were changed. Blocks on the disk.
+    pub fn forget(&self, references: &HashSet<String>) -> Result<usize, JournalError> {
+        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        let mut requests = self.requests.write().unwrap_or_else(|p| p.into_inner());
+        let mut changed = Vec::new();
+        for request in requests.values_mut() {
+            if request.kind == RequestKind::Access
+                && request
+                    .subjects
+                    .iter()
+                    .any(|name| references.contains(&reference(name)))
+            {
+                request.subjects = request.subjects.iter().map(|n| reference(n)).collect();
+                changed.push(request.id.clone());
+            }
+        }
+        if changed.is_empty() {
+            return Ok(0);
+        }
+        let mut ordered: Vec<&Request> = requests.values().collect();
+        ordered.sort_by_key(|r| r.received_at);
+        let records: Vec<RequestRecord> = ordered.into_iter().flat_map(Request::records).collect();
+        journal.rewrite(&records)?;
+        for id in &changed {
+            match std::fs::remove_file(self.export_path(id)) {
+                Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::error!(error = %err, id = %id, "an export of an erased subject could not be deleted");
+                }
+                _ => {}
+            }
+        }
+        Ok(changed.len())
+    }
+
+    /// Returns every request, oldest first.
+    pub fn all(&self) -> Vec<Request> {
+        let requests = self.requests.read().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<Request> = requests.values().cloned().collect();
+        all.sort_by_key(|r| r.received_at);
+        all
     }
 
     /// Marks a request carried out. Blocks on the disk.

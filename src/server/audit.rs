@@ -58,12 +58,13 @@ impl AuditLog {
     /// Records that `who` did `action` (with `detail`), answered with `status`. A failed
     /// write is logged and counted; it does not fail the action.
     pub fn record(&self, who: &Principal, action: &str, detail: &str, status: u16) {
+        let detail = crate::privacy::erasure::redact(detail);
         let entry = Entry {
             at: format_rfc3339(now_ms()),
             who: &who.name,
             role: who.role.as_str(),
             action,
-            detail: cap(detail),
+            detail: cap(&detail),
             status,
         };
         let mut line = serde_json::to_vec(&entry).expect("entries serialize");

@@ -129,7 +129,9 @@ pub async fn record(
             (
                 format!(
                     "{} {} {decision} seq {}",
-                    entry.subject, entry.scope, entry.seq
+                    super::requests_api::as_reference(&entry.subject),
+                    entry.scope,
+                    entry.seq
                 ),
                 status.as_u16(),
             )
@@ -214,9 +216,12 @@ pub async fn show(
         return Err(err);
     }
     let found = state.consent.consents_of(&subject);
-    state
-        .audit
-        .record(&caller.principal, "consent.read", &found.subject, 200);
+    state.audit.record(
+        &caller.principal,
+        "consent.read",
+        &super::requests_api::as_reference(&found.subject),
+        200,
+    );
     let mut consents = Consents::default();
     for (scope, decision) in found.in_force {
         let in_force = decision.map(|(granted, at)| InForce {

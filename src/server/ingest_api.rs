@@ -77,7 +77,7 @@ pub struct EventResult {
     /// `ok` (durable), `duplicate` (seen before, not stored again) or `rejected`.
     pub status: &'static str,
     /// Why it was rejected: malformed, too_large, missing_field, invalid_field, wrong_type,
-    /// unknown_type, invalid_timestamp, too_old or no_consent.
+    /// unknown_type, invalid_timestamp, too_old, no_consent or erased.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
     /// Which field, and what is wrong.

@@ -239,7 +239,7 @@ fn describe() {
     );
     metrics::describe_counter!(
         EXPOSURES_TOTAL,
-        "Server-side experiment exposures by outcome (stored, failed, dropped)."
+        "Server-side experiment exposures by outcome (stored, failed, dropped, no_consent, erased)."
     );
     metrics::describe_counter!(
         EVENTS_TOTAL,

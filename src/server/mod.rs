@@ -39,6 +39,7 @@ use crate::events::{Limits, Schema};
 use crate::flags::{FlagStore, Snapshot};
 use crate::ingest::{IngestExposureSink, IngestOptions, Ingestor};
 use crate::pipeline::{Pipeline, PipelineOptions};
+use crate::privacy::erasure::Suppressions;
 use crate::privacy::{ConsentLedger, KeyRing, Pepper};
 use crate::sql::feed::{FeedOptions, Feeder};
 use crate::sql::table::RecentEvents;
@@ -180,7 +181,18 @@ impl AppState {
             .privacy
             .encrypt_wal
             .then(|| Arc::new(Sealer::new(&data_keys)));
-        let ingest = Arc::new(open_ingest(config, &peppers, sealer, gate.clone())?);
+        let suppressions = Arc::new(Suppressions::from_requests(
+            &requests.all(),
+            ingest_api::now_ms(),
+            config.ingest.late_horizon.as_millis() as i64,
+        ));
+        let ingest = Arc::new(open_ingest(
+            config,
+            &peppers,
+            sealer,
+            gate.clone(),
+            suppressions.clone(),
+        )?);
         let flags = FlagStore::load(config.flags.dir.clone());
         let exposures = flags_api::Exposures::new(
             config.flags.exposure_dedup_capacity,
@@ -188,7 +200,8 @@ impl AppState {
             gate,
         );
         let wal = ingest.wal().clone();
-        let sql = open_sql(config, data_keys)?.read_your_writes(move || wal.last_epoch().0);
+        let sql =
+            open_sql(config, data_keys, suppressions)?.read_your_writes(move || wal.last_epoch().0);
         Ok(Self {
             config: Arc::new(config.clone()),
             tokens: auth::Tokens::new(&config.auth.tokens),
@@ -212,12 +225,16 @@ impl AppState {
 
 /// Opens the SQL engine: data keys, the segments on disk, the saved queries (every one must
 /// plan against the tables).
-fn open_sql(config: &Config, keys: KeyRing) -> Result<SqlEngine, RunError> {
+fn open_sql(
+    config: &Config,
+    keys: KeyRing,
+    suppressions: Arc<Suppressions>,
+) -> Result<SqlEngine, RunError> {
     let data_dir = &config.storage.data_dir;
     let segments = crate::sql::segments::list(&data_dir.join("sql"))
         .map_err(|e| RunError::Sql(e.to_string()))?;
     let (saved, problems) = crate::sql::saved::read_dir(&config.sql.queries_dir);
-    let events = Arc::new(RecentEvents::new(segments, keys));
+    let events = Arc::new(RecentEvents::new(segments, keys).hiding(suppressions));
     let engine = SqlEngine::new(events, saved, sql_options(config))
         .map_err(|e| RunError::Sql(e.to_string()))?;
     let problems: Vec<String> = problems
@@ -311,6 +328,7 @@ fn open_ingest(
     peppers: &KeyRing,
     sealer: Option<Arc<Sealer>>,
     consent: Option<Arc<ConsentLedger>>,
+    suppressions: Arc<Suppressions>,
 ) -> Result<Ingestor, RunError> {
     let ingest = &config.ingest;
     let schema = match &ingest.schema_file {
@@ -339,6 +357,7 @@ fn open_ingest(
         dedup_ids: ingest.dedup_event_ids,
         dedup_gaps: ingest.dedup_gaps_per_device,
         consent,
+        suppressions,
     })?;
     tracing::info!(
         epochs = recovery.epochs,
@@ -433,9 +452,13 @@ pub async fn run(
         }
     });
     tokio::spawn(requests_api::work(
-        state.requests.clone(),
-        state.consent.clone(),
-        state.ingest.wal().clone(),
+        requests_api::Workshop {
+            requests: state.requests.clone(),
+            consent: state.consent.clone(),
+            ingest: state.ingest.clone(),
+            events: state.sql.events().clone(),
+            pipeline: pipeline.forgetter(),
+        },
         state.request_worker.clone(),
     ));
     if !config.experiments.refresh.is_zero() {

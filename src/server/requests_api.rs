@@ -1,6 +1,7 @@
 //! `POST /v1/privacy/requests`, `GET /v1/privacy/requests/{id}` and its export: data-subject
 //! requests for the privacy role, and the worker that carries them out in the background.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::Json;
@@ -17,9 +18,15 @@ use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::ingest_api::now_ms;
 use super::metrics::PRIVACY_REQUESTS_TOTAL;
 use super::{AppState, audit};
+use crate::events::Event;
 use crate::events::time::format_rfc3339;
+use crate::ingest::Ingestor;
+use crate::pipeline::Forgetter;
+use crate::pipeline::record::subject_hash;
 use crate::privacy::ConsentLedger;
+use crate::privacy::erasure::{is_reference, reference};
 use crate::privacy::requests::{Request, RequestKind, Requests, Status, write_access_export};
+use crate::sql::table::RecentEvents;
 
 /// The largest body of `POST /v1/privacy/requests`.
 pub const MAX_BODY: usize = 16 * 1024;
@@ -83,7 +90,7 @@ impl RequestView {
     fn of(state: &AppState, request: Request) -> Self {
         let expires = export_expiry(state, &request);
         let download = expires
-            .filter(|at| *at > now_ms())
+            .filter(|at| *at > now_ms() && !request.erased())
             .map(|_| format!("/v1/privacy/requests/{}/export", request.id));
         Self {
             subject: request.subjects[0].clone(),
@@ -101,9 +108,11 @@ impl RequestView {
     }
 }
 
-/// Receives a data-subject request. An access request is carried out in the background
-/// (poll its status); its export holds every stored event of the child, its flag
-/// assignments and its consent history, as NDJSON.
+/// Receives a data-subject request, carried out in the background (poll its status). An
+/// access request's export holds every stored event of the child, its flag assignments and
+/// its consent history, as NDJSON. An erasure hides the child at once (its events are
+/// refused and leave the SQL answers), then removes its events from the write-ahead log, the
+/// SQL window and segments, the dedup state and the experiment assignments.
 #[utoipa::path(post, path = "/v1/privacy/requests", tag = "privacy",
     security(("bearer" = [])),
     request_body = RequestBody,
@@ -112,7 +121,6 @@ impl RequestView {
         (status = 400, description = "A malformed body, an unknown type or a bad subject.", body = ErrorBody),
         (status = 401, description = "Missing or unknown token.", body = ErrorBody),
         (status = 403, description = "Not a privacy token.", body = ErrorBody),
-        (status = 501, description = "Erasure is not available yet.", body = ErrorBody),
         (status = 503, description = "The request could not be recorded; nothing was received.", body = ErrorBody)))]
 pub async fn submit(
     caller: Authorized<Privacy>,
@@ -122,7 +130,12 @@ pub async fn submit(
     let result = receive(&state, body).await;
     let (detail, status) = match &result {
         Ok((status, Json(view))) => (
-            format!("{} {} {}", view.id, view.kind.as_str(), view.subject),
+            format!(
+                "{} {} {}",
+                view.id,
+                view.kind.as_str(),
+                as_reference(&view.subject)
+            ),
             status.as_u16(),
         ),
         Err(err) => (String::new(), err.code().status().as_u16()),
@@ -145,12 +158,6 @@ async fn receive(
         )
     })?;
     super::consent_api::check_id("subject", &request.subject)?;
-    if request.kind == RequestKind::Erasure {
-        return Err(ApiError::new(
-            ErrorCode::NotImplemented,
-            "erasure requests are not available yet; nothing was recorded",
-        ));
-    }
     let requests = state.requests.clone();
     let received = tokio::task::spawn_blocking(move || {
         requests.submit(request.kind, &request.subject, now_ms())
@@ -165,7 +172,16 @@ async fn receive(
         )
         .retry_after(std::time::Duration::from_secs(5))
     })?;
-    metrics::counter!(PRIVACY_REQUESTS_TOTAL, "type" => "access", "outcome" => "received")
+    if received.kind == RequestKind::Erasure {
+        // In force before the answer: from now on nothing of the child is taken in or shown.
+        for reference in &received.subjects {
+            state
+                .ingest
+                .suppressions()
+                .suppress(reference, received.received_at);
+        }
+    }
+    metrics::counter!(PRIVACY_REQUESTS_TOTAL, "type" => received.kind.as_str(), "outcome" => "received")
         .increment(1);
     state.request_worker.notify_one();
     Ok((StatusCode::ACCEPTED, Json(RequestView::of(state, received))))
@@ -205,7 +221,7 @@ pub async fn show(
         (status = 403, description = "Not a privacy token.", body = ErrorBody),
         (status = 404, description = "No access request of that id.", body = ErrorBody),
         (status = 409, description = "The request is not completed yet.", body = ErrorBody),
-        (status = 410, description = "The export expired and was deleted.", body = ErrorBody)))]
+        (status = 410, description = "The export expired, or the child was erased since, and it was deleted.", body = ErrorBody)))]
 pub async fn export(
     caller: Authorized<Privacy>,
     State(state): State<AppState>,
@@ -229,6 +245,12 @@ async fn open_export(state: &AppState, id: &str) -> Result<Response, ApiError> {
         return Err(ApiError::new(
             ErrorCode::Conflict,
             "the export is not ready: GET the request until its status is completed",
+        ));
+    }
+    if request.erased() {
+        return Err(ApiError::new(
+            ErrorCode::Gone,
+            "the export was deleted: the child's data was erased since",
         ));
     }
     if let Some(expired) = export_expiry(state, &request).filter(|at| *at <= now_ms()) {
@@ -270,51 +292,167 @@ fn not_found() -> ApiError {
     ApiError::new(ErrorCode::NotFound, "no data-subject request of that id")
 }
 
+/// What carrying out requests needs.
+pub struct Workshop {
+    /// The journal.
+    pub requests: Arc<Requests>,
+    /// The consent ledger (access exports show the history).
+    pub consent: Arc<ConsentLedger>,
+    /// The ingest path: its log, dedup state and suppression list.
+    pub ingest: Arc<Ingestor>,
+    /// The SQL window and segments.
+    pub events: Arc<RecentEvents>,
+    /// The pipeline's experiment assignments.
+    pub pipeline: Forgetter,
+}
+
 /// Carries out unfinished requests: those found at start, then each one as it arrives
 /// (`wake` is notified). Runs until the process ends.
-pub async fn work(
-    requests: Arc<Requests>,
-    consent: Arc<ConsentLedger>,
-    wal: crate::wal::Wal,
-    wake: Arc<Notify>,
-) {
+pub async fn work(shop: Workshop, wake: Arc<Notify>) {
+    let shop = Arc::new(shop);
     // At start, failed requests are retried too; after that, each new one once.
-    let mut batch = requests.unfinished();
+    let mut batch = shop.requests.unfinished();
     loop {
-        // Only access requests are received today.
-        for request in batch.into_iter().filter(|r| r.kind == RequestKind::Access) {
-            let (requests, consent, wal) = (requests.clone(), consent.clone(), wal.clone());
-            let outcome = tokio::task::spawn_blocking(move || {
-                let out = requests.export_path(&request.id);
-                let now = now_ms();
-                match write_access_export(&request, &wal, &consent, &out, now) {
-                    Ok(events) => requests
-                        .complete(&request.id, events, now_ms())
-                        .map(|()| "completed"),
-                    Err(err) => {
-                        tracing::warn!(id = %request.id, error = %err, "access export failed");
-                        requests
-                            .fail(&request.id, err.to_string(), now_ms())
-                            .map(|()| "failed")
-                    }
-                }
-            })
-            .await;
+        for request in batch {
+            let kind = request.kind;
+            let outcome = match kind {
+                RequestKind::Access => access(&shop, request).await,
+                RequestKind::Erasure => erasure(&shop, request).await,
+            };
             let outcome = match outcome {
-                Ok(Ok(outcome)) => outcome,
-                Ok(Err(err)) => {
+                Ok(outcome) => outcome,
+                Err(err) => {
                     tracing::error!(error = %err, "data-subject request state not recorded");
                     "failed"
                 }
-                Err(err) => {
-                    tracing::error!(error = %err, "data-subject request worker panicked");
-                    "failed"
-                }
             };
-            metrics::counter!(PRIVACY_REQUESTS_TOTAL, "type" => "access", "outcome" => outcome)
+            metrics::counter!(PRIVACY_REQUESTS_TOTAL, "type" => kind.as_str(), "outcome" => outcome)
                 .increment(1);
         }
         wake.notified().await;
-        batch = requests.pending();
+        batch = shop.requests.pending();
+    }
+}
+
+async fn access(shop: &Arc<Workshop>, request: Request) -> Result<&'static str, String> {
+    let shop = shop.clone();
+    tokio::task::spawn_blocking(move || {
+        let out = shop.requests.export_path(&request.id);
+        let now = now_ms();
+        let wal = shop.ingest.wal();
+        match write_access_export(&request, wal, &shop.consent, &out, now) {
+            Ok(events) => shop
+                .requests
+                .complete(&request.id, events, now_ms())
+                .map(|()| "completed"),
+            Err(err) => {
+                tracing::warn!(id = %request.id, error = %err, "access export failed");
+                shop.requests
+                    .fail(&request.id, err.to_string(), now_ms())
+                    .map(|()| "failed")
+            }
+        }
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
+}
+
+async fn erasure(shop: &Arc<Workshop>, request: Request) -> Result<&'static str, String> {
+    // Hidden since it was received (or since the start, from the journal); the segment
+    // being written is closed so that every one can be rewritten.
+    let rotated = shop.ingest.wal().rotate().await;
+    let job = shop.clone();
+    let id = request.id.clone();
+    let erased = tokio::task::spawn_blocking(move || {
+        rotated.map_err(|e| e.to_string())?;
+        erase_everywhere(&job, &request)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let now = now_ms();
+    match erased {
+        Ok(events) => {
+            shop.requests
+                .complete(&id, events, now)
+                .map_err(|e| e.to_string())?;
+            if let Some(request) = shop.requests.get(&id) {
+                for reference in &request.subjects {
+                    shop.ingest
+                        .suppressions()
+                        .settle(reference, request.received_at);
+                }
+            }
+            tracing::info!(id = %id, events, "erasure carried out");
+            Ok("completed")
+        }
+        Err(reason) => {
+            tracing::error!(id = %id, error = %reason, "erasure failed; the child stays hidden and it is retried at the next start");
+            shop.requests
+                .fail(&id, reason, now)
+                .map_err(|e| e.to_string())?;
+            Ok("failed")
+        }
+    }
+}
+
+/// Removes what the suppression list hides from every store; returns the events removed
+/// from the write-ahead log (which holds everything stored). Blocks on the disk.
+fn erase_everywhere(shop: &Workshop, request: &Request) -> Result<u64, String> {
+    let suppressions = shop.ingest.suppressions().clone();
+    let wal = shop.ingest.wal();
+    let mut removed_events = Vec::new();
+    let mut names: HashSet<String> = shop
+        .requests
+        .pseudonyms_of(&request.id)
+        .into_iter()
+        .collect();
+    let erased = crate::wal::erase::rewrite(
+        wal.dir(),
+        wal.sealer().map(|s| s.as_ref()),
+        |stored| suppressions.hides_stored(stored),
+        |stored| {
+            if let Ok(event) = serde_json::from_slice::<Event>(stored) {
+                if let Some(subject) = &event.subject {
+                    names.insert(subject.clone());
+                }
+                removed_events.push(event);
+            }
+        },
+    )
+    .map_err(|e| format!("write-ahead log: {e}"))?;
+    shop.ingest.forget_erased(&removed_events);
+    let rows = shop
+        .events
+        .erase()
+        .map_err(|e| format!("sql window: {e}"))?;
+    let hashes: Vec<u64> = names.iter().map(|n| subject_hash(n)).collect();
+    let lines = shop
+        .pipeline
+        .forget(&hashes)
+        .map_err(|e| format!("experiment assignments: {e}"))?;
+    let references: HashSet<String> = request.subjects.iter().cloned().collect();
+    let requests = shop
+        .requests
+        .forget(&references)
+        .map_err(|e| format!("requests journal: {e}"))?;
+    tracing::info!(
+        id = %request.id,
+        log_events = erased.events,
+        log_segments = erased.segments,
+        sql_rows = rows,
+        assignments = lines,
+        access_requests = requests,
+        "erased"
+    );
+    Ok(erased.events)
+}
+
+/// A subject as the audit log names it: by reference, never by pseudonym.
+pub(crate) fn as_reference(subject: &str) -> String {
+    if is_reference(subject) {
+        subject.to_owned()
+    } else {
+        reference(subject)
     }
 }

@@ -163,6 +163,8 @@ impl Feed {
         let Some((first, last)) = self.held else {
             return Ok(());
         };
+        let events = self.events.clone();
+        let _rolling = events.rolling();
         let Some((batches, span)) = self.events.take_for_roll() else {
             // Epochs without a readable event: nothing to keep, only the checkpoint moves.
             self.held = None;

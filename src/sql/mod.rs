@@ -11,6 +11,7 @@
 pub mod client;
 pub mod columns;
 pub mod engine;
+pub mod erase;
 pub mod feed;
 pub mod output;
 pub mod saved;

@@ -30,8 +30,10 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::union::UnionExec;
 
 use super::columns::{EventColumns, Span, schema};
-use super::segments::Segment;
+use super::erase;
+use super::segments::{Segment, SegmentError};
 use crate::privacy::KeyRing;
+use crate::privacy::erasure::Suppressions;
 use crate::privacy::keys::to_hex;
 
 /// A sealed record batch and the span of its rows.
@@ -62,6 +64,11 @@ pub struct RecentEvents {
     keys: KeyRing,
     /// The last log epoch read into the window.
     delivered: tokio::sync::watch::Sender<u64>,
+    /// Subjects under erasure: their rows are not taken in.
+    suppressions: Arc<Suppressions>,
+    /// Held from taking batches for a roll until the segment replaces them, and by an
+    /// erasure, so that a roll never writes rows an erasure has just removed.
+    rolling: Mutex<()>,
 }
 
 impl RecentEvents {
@@ -75,7 +82,66 @@ impl RecentEvents {
             }),
             keys,
             delivered: tokio::sync::watch::Sender::new(0),
+            suppressions: Arc::default(),
+            rolling: Mutex::new(()),
         }
+    }
+
+    /// Leaves out the rows of the subjects `suppressions` hides.
+    pub fn hiding(mut self, suppressions: Arc<Suppressions>) -> Self {
+        self.suppressions = suppressions;
+        self
+    }
+
+    /// Holds off erasures while a roll moves batches into a segment.
+    pub fn rolling(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.rolling.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Removes the rows the suppression list hides from memory and from every segment (each
+    /// rewritten); returns the rows removed. Blocks on the disk.
+    pub fn erase(&self) -> Result<u64, SegmentError> {
+        let _rolling = self.rolling();
+        let suppressions = self.suppressions.clone();
+        let hides = move |subject: &str, time: i64| suppressions.hides(subject, time);
+        let mut removed = 0u64;
+        {
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            self.seal(&mut open);
+            let mut window = self.window.write().unwrap_or_else(|p| p.into_inner());
+            for sealed in &mut window.sealed {
+                let filtered = erase::filter_batch(&sealed.batch, &hides).map_err(|e| {
+                    SegmentError::Parquet {
+                        path: "memory".into(),
+                        source: e.into(),
+                    }
+                })?;
+                if let Some(batch) = filtered {
+                    removed += (sealed.batch.num_rows() - batch.num_rows()) as u64;
+                    sealed.batch = batch;
+                }
+            }
+        }
+        let segments = self
+            .window
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .segments
+            .clone();
+        let (rewritten, dropped) = erase::rewrite_segments(&segments, &self.keys, &hides)?;
+        removed += dropped;
+        let mut window = self.window.write().unwrap_or_else(|p| p.into_inner());
+        for (old, new) in rewritten {
+            let Some(new) = new else { continue };
+            match window.segments.iter_mut().find(|s| s.path == old.path) {
+                Some(slot) => *slot = Arc::new(new),
+                // Expired meanwhile: the rewrite goes too.
+                None => {
+                    let _ = std::fs::remove_file(&new.path);
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// Records that every epoch up to `epoch` is in the window.
@@ -108,6 +174,9 @@ impl RecentEvents {
         let mut unreadable = 0;
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         for event in events {
+            if self.suppressions.hides_stored(event) {
+                continue;
+            }
             if !open.append(event) {
                 unreadable += 1;
             }

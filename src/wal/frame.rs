@@ -21,6 +21,9 @@ pub enum Format {
     Plain = 0,
     /// The same, sealed with AES-256-GCM (key id and nonce precede the ciphertext).
     Sealed = 1,
+    /// Filler with no meaning, skipped by every reader: an erasure rewrites an epoch shorter
+    /// and pads it back to its old length, so that positions in the segment do not move.
+    Padding = 2,
 }
 
 impl Format {
@@ -28,6 +31,7 @@ impl Format {
         match byte {
             0 => Some(Format::Plain),
             1 => Some(Format::Sealed),
+            2 => Some(Format::Padding),
             _ => None,
         }
     }

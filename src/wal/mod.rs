@@ -10,6 +10,7 @@
 //! [`Sealer`], records are encrypted at rest (see [`seal`]); a sealed record whose key is
 //! missing stops recovery instead of being skipped.
 
+pub mod erase;
 pub mod frame;
 pub mod seal;
 pub mod tail;
@@ -116,10 +117,24 @@ struct Append {
     done: oneshot::Sender<Result<Epoch, WalError>>,
 }
 
+/// What the writer thread is asked to do.
+enum Message {
+    Append(Append),
+    /// Close the segment being written: the next epoch starts a new one.
+    Rotate(oneshot::Sender<()>),
+}
+
+/// Held while a segment file is deleted or replaced, so that an erasure never brings back a
+/// segment the checkpoints just deleted.
+static SEGMENT_FILES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The suffix of a segment being rewritten by an erasure; one left by a crash is deleted.
+const REWRITING: &str = "erasing";
+
 /// The handle producers append through.
 #[derive(Clone)]
 pub struct Wal {
-    tx: mpsc::Sender<Append>,
+    tx: mpsc::Sender<Message>,
     stopped: Arc<AtomicBool>,
     last_epoch: Arc<AtomicU64>,
     clock: Arc<std::sync::Mutex<EpochClock>>,
@@ -135,6 +150,7 @@ impl Wal {
         replay: impl FnMut(Epoch, &[&[u8]]),
     ) -> Result<(Self, Recovery), WalError> {
         std::fs::create_dir_all(&options.dir)?;
+        erase::remove_leftovers(&options.dir)?;
         let recovery = recover(&options.dir, true, options.sealer.as_deref(), replay)?;
         let (tx, rx) = mpsc::channel(options.queue.max(1));
         let stopped = Arc::new(AtomicBool::new(false));
@@ -178,12 +194,23 @@ impl Wal {
         let (done, result) = oneshot::channel();
         metrics::gauge!(WAL_QUEUE_DEPTH).set(self.queued() as f64);
         self.tx
-            .try_send(Append { events, done })
+            .try_send(Message::Append(Append { events, done }))
             .map_err(|err| match err {
                 mpsc::error::TrySendError::Full(_) => WalError::Overloaded,
                 mpsc::error::TrySendError::Closed(_) => WalError::Stopped,
             })?;
         result.await.unwrap_or(Err(WalError::Stopped))
+    }
+
+    /// Closes the segment being written, so that every segment on disk is complete and may
+    /// be rewritten (see [`erase`]); the next epoch starts a new segment.
+    pub async fn rotate(&self) -> Result<(), WalError> {
+        let (done, rotated) = oneshot::channel();
+        self.tx
+            .send(Message::Rotate(done))
+            .await
+            .map_err(|_| WalError::Stopped)?;
+        rotated.await.map_err(|_| WalError::Stopped)
     }
 
     /// Returns what seals and opens its records, when they are encrypted.
@@ -268,6 +295,7 @@ impl Checkpoints {
             self.save(&positions)?;
             positions.values().copied().min().unwrap_or(0)
         };
+        let _files = SEGMENT_FILES.lock().unwrap_or_else(|p| p.into_inner());
         let paths = segments(&self.dir)?;
         let mut deleted = 0;
         // A segment's last epoch is one less than the next segment's first; the newest segment
@@ -338,77 +366,92 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Append>) {
+    fn run(mut self, mut rx: mpsc::Receiver<Message>) {
         let mut group: Vec<Append> = Vec::new();
         let mut frame = Vec::new();
+        let mut rotations = Vec::new();
         while let Some(first) = rx.blocking_recv() {
-            let mut bytes: usize = first.events.iter().map(Vec::len).sum();
-            group.push(first);
-            while bytes < self.options.group_bytes {
-                match rx.try_recv() {
-                    Ok(next) => {
-                        bytes += next.events.iter().map(Vec::len).sum::<usize>();
-                        group.push(next);
+            let mut bytes = 0;
+            let mut next = Some(first);
+            while let Some(message) = next.take() {
+                match message {
+                    Message::Append(append) => {
+                        bytes += append.events.iter().map(Vec::len).sum::<usize>();
+                        group.push(append);
                     }
-                    Err(_) => break,
+                    Message::Rotate(done) => rotations.push(done),
+                }
+                if bytes < self.options.group_bytes {
+                    next = rx.try_recv().ok();
                 }
             }
-            if self.stopped.load(Ordering::Acquire) {
+            if !group.is_empty() {
+                self.commit(&mut group, &mut frame);
+            }
+            // After the group: the segment it went to is closed now.
+            for done in rotations.drain(..) {
+                self.segment = None;
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn commit(&mut self, group: &mut Vec<Append>, frame: &mut Vec<u8>) {
+        if self.stopped.load(Ordering::Acquire) {
+            for append in group.drain(..) {
+                let _ = append.done.send(Err(WalError::Stopped));
+            }
+            return;
+        }
+        let epoch = {
+            let mut clock = self.clock.lock().unwrap_or_else(|p| p.into_inner());
+            let epoch = clock.floor.max(unix_millis()).max(clock.durable + 1);
+            clock.floor = epoch + 1;
+            clock.in_flight = true;
+            epoch
+        };
+        let payload = frame::encode_epoch(
+            epoch,
+            group
+                .iter()
+                .flat_map(|a| a.events.iter().map(Vec::as_slice))
+                .collect::<Vec<_>>()
+                .into_iter(),
+        );
+        frame.clear();
+        match &self.options.sealer {
+            Some(sealer) => {
+                frame::encode_frame(frame, Format::Sealed, &sealer.seal(epoch, &payload))
+            }
+            None => frame::encode_frame(frame, Format::Plain, &payload),
+        }
+        let written = self.write(epoch, frame);
+        {
+            let mut clock = self.clock.lock().unwrap_or_else(|p| p.into_inner());
+            clock.in_flight = false;
+            if written.is_ok() {
+                clock.durable = epoch;
+                self.last_epoch.store(epoch, Ordering::Release);
+            }
+        }
+        match written {
+            Ok(()) => {
+                metrics::counter!(WAL_EPOCHS_TOTAL).increment(1);
+                metrics::counter!(WAL_BYTES_TOTAL).increment(frame.len() as u64);
                 for append in group.drain(..) {
-                    let _ = append.done.send(Err(WalError::Stopped));
-                }
-                continue;
-            }
-            let epoch = {
-                let mut clock = self.clock.lock().unwrap_or_else(|p| p.into_inner());
-                let epoch = clock.floor.max(unix_millis()).max(clock.durable + 1);
-                clock.floor = epoch + 1;
-                clock.in_flight = true;
-                epoch
-            };
-            let payload = frame::encode_epoch(
-                epoch,
-                group
-                    .iter()
-                    .flat_map(|a| a.events.iter().map(Vec::as_slice))
-                    .collect::<Vec<_>>()
-                    .into_iter(),
-            );
-            frame.clear();
-            match &self.options.sealer {
-                Some(sealer) => {
-                    frame::encode_frame(&mut frame, Format::Sealed, &sealer.seal(epoch, &payload))
-                }
-                None => frame::encode_frame(&mut frame, Format::Plain, &payload),
-            }
-            let written = self.write(epoch, &frame);
-            {
-                let mut clock = self.clock.lock().unwrap_or_else(|p| p.into_inner());
-                clock.in_flight = false;
-                if written.is_ok() {
-                    clock.durable = epoch;
-                    self.last_epoch.store(epoch, Ordering::Release);
+                    let _ = append.done.send(Ok(Epoch(epoch)));
                 }
             }
-            match written {
-                Ok(()) => {
-                    metrics::counter!(WAL_EPOCHS_TOTAL).increment(1);
-                    metrics::counter!(WAL_BYTES_TOTAL).increment(frame.len() as u64);
-                    for append in group.drain(..) {
-                        let _ = append.done.send(Ok(Epoch(epoch)));
-                    }
-                }
-                Err(err) => {
-                    // Whatever reached the disk is unknown: acknowledge nothing from now on.
-                    tracing::error!(error = %err, "write-ahead log write failed; ingest stops acknowledging");
-                    metrics::counter!(WAL_ERRORS_TOTAL).increment(1);
-                    self.stopped.store(true, Ordering::Release);
-                    for append in group.drain(..) {
-                        let _ = append.done.send(Err(WalError::Io(std::io::Error::new(
-                            err.kind(),
-                            err.to_string(),
-                        ))));
-                    }
+            Err(err) => {
+                // Whatever reached the disk is unknown: acknowledge nothing from now on.
+                tracing::error!(error = %err, "write-ahead log write failed; ingest stops acknowledging");
+                metrics::counter!(WAL_ERRORS_TOTAL).increment(1);
+                self.stopped.store(true, Ordering::Release);
+                for append in group.drain(..) {
+                    let _ = append.done.send(Err(WalError::Io(std::io::Error::new(
+                        err.kind(),
+                        err.to_string(),
+                    ))));
                 }
             }
         }
@@ -457,6 +500,7 @@ pub fn read_epoch<'a>(
     match format {
         Format::Plain => frame::decode_epoch(payload),
         Format::Sealed => frame::decode_epoch(sealer?.open(payload, scratch)?),
+        Format::Padding => None,
     }
 }
 
@@ -477,6 +521,11 @@ pub fn recover(
         let mut at = 0;
         while at < bytes.len() {
             match frame::scan(&bytes, at) {
+                Scan::Frame {
+                    format: Format::Padding,
+                    next,
+                    ..
+                } => at = next,
                 Scan::Frame {
                     format,
                     payload,

@@ -44,10 +44,23 @@ impl Sealer {
 
     /// Seals the payload of `epoch` with the newest key.
     pub fn seal(&self, epoch: u64, payload: &[u8]) -> Vec<u8> {
-        let (version, key) = self.keys.last().expect("a ring holds a key");
         let mut nonce = [0u8; NONCE_LEN];
         nonce[..4].copy_from_slice(&self.prefix);
         nonce[4..].copy_from_slice(&epoch.to_le_bytes());
+        self.seal_with(nonce, payload)
+    }
+
+    /// Seals a rewritten payload with the newest key under a wholly random nonce: the epoch
+    /// was sealed once already, perhaps by this process with this prefix, and a nonce must
+    /// never be used twice under one key.
+    pub fn reseal(&self, payload: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce).expect("the system has randomness");
+        self.seal_with(nonce, payload)
+    }
+
+    fn seal_with(&self, nonce: [u8; NONCE_LEN], payload: &[u8]) -> Vec<u8> {
+        let (version, key) = self.keys.last().expect("a ring holds a key");
         let mut out = Vec::with_capacity(HEADER + payload.len() + AES_256_GCM.tag_len());
         out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&nonce);

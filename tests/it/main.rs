@@ -3,6 +3,7 @@
 
 mod cli;
 mod deploy;
+mod erasure;
 mod experiments;
 mod flags;
 mod harness;
