@@ -287,6 +287,15 @@ section! {
         /// An access request's export can be downloaded for this long after it is made, then
         /// it is deleted (a new request makes a new one).
         pub export_retention: Duration = Duration::from_secs(7 * 86_400),
+        /// How long the pipeline keeps a child's experiment assignment (its first exposure to
+        /// an experiment) after the exposure. Exposure events themselves are raw events
+        /// (`sql.retention`).
+        pub exposure_retention: Duration = Duration::from_secs(180 * 86_400),
+        /// How long a child's consent records are kept once no grant of it is in force and
+        /// its guardian decided nothing more. A grant in force is always kept.
+        pub consent_retention: Duration = Duration::from_secs(3 * 365 * 86_400),
+        /// How often the retention task deletes what is past its retention.
+        pub retention_check: Duration = Duration::from_secs(600),
     }
 }
 
@@ -316,7 +325,8 @@ section! {
         pub memory_window: Duration = Duration::from_secs(3600),
         /// A roll happens earlier when memory holds this many events.
         pub memory_events: usize = 10_000_000,
-        /// Parquet segments whose newest event was received longer ago than this are deleted.
+        /// Raw events (exposure events too) are kept this long after they were received: the
+        /// Parquet segments and the write-ahead log segments older than this are deleted.
         pub retention: Duration = Duration::from_secs(30 * 86_400),
         /// Longest SQL text accepted.
         pub max_sql_length: ByteSize = ByteSize::kib(64),
@@ -671,10 +681,21 @@ impl Config {
             ("pipeline.flush_interval", self.pipeline.flush_interval),
             ("sql.memory_window", self.sql.memory_window),
             ("sql.timeout", self.sql.timeout),
+            ("sql.retention", self.sql.retention),
+            ("privacy.retention_check", self.privacy.retention_check),
         ] {
             if value.is_zero() {
                 problem(key, "must be greater than zero".into());
             }
+        }
+        if self.sql.retention < self.sql.memory_window {
+            problem(
+                "sql.retention",
+                format!(
+                    "must be at least sql.memory_window ({:?}): events in memory are kept until they roll",
+                    self.sql.memory_window
+                ),
+            );
         }
         if server.tls_cert.is_some() != server.tls_key.is_some() {
             problem(

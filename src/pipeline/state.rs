@@ -63,11 +63,24 @@ impl AssignmentLog {
     /// Removes every line of `subjects` from the logs in `dir` (each file rewritten beside,
     /// synced and renamed over); returns the lines removed. Blocks on the disk.
     pub fn forget(dir: &Path, subjects: &HashSet<u64>) -> std::io::Result<usize> {
+        Self::rewrite(dir, |_, subject| subjects.contains(&subject))
+    }
+
+    /// Retention: removes the assignments made in epochs (commit times, ms) before `horizon`.
+    /// The running pipeline keeps them in memory until its next start. Blocks on the disk.
+    pub fn expire(dir: &Path, horizon: u64) -> std::io::Result<usize> {
+        Self::rewrite(dir, |epoch, _| epoch < horizon)
+    }
+
+    fn rewrite(dir: &Path, drops: impl Fn(u64, u64) -> bool) -> std::io::Result<usize> {
         let mut replaced = LOG_FILES.lock().unwrap_or_else(|p| p.into_inner());
         let mut removed = 0;
         for path in log_files(dir)? {
             let text = std::fs::read_to_string(&path)?;
-            let kept: Vec<&str> = text.lines().filter(|l| !names_any(l, subjects)).collect();
+            let kept: Vec<&str> = text
+                .lines()
+                .filter(|l| !entry(l).is_some_and(|(epoch, subject)| drops(epoch, subject)))
+                .collect();
             let gone = text.lines().count() - kept.len();
             if gone == 0 {
                 continue;
@@ -174,12 +187,16 @@ fn log_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
+/// The epoch and subject of an assignment line.
+fn entry(line: &str) -> Option<(u64, u64)> {
+    let (epoch, subject, _, _) =
+        serde_json::from_str::<(u64, String, String, String)>(line).ok()?;
+    Some((epoch, u64::from_str_radix(&subject, 16).ok()?))
+}
+
 /// Returns whether an assignment line names one of `subjects`.
 fn names_any(line: &str, subjects: &HashSet<u64>) -> bool {
-    serde_json::from_str::<(u64, String, String, String)>(line)
-        .ok()
-        .and_then(|(_, subject, _, _)| u64::from_str_radix(&subject, 16).ok())
-        .is_some_and(|s| subjects.contains(&s))
+    entry(line).is_some_and(|(_, s)| subjects.contains(&s))
 }
 
 #[cfg(test)]
@@ -255,5 +272,10 @@ mod tests {
             ["0000000000000004", "0000000000000006", "0000000000000007"]
         );
         assert_eq!(AssignmentLog::forget(dir.path(), &erased).unwrap(), 0);
+        // Retention goes by the epoch of the assignment.
+        assert_eq!(AssignmentLog::expire(dir.path(), 13).unwrap(), 1);
+        let text = std::fs::read_to_string(dir.path().join("assignments-0.log")).unwrap();
+        assert_eq!(text.lines().count(), 2);
+        assert!(text.starts_with("[13,"), "{text}");
     }
 }

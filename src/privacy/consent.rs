@@ -144,6 +144,43 @@ impl ConsentBook {
     pub fn subjects(&self) -> usize {
         self.history.len()
     }
+
+    /// Returns the subjects whose records have lapsed: no grant in force in any scope, and
+    /// nothing recorded since `horizon` (ms). A grant in force never lapses: it is the live
+    /// basis for keeping the child's events. The subject of the newest record stays, so that
+    /// sequence numbers are never given out twice.
+    pub fn lapsed(&self, horizon: i64) -> Vec<String> {
+        let mut lapsed: Vec<String> = self
+            .history
+            .iter()
+            .filter(|(subject, records)| {
+                let granted = self
+                    .in_force
+                    .get(*subject)
+                    .is_some_and(|scopes| scopes.iter().flatten().any(|d| d.granted));
+                !granted
+                    && records
+                        .iter()
+                        .all(|r| r.recorded_at < horizon && r.seq != self.last_seq)
+            })
+            .map(|(subject, _)| subject.clone())
+            .collect();
+        lapsed.sort();
+        lapsed
+    }
+
+    /// Drops every record of `subject`.
+    pub fn forget(&mut self, subject: &str) {
+        self.in_force.remove(subject);
+        self.history.remove(subject);
+    }
+
+    /// Returns every record, in ledger order.
+    pub fn records(&self) -> Vec<ConsentRecord> {
+        let mut records: Vec<ConsentRecord> = self.history.values().flatten().cloned().collect();
+        records.sort_by_key(|r| r.seq);
+        records
+    }
 }
 
 #[cfg(test)]

@@ -131,6 +131,23 @@ impl ConsentLedger {
         self.book().subjects()
     }
 
+    /// Retention: drops the records of subjects with no grant in force and no decision
+    /// recorded since `horizon` (ms) — the ledger is compacted (rewritten beside, synced,
+    /// renamed). Returns how many subjects went. Blocks on the disk.
+    pub fn expire(&self, horizon: i64) -> Result<usize, LedgerError> {
+        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        let mut book = self.book.write().unwrap_or_else(|p| p.into_inner());
+        let lapsed = book.lapsed(horizon);
+        if lapsed.is_empty() {
+            return Ok(0);
+        }
+        for subject in &lapsed {
+            book.forget(subject);
+        }
+        journal.rewrite(&book.records())?;
+        Ok(lapsed.len())
+    }
+
     fn pseudonyms(&self, user_id: &str) -> Vec<String> {
         self.peppers
             .iter()
@@ -224,6 +241,71 @@ mod tests {
             ledger.consents_of(&child).history.len(),
             3,
             "by pseudonym too"
+        );
+    }
+
+    #[test]
+    fn only_lapsed_subjects_leave_the_ledger_and_the_compaction_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = KeyRing::single(1, [3; 32]);
+        let (analytics, experiments) = (ConsentScope::Analytics, ConsentScope::Experiments);
+        let ledger = ConsentLedger::open(dir.path(), &ring).unwrap();
+        // Revoked long ago: lapses.
+        ledger
+            .record(&decision("gone", analytics, true, 1), 1)
+            .unwrap();
+        ledger
+            .record(&decision("gone", analytics, false, 2), 2)
+            .unwrap();
+        // Granted long ago and still in force: the live basis, kept.
+        ledger
+            .record(&decision("granted", analytics, true, 3), 3)
+            .unwrap();
+        // One scope revoked, the other still granted: kept.
+        ledger
+            .record(&decision("mixed", analytics, false, 4), 4)
+            .unwrap();
+        ledger
+            .record(&decision("mixed", experiments, true, 5), 5)
+            .unwrap();
+        // Revoked recently: kept.
+        ledger
+            .record(&decision("recent", analytics, false, 50), 50)
+            .unwrap();
+        // Revoked long ago, but another decision since the horizon: kept.
+        ledger
+            .record(&decision("again", analytics, false, 6), 6)
+            .unwrap();
+        ledger
+            .record(&decision("again", experiments, false, 60), 60)
+            .unwrap();
+        // The newest record's subject stays, whatever its age: numbers are not reused.
+        ledger
+            .record(&decision("last", analytics, false, 7), 7)
+            .unwrap();
+
+        assert_eq!(ledger.expire(40).unwrap(), 1);
+        assert!(ledger.consents_of("gone").history.is_empty());
+        for kept in ["granted", "mixed", "recent", "again", "last"] {
+            assert!(!ledger.consents_of(kept).history.is_empty(), "{kept}");
+        }
+        assert_eq!(ledger.expire(40).unwrap(), 0, "nothing more lapsed");
+        let next = ledger
+            .record(&decision("new", analytics, true, 70), 70)
+            .unwrap();
+        assert_eq!(next.seq, 10);
+        drop(ledger);
+        let ledger = ConsentLedger::open(dir.path(), &ring).unwrap();
+        assert_eq!(ledger.subjects(), 6);
+        assert!(ledger.consents_of("gone").history.is_empty());
+        assert!(ledger.allows_user("granted", analytics));
+        assert!(ledger.allows_user("mixed", experiments));
+        assert_eq!(
+            ledger
+                .record(&decision("new", analytics, false, 80), 80)
+                .unwrap()
+                .seq,
+            11
         );
     }
 

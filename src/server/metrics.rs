@@ -114,6 +114,10 @@ pub const EXPERIMENT_REFRESHES_TOTAL: &str = "flagstream_experiment_refreshes_to
 pub const AUDIT_WRITE_ERRORS_TOTAL: &str = "flagstream_audit_write_errors_total";
 /// Data-subject requests, by type and outcome (received, completed, failed).
 pub const PRIVACY_REQUESTS_TOTAL: &str = "flagstream_privacy_requests_total";
+/// Items deleted by the retention task, by kind of data.
+pub const RETENTION_DELETED_TOTAL: &str = "flagstream_retention_deleted_total";
+/// Retention task runs, by outcome (ok, failed).
+pub const RETENTION_RUNS_TOTAL: &str = "flagstream_retention_runs_total";
 /// Consent decisions recorded, by scope and decision (grant, revoke).
 pub const CONSENT_DECISIONS_TOTAL: &str = "flagstream_consent_decisions_total";
 /// Subjects with consent records.
@@ -388,6 +392,14 @@ fn describe() {
     metrics::describe_counter!(
         PRIVACY_REQUESTS_TOTAL,
         "Data-subject requests by type and outcome (received, completed, failed)."
+    );
+    metrics::describe_counter!(
+        RETENTION_DELETED_TOTAL,
+        "Items deleted by the retention task, by kind of data (raw_events: log segments, exposures: assignment records, consent_records: subjects, erasure_suppressions)."
+    );
+    metrics::describe_counter!(
+        RETENTION_RUNS_TOTAL,
+        "Retention task runs, by outcome (ok, failed)."
     );
     metrics::describe_counter!(
         CONSENT_DECISIONS_TOTAL,

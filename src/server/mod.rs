@@ -14,6 +14,7 @@ pub mod ingest_api;
 pub mod metrics;
 pub mod ops;
 pub mod requests_api;
+pub mod retention;
 mod routes;
 mod serve;
 pub mod sql_api;
@@ -461,6 +462,15 @@ pub async fn run(
         },
         state.request_worker.clone(),
     ));
+    tokio::spawn(
+        retention::Enforcer {
+            config: state.config.clone(),
+            ingest: state.ingest.clone(),
+            consent: state.consent.clone(),
+            assignments: config.storage.data_dir.join("pipeline"),
+        }
+        .run(stop_rx.clone()),
+    );
     if !config.experiments.refresh.is_zero() {
         tokio::spawn(experiments_api::publish_results(
             state.clone(),

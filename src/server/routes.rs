@@ -26,7 +26,7 @@ use utoipa_axum::routes;
 use super::error::{self, ApiError, ErrorCode};
 use super::{
     AppState, cohorts_api, consent_api, experiments_api, flags_api, ingest_api, metrics, ops,
-    requests_api, sql_api, stream_api,
+    requests_api, retention, sql_api, stream_api,
 };
 
 #[derive(OpenApi)]
@@ -95,6 +95,7 @@ fn table(
         .routes(routes!(consent_api::show))
         .routes(routes!(requests_api::show))
         .routes(routes!(requests_api::export))
+        .routes(routes!(retention::retention_policy))
         .routes(routes!(experiments_api::results))
         .routes(routes!(sql_api::list))
         .routes(routes!(sql_api::saved))

@@ -322,6 +322,29 @@ impl Checkpoints {
     }
 }
 
+/// Retention: deletes the segments of the log in `dir` whose every epoch was committed before
+/// `horizon` (an epoch is its commit time in ms), whatever the consumers have read; the
+/// newest segment stays. Returns how many were deleted.
+pub fn expire(dir: &Path, horizon: u64) -> std::io::Result<usize> {
+    let _files = SEGMENT_FILES.lock().unwrap_or_else(|p| p.into_inner());
+    let paths = segments(dir)?;
+    let mut deleted = 0;
+    for pair in paths.windows(2) {
+        // Everything in a segment is older than the next one's first epoch.
+        match first_epoch(&pair[1]) {
+            Some(next_first) if next_first <= horizon => {
+                std::fs::remove_file(&pair[0])?;
+                deleted += 1;
+            }
+            _ => break,
+        }
+    }
+    if deleted > 0 {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(deleted)
+}
+
 /// Reads a segment's first epoch from its file name.
 fn first_epoch(path: &Path) -> Option<u64> {
     path.file_stem()?.to_str()?.parse().ok()
@@ -749,6 +772,31 @@ mod tests {
         let (wal, recovery) = Wal::open(options(dir.path()), |_, _| {}).unwrap();
         assert_eq!(recovery.last_epoch, last);
         assert!(wal.append(vec![b"{}".to_vec()]).await.unwrap() > last);
+    }
+
+    #[tokio::test]
+    async fn retention_deletes_segments_older_than_the_horizon_but_never_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(options(dir.path()), |_, _| {}).unwrap();
+        let mut epochs = Vec::new();
+        for i in 0..40u32 {
+            let event = format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(300));
+            epochs.push(wal.append(vec![event.into_bytes()]).await.unwrap());
+        }
+        let before = segments(dir.path()).unwrap();
+        assert!(before.len() >= 4);
+        let second_first = first_epoch(&before[1]).unwrap();
+        assert_eq!(expire(dir.path(), second_first - 1).unwrap(), 0);
+        assert_eq!(expire(dir.path(), second_first).unwrap(), 1);
+        assert_eq!(expire(dir.path(), u64::MAX).unwrap(), before.len() - 2);
+        assert_eq!(segments(dir.path()).unwrap(), before[before.len() - 1..]);
+        let kept: Vec<Epoch> = read(dir.path()).iter().map(|r| Epoch(r.0)).collect();
+        assert!(!kept.is_empty());
+        assert_eq!(
+            kept,
+            epochs[epochs.len() - kept.len()..],
+            "the newest epochs stay"
+        );
     }
 
     #[tokio::test]

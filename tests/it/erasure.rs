@@ -286,3 +286,150 @@ async fn an_erasure_removes_the_child_everywhere_and_keeps_its_old_events_out() 
     .await;
     assert_eq!(status, 403);
 }
+
+fn wal_segments(data: &std::path::Path) -> usize {
+    std::fs::read_dir(data.join("wal"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "wal"))
+        .count()
+}
+
+fn assignment_lines(data: &std::path::Path) -> usize {
+    readable_files(&data.join("pipeline"))
+        .iter()
+        .filter(|(name, _)| name.contains("assignments-"))
+        .map(|(_, bytes)| bytes.iter().filter(|b| **b == b'\n').count())
+        .sum()
+}
+
+fn retention_config(data: &std::path::Path) -> flagstream::config::Config {
+    let mut config = test_config(data);
+    config.auth.tokens = role_tokens();
+    config.sql.retention = Duration::from_secs(3);
+    config.sql.memory_window = Duration::from_secs(1);
+    config.privacy.exposure_retention = Duration::from_secs(3);
+    config.privacy.consent_retention = Duration::from_secs(3);
+    config.privacy.retention_check = Duration::from_millis(200);
+    config.ingest.wal_segment_size = flagstream::config::ByteSize::mib(1);
+    config
+}
+
+/// Waits until `done` holds, retrying `what` for up to 30 seconds.
+async fn eventually<F: std::future::Future<Output = bool>>(what: &str, done: impl Fn() -> F) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done().await {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_each_kind_of_data_on_its_own_clock_and_says_so() {
+    // The embedded counter store: the pipeline never checkpoints (it replays the log at
+    // start), so only retention deletes log segments.
+    let data = tempfile::tempdir().unwrap();
+    let service = Service::start_config(retention_config(data.path())).await;
+
+    // The policy is public, in words, and follows the configuration.
+    let response = service
+        .http
+        .get(service.url("/v1/privacy/retention-policy"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let policy: Value = response.json().await.unwrap();
+    assert_eq!(policy["kinds"][0]["data"], "raw_events");
+    assert_eq!(policy["kinds"][0]["kept_for"], "3 seconds");
+    assert_eq!(policy["kinds"][5]["data"], "consent_records");
+    assert_eq!(policy["enforced_every_seconds"], 1);
+
+    let decide = |user: &'static str, granted: bool| {
+        let service = &service;
+        async move {
+            let body = json!({"subject": user, "scope": "analytics", "granted": granted,
+                "guardian_id": "guardian-1"});
+            let (status, answer) = send(
+                service,
+                "privacy-key",
+                reqwest::Method::POST,
+                "/v1/consent",
+                Some(body),
+            )
+            .await;
+            assert_eq!(status, 201, "{answer}");
+        }
+    };
+    decide("child-lapsed", true).await;
+    decide("child-lapsed", false).await;
+    decide("child-granted", true).await;
+    let history = |user: &'static str| {
+        let service = &service;
+        async move {
+            let (_, answer) = send(
+                service,
+                "privacy-key",
+                reqwest::Method::GET,
+                &format!("/v1/consent/{user}"),
+                None,
+            )
+            .await;
+            answer["history"].as_array().unwrap().len()
+        }
+    };
+    assert_eq!(history("child-lapsed").await, 2);
+
+    // More than a log segment (1 MiB) of events.
+    let at = now_ms();
+    for _ in 0..4 {
+        let events: Vec<(&str, &str, i64)> = (0..1_500)
+            .map(|i| match i % 2 {
+                0 => ("child-reading", "lesson_completed", at + i),
+                _ => ("child-other", "app_opened", at + i),
+            })
+            .collect();
+        let results = post(&service, &events).await;
+        assert!(results.iter().all(|r| r.0 == "ok"), "{results:?}");
+    }
+    assert!(wal_segments(data.path()) >= 2, "the log rotated");
+    eventually("old log segments deleted", || async {
+        wal_segments(data.path()) == 1
+    })
+    .await;
+    eventually("lapsed consent records deleted", || async {
+        history("child-lapsed").await == 0
+    })
+    .await;
+    assert_eq!(history("child-granted").await, 1, "a grant in force stays");
+    let metrics = service.get_text("/metrics").await;
+    for data in ["raw_events", "consent_records"] {
+        let line = format!("flagstream_retention_deleted_total{{data=\"{data}\"}}");
+        assert!(metrics.contains(&line), "{line}");
+    }
+    // What the log still holds reads after a restart, and ingest goes on.
+    service.stop().await.unwrap();
+    let service = Service::start_config(retention_config(data.path())).await;
+    let results = post(&service, &[("child-other", "app_opened", now_ms())]).await;
+    assert!(results.iter().all(|r| r.0 == "ok"), "{results:?}");
+    service.stop().await.unwrap();
+
+    // Redis: the pipeline keeps assignment logs, and retention empties them.
+    let redis = Redis::start();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = retention_config(data.path());
+    config.counters.redis_url = Some(redis.url());
+    let service = Service::start_config(config).await;
+    let exposures: Vec<(&str, &str, i64)> = (0..3)
+        .map(|i| ("child-exposed", "$exposure", now_ms() + i))
+        .collect();
+    let results = post(&service, &exposures).await;
+    assert!(results.iter().all(|r| r.0 == "ok"), "{results:?}");
+    // Written, then deleted (the counter moves only when lines were deleted).
+    eventually("the assignment deleted", || async {
+        let metrics = service.get_text("/metrics").await;
+        metrics.contains("flagstream_retention_deleted_total{data=\"exposures\"} 1")
+            && assignment_lines(data.path()) == 0
+    })
+    .await;
+}

@@ -331,6 +331,7 @@ async fn slow_requests_time_out_with_the_json_error_body() {
 fn required_role(method: &str, path: &str) -> Option<Option<&'static str>> {
     let role = match (method, path) {
         (_, "/healthz" | "/readyz" | "/metrics" | "/v1/schema") => None,
+        (_, "/v1/privacy/retention-policy") => None,
         (_, "/v1/batch" | "/v1/stream" | "/v1/config") => Some("client"),
         (_, p) if p.starts_with("/ofrep/") => Some("client"),
         (_, "/v1/sql" | "/v1/queries" | "/v1/queries/{name}" | "/v1/cohorts") => Some("analyst"),

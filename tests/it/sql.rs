@@ -902,7 +902,7 @@ async fn the_window_rolls_into_encrypted_segments_that_survive_a_restart_and_exp
     service.stop().await.expect("clean stop");
 
     // Past retention, segments are deleted.
-    config.sql.retention = Duration::from_millis(1);
+    config.sql.retention = config.sql.memory_window;
     let service = Service::start_config(config).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !segments().is_empty() {
