@@ -243,6 +243,8 @@ impl Enforcer {
                     tracing::error!(error = %err, "retention run failed; retried at the next check");
                     "failed"
                 }
+                // The runtime is shutting down.
+                Err(err) if err.is_cancelled() => return,
                 Err(err) => {
                     tracing::error!(error = %err, "retention run panicked");
                     "failed"
