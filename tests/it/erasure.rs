@@ -10,7 +10,7 @@ use flagstream::pipeline::record::subject_hash;
 use serde_json::{Value, json};
 
 use crate::harness::{Redis, Service, role_tokens, stored_events, test_config};
-use crate::privacy::{count, files, now_ms, send};
+use crate::privacy::{count, files, now_ms, post_batch, send};
 
 const ERASED: &str = "child-erased-4471";
 const KEPT: &str = "child-kept-5582";
@@ -29,26 +29,7 @@ async fn post(service: &Service, events: &[(&str, &str, i64)]) -> Vec<(String, S
                 "timestamp": format_rfc3339(*at), "properties": properties})
         })
         .collect();
-    let (status, answer) = send(
-        service,
-        "client-key",
-        reqwest::Method::POST,
-        "/v1/batch",
-        Some(json!({"batch": batch})),
-    )
-    .await;
-    assert_eq!(status, 200, "{answer}");
-    answer["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["status"].as_str().unwrap().to_owned(),
-                r["reason"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect()
+    post_batch(service, batch).await
 }
 
 fn session(user: &'static str, at: i64) -> Vec<(&'static str, &'static str, i64)> {

@@ -71,6 +71,11 @@ async fn ingest(service: &Service, events: &[(Option<&str>, &str)]) -> Vec<(Stri
             event
         })
         .collect();
+    post_batch(service, batch).await
+}
+
+/// Posts a batch with the client key; returns each event's status and reason.
+pub(crate) async fn post_batch(service: &Service, batch: Vec<Value>) -> Vec<(String, String)> {
     let (status, answer) = send(
         service,
         "client-key",
