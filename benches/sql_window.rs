@@ -220,7 +220,7 @@ fn main() {
         for _ in 0..args.runs {
             let started = Instant::now();
             let result = runtime
-                .block_on(engine.run(&sql, &params))
+                .block_on(engine.run(&sql, &params, None))
                 .expect("query runs");
             times.push(started.elapsed());
             rows = result.rows;

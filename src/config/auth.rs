@@ -92,6 +92,46 @@ impl FromStr for TokenHash {
     }
 }
 
+/// The context keys a token's scope may name.
+pub const SCOPE_KEYS: [&str; 2] = ["school_id", "class_id"];
+
+/// What a scoped token sees: only the events whose context `key` (a school or a class) is
+/// `value`, and only aggregates over groups of enough children.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TokenScope {
+    /// `school_id` or `class_id`.
+    pub key: &'static str,
+    /// The school's or class's id.
+    pub value: String,
+}
+
+impl FromStr for TokenScope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (key, value) = s
+            .split_once('=')
+            .ok_or("a scope is `school_id=<id>` or `class_id=<id>`")?;
+        let key = SCOPE_KEYS
+            .iter()
+            .find(|k| **k == key.trim())
+            .ok_or_else(|| format!("a scope names school_id or class_id, not {key:?}"))?;
+        let value = value.trim();
+        if value.is_empty() || value.len() > 128 {
+            return Err("a scope's id must have 1 to 128 characters".into());
+        }
+        Ok(Self {
+            key,
+            value: value.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for TokenScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.key, self.value)
+    }
+}
+
 /// One configured access token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenConfig {
@@ -101,15 +141,17 @@ pub struct TokenConfig {
     pub role: Role,
     /// SHA-256 of the token.
     pub sha256: TokenHash,
+    /// For an analyst token of school staff: the school or class it is limited to.
+    pub scope: Option<TokenScope>,
 }
 
 impl TokenConfig {
     fn parse_one(value: &Value) -> Result<Self, String> {
         let table = value
             .as_table()
-            .ok_or("each token is a table with name, role and sha256")?;
+            .ok_or("each token is a table with name, role and sha256 (and scope)")?;
         for key in table.keys() {
-            if !matches!(key.as_str(), "name" | "role" | "sha256") {
+            if !matches!(key.as_str(), "name" | "role" | "sha256" | "scope") {
                 return Err(format!("unknown token key {key:?}"));
             }
         }
@@ -125,11 +167,32 @@ impl TokenConfig {
         }
         let role = field("role").and_then(|r| r.parse::<Role>());
         let sha256 = field("sha256").and_then(|h| h.parse::<TokenHash>());
-        match (role, sha256) {
-            (Ok(role), Ok(sha256)) => Ok(Self { name, role, sha256 }),
-            (role, sha256) => {
-                let problems: Vec<String> =
-                    [role.err(), sha256.err()].into_iter().flatten().collect();
+        let scope = match table.get("scope") {
+            None => Ok(None),
+            Some(value) => value
+                .as_str()
+                .ok_or_else(|| "scope must be a string".to_owned())
+                .and_then(|s| s.parse::<TokenScope>())
+                .map(Some),
+        };
+        let scope = match (&role, scope) {
+            (Ok(role), Ok(Some(_))) if *role != Role::Analyst => {
+                Err("only analyst tokens may carry a scope".to_owned())
+            }
+            (_, scope) => scope,
+        };
+        match (role, sha256, scope) {
+            (Ok(role), Ok(sha256), Ok(scope)) => Ok(Self {
+                name,
+                role,
+                sha256,
+                scope,
+            }),
+            (role, sha256, scope) => {
+                let problems: Vec<String> = [role.err(), sha256.err(), scope.err()]
+                    .into_iter()
+                    .flatten()
+                    .collect();
                 Err(format!("token {name:?}: {}", problems.join(", ")))
             }
         }
@@ -137,7 +200,7 @@ impl TokenConfig {
 }
 
 impl ConfigValue for Vec<TokenConfig> {
-    const KIND: &'static str = "array of {name, role, sha256}";
+    const KIND: &'static str = "array of {name, role, sha256, scope}";
     fn parse(value: &Value) -> Result<Self, String> {
         // From the environment: an inline TOML array of tables.
         let array = super::value::inline_array(value)?;
@@ -163,6 +226,9 @@ impl ConfigValue for Vec<TokenConfig> {
                     table.insert("name".into(), Value::String(t.name.clone()));
                     table.insert("role".into(), Value::String(t.role.as_str().into()));
                     table.insert("sha256".into(), Value::String(t.sha256.to_hex()));
+                    if let Some(scope) = &t.scope {
+                        table.insert("scope".into(), Value::String(scope.to_string()));
+                    }
                     Value::Table(table)
                 })
                 .collect(),
@@ -200,5 +266,44 @@ mod tests {
         let err = Vec::<TokenConfig>::parse(&value).unwrap_err();
         assert!(err.contains("[0]") && err.contains("unknown role"), "{err}");
         assert!(err.contains("[1]") && err.contains("\"role\""), "{err}");
+    }
+
+    #[test]
+    fn only_analyst_tokens_carry_a_school_or_class_scope() {
+        let parse = |text: &str| {
+            let value =
+                toml::from_str::<toml::Table>(&format!("t = [{text}]")).unwrap()["t"].clone();
+            Vec::<TokenConfig>::parse(&value)
+        };
+        let hash = "0".repeat(64);
+        let tokens = parse(&format!(
+            r#"{{name = "teacher", role = "analyst", sha256 = "{hash}", scope = "class_id=4B"}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            tokens[0].scope,
+            Some(TokenScope {
+                key: "class_id",
+                value: "4B".into()
+            })
+        );
+        assert_eq!(
+            Vec::<TokenConfig>::parse(&tokens.render()).unwrap(),
+            tokens,
+            "round trip"
+        );
+        for (bad, why) in [
+            (r#"role = "client", scope = "school_id=s1""#, "only analyst"),
+            (
+                r#"role = "analyst", scope = "country=BR""#,
+                "school_id or class_id",
+            ),
+            (r#"role = "analyst", scope = "school_id=""#, "1 to 128"),
+            (r#"role = "analyst", scope = "school_id""#, "a scope is"),
+            (r#"role = "analyst", scope = 7"#, "must be a string"),
+        ] {
+            let err = parse(&format!(r#"{{name = "t", sha256 = "{hash}", {bad}}}"#)).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
     }
 }

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use toml::Value;
 
-pub use auth::{Role, TokenConfig, TokenHash};
+pub use auth::{Role, SCOPE_KEYS, TokenConfig, TokenHash, TokenScope};
 pub use docs::render_markdown;
 pub use value::{ByteSize, ConfigValue, RedisUrl, Secret};
 
@@ -402,6 +402,9 @@ section! {
         /// Access tokens as `{name, role, sha256}`; roles are client, analyst, privacy, admin.
         /// With none, the API is open, which is allowed only on a loopback listener.
         pub tokens: Vec<TokenConfig> = Vec::new(),
+        /// Scoped tokens (school staff) see no aggregate over fewer children than this: such
+        /// groups are left out of SQL answers and blanked in cohort answers.
+        pub min_group_size: usize = 5,
     }
 }
 

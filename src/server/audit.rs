@@ -127,6 +127,7 @@ mod tests {
         let who = Principal {
             name: "team".into(),
             role: Role::Analyst,
+            scope: None,
         };
         log.record(&who, "sql.adhoc", "SELECT 1", 200);
         log.record(&who, "sql.adhoc", &"é".repeat(5000), 400);

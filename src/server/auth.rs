@@ -13,7 +13,7 @@ use axum::http::request::Parts;
 use subtle::ConstantTimeEq;
 
 use super::error::{ApiError, ErrorCode};
-use crate::config::{Role, TokenConfig, TokenHash};
+use crate::config::{Role, TokenConfig, TokenHash, TokenScope};
 
 /// The configured tokens, shared by every request.
 #[derive(Clone, Debug)]
@@ -36,6 +36,7 @@ impl Tokens {
             return Ok(Principal {
                 name: "anonymous".into(),
                 role: Role::Admin,
+                scope: None,
             });
         }
         let token = authorization
@@ -66,6 +67,7 @@ impl Tokens {
         Ok(Principal {
             name: token.name.as_str().into(),
             role: token.role,
+            scope: token.scope.clone(),
         })
     }
 }
@@ -90,6 +92,8 @@ pub struct Principal {
     pub name: Arc<str>,
     /// The token's role.
     pub role: Role,
+    /// The school or class a scoped token is limited to.
+    pub scope: Option<TokenScope>,
 }
 
 /// A role a handler can require at the type level.
@@ -155,11 +159,13 @@ mod tests {
                 name: "app".into(),
                 role: Role::Client,
                 sha256: TokenHash::of("app-key"),
+                scope: None,
             },
             TokenConfig {
                 name: "ops".into(),
                 role: Role::Admin,
                 sha256: TokenHash::of("ops-key"),
+                scope: None,
             },
         ])
     }

@@ -36,6 +36,10 @@ pub struct Point {
     /// Distinct subjects with at least one event of each type (an experiment's goals are
     /// event types), estimated like `active_subjects`.
     pub converted: BTreeMap<String, u64>,
+    /// For a token scoped to a school or class: the window had fewer children than
+    /// `auth.min_group_size`, so its counts are left out (zero and empty).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub suppressed: bool,
 }
 
 /// One cohort's series.
@@ -89,10 +93,10 @@ enum Selection {
         (status = 200, description = "A time series per cohort.", body = Cohorts),
         (status = 400, description = "A bad parameter.", body = ErrorBody),
         (status = 401, description = "Missing or unknown token.", body = ErrorBody),
-        (status = 403, description = "Not an analyst token.", body = ErrorBody),
+        (status = 403, description = "Not an analyst token, or a scoped token asking for more than its own school's or class's segment.", body = ErrorBody),
         (status = 503, description = "The counter store is unavailable.", body = ErrorBody)))]
 pub async fn cohorts(
-    _caller: Authorized<Analyst>,
+    caller: Authorized<Analyst>,
     State(state): State<AppState>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<Cohorts>, ApiError> {
@@ -110,6 +114,36 @@ pub async fn cohorts(
         (None, Some(segment)) => Selection::Segment(segment.clone()),
         (None, None) => Selection::All,
     };
+    // A school's staff read their own school's (or class's) segment, in groups large enough.
+    let scope = caller.principal.scope.as_ref();
+    if let Some(scope) = scope {
+        let own = matches!(&selection, Selection::Segment(d) if d == scope.key);
+        if !own {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "a token scoped to a school or class reads segment={} only",
+                    scope.key
+                ),
+            ));
+        }
+        if !state
+            .config
+            .pipeline
+            .segments
+            .iter()
+            .any(|d| d == scope.key)
+        {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "counters are not kept per {}: add it to pipeline.segments, or use SQL",
+                    scope.key
+                ),
+            ));
+        }
+    }
+    let min_group = state.config.auth.min_group_size as u64;
     let window = match params.get("window") {
         None => Window::Hour,
         Some(name) => Window::from_name(name)
@@ -131,7 +165,10 @@ pub async fn cohorts(
     let starts: Vec<WindowStart> = (0..count)
         .map(|i| WindowStart(first.0 + i * window.millis()))
         .collect();
-    let cohorts = selected(&state.counters, &selection).await?;
+    let mut cohorts = selected(&state.counters, &selection).await?;
+    if let Some(scope) = scope {
+        cohorts.retain(|c| matches!(c, CohortKey::Segment { value, .. } if *value == scope.value));
+    }
     let mut series = Vec::with_capacity(cohorts.len());
     for cohort in cohorts {
         let counts = state
@@ -151,7 +188,13 @@ pub async fn cohorts(
             points: starts
                 .iter()
                 .zip(counts)
-                .map(|(s, c)| point(*s, c))
+                .map(|(s, c)| {
+                    let mut point = point(*s, c);
+                    if scope.is_some() && point.active_subjects < min_group {
+                        point.suppress();
+                    }
+                    point
+                })
                 .collect(),
         });
     }
@@ -206,6 +249,19 @@ fn point(start: WindowStart, counts: WindowCounts) -> Point {
         events,
         active_subjects: counts.subjects,
         converted: counts.converted,
+        suppressed: false,
+    }
+}
+
+impl Point {
+    /// Leaves the counts out: too few children to show.
+    fn suppress(&mut self) {
+        self.events.clear();
+        self.converted.clear();
+        self.sessions = 0;
+        self.time_spent_ms = 0;
+        self.active_subjects = 0;
+        self.suppressed = true;
     }
 }
 

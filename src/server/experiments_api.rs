@@ -66,7 +66,7 @@ pub async fn list(
         (status = 200, description = "The results, as JSON or CSV.", body = Results),
         (status = 400, description = "A bad parameter.", body = ErrorBody),
         (status = 401, description = "Missing or unknown token.", body = ErrorBody),
-        (status = 403, description = "Not an analyst token.", body = ErrorBody),
+        (status = 403, description = "Not an analyst token, or a token scoped to a school or class.", body = ErrorBody),
         (status = 404, description = "No experiment of that key.", body = ErrorBody),
         (status = 406, description = "An Accept header naming neither JSON nor CSV.", body = ErrorBody),
         (status = 422, description = "query_timeout or query_resources_exhausted.", body = ErrorBody),
@@ -82,7 +82,15 @@ pub async fn results(
         Ok(Query(params)) => format!("{key} {}", serde_json::json!(params)),
         Err(_) => key.clone(),
     };
-    let result = answer_results(&state, &key, &headers, query).await;
+    let result = if caller.principal.scope.is_some() {
+        // Per-child first exposures over the whole population: not for a school's view.
+        Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "experiment results cover every school; a token scoped to a school or class cannot read them",
+        ))
+    } else {
+        answer_results(&state, &key, &headers, query).await
+    };
     let status = audit::status_of(&result);
     state
         .audit
@@ -184,7 +192,7 @@ async fn compute(
     let goals = experiment.goals.len();
     let sql = query::sql(goals);
     let params = query::params(&experiment.key, &experiment.goals, from, to);
-    let (_, counts) = run_counted(state, kind, &sql, &params, |result| {
+    let (_, counts) = run_counted(state, kind, &sql, &params, None, |result| {
         query::counts(result, goals).map_err(SqlError::Internal)
     })
     .await?;

@@ -12,12 +12,13 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use super::auth::{Analyst, Authorized};
+use super::auth::{Analyst, Authorized, Principal};
 use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::metrics::{SQL_QUERIES_TOTAL, SQL_QUERY_DURATION_SECONDS};
 use super::{AppState, audit};
 use crate::sql::output::{Format, encode};
 use crate::sql::saved::Param;
+use crate::sql::scope::Scope;
 use crate::sql::{QueryResult, SqlError};
 
 /// The body of `POST /v1/sql`.
@@ -64,7 +65,7 @@ pub struct SavedQueries {
         (status = 200, description = "The answer: JSON {columns, rows, row_count, truncated, elapsed_ms}, CSV or Arrow IPC."),
         (status = 400, description = "Malformed body, syntax error (with its position), unknown table or column, a statement that is not read-only, or a query that failed on its data.", body = ErrorBody),
         (status = 401, description = "Missing or unknown token.", body = ErrorBody),
-        (status = 403, description = "Not an analyst token.", body = ErrorBody),
+        (status = 403, description = "Not an analyst token, or a query a token scoped to a school or class may not run.", body = ErrorBody),
         (status = 406, description = "An Accept header naming no format the service gives.", body = ErrorBody),
         (status = 413, description = "SQL text over sql.max_sql_length.", body = ErrorBody),
         (status = 422, description = "query_timeout (over sql.timeout) or query_resources_exhausted (over sql.memory_limit).", body = ErrorBody),
@@ -87,7 +88,16 @@ pub async fn sql(
             )
         })?;
         detail = request.sql.clone();
-        answer(&state, "adhoc", &request.sql, &request.params, format).await
+        let scope = scope_of(&state, &caller.principal);
+        answer(
+            &state,
+            "adhoc",
+            &request.sql,
+            &request.params,
+            format,
+            scope.as_ref(),
+        )
+        .await
     }
     .await;
     let status = audit::status_of(&result);
@@ -147,7 +157,8 @@ pub async fn saved(
         Ok(Query(params)) => format!("{name} {}", serde_json::json!(params)),
         Err(_) => name.clone(),
     };
-    let result = run_saved(&state, &name, &headers, query).await;
+    let scope = scope_of(&state, &caller.principal);
+    let result = run_saved(&state, &name, &headers, query, scope.as_ref()).await;
     let status = audit::status_of(&result);
     state
         .audit
@@ -160,6 +171,7 @@ async fn run_saved(
     name: &str,
     headers: &HeaderMap,
     query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
+    scope: Option<&Scope>,
 ) -> Result<Response, ApiError> {
     let Query(mut params) =
         query.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.body_text()))?;
@@ -174,7 +186,16 @@ async fn run_saved(
     let params = saved
         .bind(&params)
         .map_err(|text| ApiError::new(ErrorCode::InvalidRequest, text))?;
-    answer(state, "saved", &saved.sql, &params, format).await
+    answer(state, "saved", &saved.sql, &params, format, scope).await
+}
+
+/// The view of a scoped token (school staff), if the caller's token is one.
+pub(super) fn scope_of(state: &AppState, principal: &Principal) -> Option<Scope> {
+    principal.scope.as_ref().map(|scope| Scope {
+        column: scope.key,
+        value: scope.value.clone(),
+        min_group: state.config.auth.min_group_size,
+    })
 }
 
 fn only_format(
@@ -216,8 +237,12 @@ async fn answer(
     sql: &str,
     params: &BTreeMap<String, String>,
     format: Format,
+    scope: Option<&Scope>,
 ) -> Result<Response, ApiError> {
-    let result = run_counted(state, kind, sql, params, |result| encode(result, format)).await;
+    let result = run_counted(state, kind, sql, params, scope, |result| {
+        encode(result, format)
+    })
+    .await;
     let (result, body) = result.map_err(api_error)?;
     let mut response = (
         [(
@@ -241,12 +266,13 @@ pub(super) async fn run_counted<T>(
     kind: &'static str,
     sql: &str,
     params: &BTreeMap<String, String>,
+    scope: Option<&Scope>,
     finish: impl FnOnce(&QueryResult) -> Result<T, SqlError>,
 ) -> Result<(QueryResult, T), SqlError> {
     let started = Instant::now();
     let result = state
         .sql
-        .run(sql, params)
+        .run(sql, params, scope)
         .await
         .and_then(|result| finish(&result).map(|done| (result, done)));
     metrics::histogram!(SQL_QUERY_DURATION_SECONDS, "kind" => kind)
@@ -273,6 +299,7 @@ pub(super) fn api_error(err: SqlError) -> ApiError {
         SqlError::Busy(_) => ApiError::new(ErrorCode::Overloaded, text)
             .retry_after(std::time::Duration::from_secs(1)),
         SqlError::Invalid(_) => ApiError::new(ErrorCode::InvalidRequest, text),
+        SqlError::Forbidden(_) => ApiError::new(ErrorCode::Forbidden, text),
         SqlError::Timeout(_) => ApiError::new(ErrorCode::QueryTimeout, text),
         SqlError::Resources(_) => ApiError::new(ErrorCode::QueryResources, text),
         SqlError::Internal(detail) => ApiError::internal(detail),

@@ -27,6 +27,7 @@ use tokio::sync::Semaphore;
 
 use super::SqlError;
 use super::saved::SavedQuery;
+use super::scope::Scope;
 use super::table::{EventsTable, RecentEvents};
 use crate::server::metrics::SQL_QUERIES_RUNNING;
 
@@ -150,11 +151,13 @@ impl SqlEngine {
         Ok(names)
     }
 
-    /// Runs `sql` with `params` bound to its `$name` placeholders.
+    /// Runs `sql` with `params` bound to its `$name` placeholders, over every event or, for
+    /// a scoped token, over its `scope` (see [`Scope`]).
     pub async fn run(
         &self,
         sql: &str,
         params: &BTreeMap<String, String>,
+        scope: Option<&Scope>,
     ) -> Result<QueryResult, SqlError> {
         if sql.len() > self.options.max_sql_length {
             return Err(SqlError::TooLong {
@@ -169,14 +172,18 @@ impl SqlEngine {
             .map_err(|_| SqlError::Busy(self.options.max_concurrent))?;
         let started = Instant::now();
         self.catch_up().await;
-        let ctx = self.context()?;
+        let ctx = match scope {
+            None => self.context()?,
+            Some(scope) => self.scoped_context(scope)?,
+        };
         let sql = sql.to_owned();
         let params = params.clone();
         let caps = (self.options.max_rows, self.options.max_result_bytes);
+        let scope = scope.cloned();
         let handle = self.runtime().spawn(async move {
             // Dropped when the query ends or is cancelled: the gauge and the permit follow.
             let _running = Running::start(permit);
-            execute(ctx, sql, params, caps).await
+            execute(ctx, sql, params, caps, scope).await
         });
         let task = AbortOnDrop(handle);
         let mut result = match tokio::time::timeout(self.options.timeout, task).await {
@@ -213,8 +220,27 @@ impl SqlEngine {
         .await;
     }
 
+    /// A session for a scoped token: its `events` are the scope's only, and there is no
+    /// `exposures` view (a subject's first exposure is not an aggregate).
+    fn scoped_context(&self, scope: &Scope) -> Result<SessionContext, SqlError> {
+        let ctx = self.bare_context()?;
+        ctx.register_table("events", scope.events(self.events.clone())?)?;
+        Ok(ctx)
+    }
+
     /// A fresh session over the shared tables, with its own memory pool and no disk.
     fn context(&self) -> Result<SessionContext, SqlError> {
+        let ctx = self.bare_context()?;
+        ctx.register_table("events", self.events.clone() as Arc<dyn TableProvider>)?;
+        ctx.register_table(
+            "exposures",
+            self.exposures.clone() as Arc<dyn TableProvider>,
+        )?;
+        Ok(ctx)
+    }
+
+    /// A session with its own memory pool, no disk and no tables.
+    fn bare_context(&self) -> Result<SessionContext, SqlError> {
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::new(GreedyMemoryPool::new(self.options.memory_limit)))
             .with_disk_manager_builder(
@@ -224,13 +250,7 @@ impl SqlEngine {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_target_partitions(self.options.threads.max(1));
-        let ctx = SessionContext::new_with_config_rt(config, runtime);
-        ctx.register_table("events", self.events.clone() as Arc<dyn TableProvider>)?;
-        ctx.register_table(
-            "exposures",
-            self.exposures.clone() as Arc<dyn TableProvider>,
-        )?;
-        Ok(ctx)
+        Ok(SessionContext::new_with_config_rt(config, runtime))
     }
 }
 
@@ -262,9 +282,17 @@ async fn execute(
     sql: String,
     params: BTreeMap<String, String>,
     (max_rows, max_bytes): (usize, usize),
+    scope: Option<Scope>,
 ) -> Result<QueryResult, SqlError> {
     let frame = ctx.sql_with_options(&sql, read_only()).await?;
     let frame = bind(frame, params)?;
+    let frame = match &scope {
+        None => frame,
+        Some(scope) => {
+            let (state, plan) = frame.into_parts();
+            DataFrame::new(state, scope.restrict(plan)?)
+        }
+    };
     // EXPLAIN, DESCRIBE and SHOW must stay the root of their plan; their answers are small.
     let frame = match frame.logical_plan() {
         LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) | LogicalPlan::DescribeTable(_) => frame,
@@ -421,6 +449,7 @@ mod tests {
                 "SELECT count(*) AS n, count(DISTINCT e.class_id) AS c FROM events e \
                  JOIN exposures x ON e.subject = x.subject",
                 &BTreeMap::new(),
+                None,
             )
             .await
             .unwrap();
@@ -431,6 +460,7 @@ mod tests {
             .run(
                 "SELECT subject FROM events ORDER BY subject DESC",
                 &BTreeMap::new(),
+                None,
             )
             .await
             .unwrap();
@@ -438,14 +468,147 @@ mod tests {
         assert_eq!(sorted.rows, 10);
         // EXPLAIN stays the root of its plan (the row cap is not wrapped around it).
         let explained = engine
-            .run("EXPLAIN SELECT count(*) FROM exposures", &BTreeMap::new())
+            .run(
+                "EXPLAIN SELECT count(*) FROM exposures",
+                &BTreeMap::new(),
+                None,
+            )
             .await
             .unwrap();
         assert!(explained.rows > 0);
         let columns = engine
-            .run("SHOW COLUMNS FROM events", &BTreeMap::new())
+            .run("SHOW COLUMNS FROM events", &BTreeMap::new(), None)
             .await
             .unwrap();
         assert!(columns.rows > 0);
+    }
+
+    /// Class 4A: 6 children; 4B: 3 children (under k = 5); another school's class 9Z: 8.
+    fn classes() -> Arc<RecentEvents> {
+        let events = Arc::new(RecentEvents::new(Vec::new(), KeyRing::single(1, [1; 32])));
+        let mut rows = Vec::new();
+        for (school, class, children) in [("s1", "4A", 6), ("s1", "4B", 3), ("s2", "9Z", 8)] {
+            for child in 0..children {
+                for lesson in 0..2 {
+                    rows.push(format!(
+                        r#"{{"type":"lesson_completed","subject":"p1_{class}{child:030x}","device_id":"tablet-{class}","context":{{"school_id":"{school}","class_id":"{class}","country":"BR"}},"event_time":{lesson},"received_at":{lesson},"properties":{{"lesson_id":"l{lesson}"}}}}"#
+                    ));
+                }
+            }
+        }
+        assert_eq!(events.append(rows.iter().map(String::as_bytes)), 0);
+        events
+    }
+
+    fn int(result: &QueryResult, column: usize) -> Vec<i64> {
+        result
+            .batches
+            .iter()
+            .flat_map(|b| {
+                b.column(column)
+                    .as_primitive::<Int64Type>()
+                    .values()
+                    .to_vec()
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scoped_token_sees_its_school_in_groups_of_enough_children_only() {
+        let mut options = options();
+        options.max_rows = 1000;
+        let engine = SqlEngine::new(classes(), Vec::new(), options).unwrap();
+        let school = Scope {
+            column: "school_id",
+            value: "s1".into(),
+            min_group: 5,
+        };
+        let none = BTreeMap::new();
+        let run = |sql: &'static str| engine.run(sql, &none, Some(&school));
+
+        // Its own school only, beneath any WHERE: 9 children, 18 events.
+        let all = run("SELECT count(*) AS n, count(DISTINCT subject) AS c FROM events WHERE school_id = 's2' OR true")
+            .await
+            .unwrap();
+        assert_eq!((int(&all, 0), int(&all, 1)), (vec![18], vec![9]));
+        // Groups of fewer than 5 children are left out: 4B (3 children) goes.
+        let by_class =
+            run("SELECT class_id, count(*) AS n FROM events GROUP BY class_id ORDER BY class_id")
+                .await
+                .unwrap();
+        assert_eq!(by_class.rows, 1);
+        assert_eq!(int(&by_class, 1), [12]);
+        let having = run(
+            "SELECT properties['lesson_id'] AS lesson, count(*) AS n FROM events \
+             WHERE class_id = '4B' GROUP BY 1 HAVING count(*) > 0",
+        )
+        .await
+        .unwrap();
+        assert_eq!(having.rows, 0, "a class of 3 children is not answered");
+
+        // What could reveal a child or another school is refused, with the reason.
+        for (sql, why) in [
+            ("SELECT subject FROM events", "one aggregation"),
+            ("SELECT * FROM events LIMIT 1", "one aggregation"),
+            ("SELECT DISTINCT class_id FROM events", "one aggregation"),
+            (
+                "SELECT subject, count(*) FROM events GROUP BY subject",
+                "groups by subject",
+            ),
+            (
+                "SELECT device_id, count(*) FROM events GROUP BY device_id",
+                "groups by device_id",
+            ),
+            ("SELECT min(subject) FROM events", "min of subject"),
+            (
+                "SELECT array_agg(subject) FROM events",
+                "array_agg is not allowed",
+            ),
+            ("SELECT count(*) FROM exposures", "exposures"),
+            (
+                "SELECT count(*) FROM (SELECT subject, class_id FROM events) t",
+                "rather than the events table",
+            ),
+            (
+                "SELECT n, count(*) FROM (SELECT subject, count(*) AS n FROM events GROUP BY subject) t GROUP BY n",
+                "one aggregation",
+            ),
+            ("EXPLAIN SELECT count(*) FROM events", "EXPLAIN"),
+            ("EXPLAIN ANALYZE SELECT count(*) FROM events", "EXPLAIN"),
+        ] {
+            let err = run(sql).await.unwrap_err();
+            assert!(
+                matches!(&err, SqlError::Forbidden(text) if text.contains(why))
+                    || (why == "exposures"
+                        && matches!(&err, SqlError::Invalid(text) if text.contains(why))),
+                "{sql}: {err}"
+            );
+        }
+        // Counting identifiers is fine: it reveals none.
+        let counted = run("SELECT count(DISTINCT device_id) AS d FROM events")
+            .await
+            .unwrap();
+        assert_eq!(int(&counted, 0), [2]);
+
+        // A class scope; and the unscoped engine still sees everything.
+        let class = Scope {
+            column: "class_id",
+            value: "4B".into(),
+            min_group: 3,
+        };
+        let small = engine
+            .run(
+                "SELECT count(*) AS n FROM events",
+                &BTreeMap::new(),
+                Some(&class),
+            )
+            .await
+            .unwrap();
+        assert_eq!(int(&small, 0), [6]);
+        let everyone = engine
+            .run("SELECT count(*) AS n FROM events", &BTreeMap::new(), None)
+            .await
+            .unwrap();
+        assert_eq!(int(&everyone, 0), [34]);
     }
 }

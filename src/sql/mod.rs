@@ -15,6 +15,7 @@ pub mod erase;
 pub mod feed;
 pub mod output;
 pub mod saved;
+pub mod scope;
 pub mod segments;
 pub mod table;
 
@@ -39,6 +40,9 @@ pub enum SqlError {
     /// The query is not valid, not allowed, or failed on its data (the message says which).
     #[error("{0}")]
     Invalid(String),
+    /// The caller's token may not run this query (a scoped token's limits).
+    #[error("{0}")]
+    Forbidden(String),
     /// The query ran out of time.
     #[error("the query did not finish within {0:?}")]
     Timeout(std::time::Duration),
@@ -55,6 +59,7 @@ impl SqlError {
     pub fn outcome(&self) -> &'static str {
         match self {
             SqlError::TooLong { .. } | SqlError::Invalid(_) => "invalid",
+            SqlError::Forbidden(_) => "forbidden",
             SqlError::Busy(_) => "busy",
             SqlError::Timeout(_) => "timeout",
             SqlError::Resources(_) => "resources",

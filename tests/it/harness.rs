@@ -159,11 +159,13 @@ pub fn client_and_analyst_tokens() -> Vec<TokenConfig> {
             name: "app".into(),
             role: Role::Client,
             sha256: TokenHash::of("client-key"),
+            scope: None,
         },
         TokenConfig {
             name: "team".into(),
             role: Role::Analyst,
             sha256: TokenHash::of("analyst-key"),
+            scope: None,
         },
     ]
 }
@@ -175,6 +177,7 @@ pub fn role_tokens() -> Vec<TokenConfig> {
         name: "dpo".into(),
         role: Role::Privacy,
         sha256: TokenHash::of("privacy-key"),
+        scope: None,
     });
     tokens
 }

@@ -12,5 +12,6 @@ mod ops;
 mod peers;
 mod pipeline;
 mod privacy;
+mod scoped;
 mod sql;
 mod stream;

@@ -165,11 +165,13 @@ async fn tokens_guard_the_admin_configuration() {
             name: "ios-app".into(),
             role: Role::Client,
             sha256: TokenHash::of("client-secret"),
+            scope: None,
         },
         TokenConfig {
             name: "ops".into(),
             role: Role::Admin,
             sha256: TokenHash::of("admin-secret"),
+            scope: None,
         },
     ];
     let service = Service::start_with(|config| {
@@ -357,6 +359,7 @@ async fn every_endpoint_admits_exactly_its_roles() {
         name: "ops".into(),
         role: Role::Admin,
         sha256: TokenHash::of("admin-key"),
+        scope: None,
     });
     let service = Service::start_with(|c| c.auth.tokens = tokens).await;
     let (_, doc) = service.get_json("/openapi.json").await;

@@ -538,6 +538,7 @@ async fn sql_privacy_and_admin_actions_are_audited_without_raw_ids() {
         name: "ops".into(),
         role: flagstream::config::Role::Admin,
         sha256: flagstream::config::TokenHash::of("admin-key"),
+        scope: None,
     });
     config.auth.tokens = tokens;
     let service = Service::start_config(config).await;
