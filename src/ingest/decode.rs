@@ -101,6 +101,101 @@ pub struct Decoded {
     pub events: Vec<Result<Value, Rejection>>,
 }
 
+/// A WebSocket client message: its sequence number and its events.
+#[derive(Debug)]
+pub struct StreamMessage {
+    /// The client's sequence number, echoed in the ack.
+    pub seq: u64,
+    /// The message's `sent_at`, for events without their own.
+    pub sent_at: Option<Millis>,
+    /// The events, in order; an oversized one is rejected on its own.
+    pub events: Vec<Result<Value, Rejection>>,
+}
+
+/// Why a whole WebSocket message was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamError {
+    /// The message's sequence number, when it could be read.
+    pub seq: Option<u64>,
+    /// The error code of the reply.
+    pub code: &'static str,
+    /// What was wrong.
+    pub description: String,
+}
+
+/// Reads a WebSocket client message: `{"seq": n, "events": [...]}` or `{"seq": n, "event":
+/// {...}}`, with an optional `sent_at`.
+pub fn decode_message(bytes: &[u8], limits: &DecodeLimits) -> Result<StreamMessage, StreamError> {
+    let refuse = |seq, code, description: &str| StreamError {
+        seq,
+        code,
+        description: description.to_owned(),
+    };
+    let mut message: Value = serde_json::from_slice(bytes).map_err(|err| StreamError {
+        seq: None,
+        code: "invalid_request",
+        description: format!("not JSON: {err}"),
+    })?;
+    let seq = message.get("seq").and_then(Value::as_u64);
+    let Some(seq_number) = seq else {
+        return Err(refuse(
+            None,
+            "invalid_request",
+            "a message needs a numeric seq",
+        ));
+    };
+    let events = message.get_mut("events").map(Value::take);
+    let single = message.get_mut("event").map(Value::take);
+    let raw: Vec<Value> = match (events, single) {
+        (Some(Value::Array(events)), None) => events,
+        (None, Some(event)) => vec![event],
+        _ => {
+            return Err(refuse(
+                seq,
+                "invalid_request",
+                "a message carries `events` (an array) or `event`",
+            ));
+        }
+    };
+    if raw.len() > limits.max_events {
+        return Err(StreamError {
+            seq,
+            code: "payload_too_large",
+            description: format!("a message holds at most {} events", limits.max_events),
+        });
+    }
+    let sent_at = match message.get("sent_at").and_then(Value::as_str) {
+        None => None,
+        Some(text) => Some(parse_rfc3339(text).ok_or_else(|| {
+            refuse(
+                seq,
+                "invalid_request",
+                "sent_at must be an RFC 3339 timestamp",
+            )
+        })?),
+    };
+    // A message within the per-event limit cannot hold an oversized event; otherwise measure.
+    let small = bytes.len() <= limits.max_event;
+    let events = raw
+        .into_iter()
+        .map(|e| {
+            if small || serde_json::to_vec(&e).map_or(0, |v| v.len()) <= limits.max_event {
+                Ok(e)
+            } else {
+                Err(Rejection {
+                    reason: RejectReason::TooLarge,
+                    detail: format!("an event may have at most {} bytes", limits.max_event),
+                })
+            }
+        })
+        .collect();
+    Ok(StreamMessage {
+        seq: seq_number,
+        sent_at,
+        events,
+    })
+}
+
 /// Decompresses `body`, refusing output beyond `max` bytes.
 pub fn decompress(
     body: &[u8],

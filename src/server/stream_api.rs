@@ -23,9 +23,8 @@ use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::ingest_api::{answer, decode_limits, event_ids, now_ms, store_error};
 use super::metrics::{RATE_LIMITED_TOTAL, STREAM_MESSAGES_TOTAL, STREAM_SESSIONS};
 use crate::config::Role;
-use crate::events::time::parse_rfc3339;
-use crate::events::{RejectReason, Rejection};
 use crate::ingest::Transport;
+use crate::ingest::decode::{StreamMessage, decode_message};
 
 /// The subprotocol a browser names, with its key as `key.<client key>`.
 const PROTOCOL: &str = "flagstream";
@@ -151,63 +150,16 @@ fn error_reply(seq: Option<u64>, error: &str, description: impl Into<String>) ->
 /// Handles one client message and returns the reply.
 async fn handle(state: &AppState, key: &std::sync::Arc<str>, bytes: &[u8]) -> Value {
     let received_at = now_ms();
-    let mut message: Value = match serde_json::from_slice(bytes) {
-        Ok(message) => message,
-        Err(err) => return error_reply(None, "invalid_request", format!("not JSON: {err}")),
-    };
-    let seq = message.get("seq").and_then(Value::as_u64);
-    let Some(seq_number) = seq else {
-        return error_reply(None, "invalid_request", "a message needs a numeric seq");
-    };
-    let events = message.get_mut("events").map(Value::take);
-    let single = message.get_mut("event").map(Value::take);
-    let raw: Vec<Value> = match (events, single) {
-        (Some(Value::Array(events)), None) => events,
-        (None, Some(event)) => vec![event],
-        _ => {
-            return error_reply(
-                seq,
-                "invalid_request",
-                "a message carries `events` (an array) or `event`",
-            );
-        }
-    };
     let limits = decode_limits(&state.config.ingest);
-    if raw.len() > limits.max_events {
-        return error_reply(
-            seq,
-            "payload_too_large",
-            format!("a message holds at most {} events", limits.max_events),
-        );
-    }
-    let sent_at = match message.get("sent_at").and_then(Value::as_str) {
-        None => None,
-        Some(text) => match parse_rfc3339(text) {
-            Some(at) => Some(at),
-            None => {
-                return error_reply(
-                    seq,
-                    "invalid_request",
-                    "sent_at must be an RFC 3339 timestamp",
-                );
-            }
-        },
+    let StreamMessage {
+        seq: seq_number,
+        sent_at,
+        events,
+    } = match decode_message(bytes, &limits) {
+        Ok(message) => message,
+        Err(err) => return error_reply(err.seq, err.code, err.description),
     };
-    // A message within the per-event limit cannot hold an oversized event; otherwise measure.
-    let small = bytes.len() <= limits.max_event;
-    let events: Vec<Result<Value, Rejection>> = raw
-        .into_iter()
-        .map(|e| {
-            if small || serde_json::to_vec(&e).map_or(0, |v| v.len()) <= limits.max_event {
-                Ok(e)
-            } else {
-                Err(Rejection {
-                    reason: RejectReason::TooLarge,
-                    detail: format!("an event may have at most {} bytes", limits.max_event),
-                })
-            }
-        })
-        .collect();
+    let seq = Some(seq_number);
     if let Err(wait) = state.rate.admit(key, events.len().max(1)) {
         metrics::counter!(RATE_LIMITED_TOTAL).increment(1);
         let mut reply = error_reply(
