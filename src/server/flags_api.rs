@@ -98,7 +98,8 @@ pub struct EvaluationSuccess {
     /// STATIC, TARGETING_MATCH, DEFAULT or DISABLED.
     reason: String,
     variant: Option<String>,
-    #[schema(value_type = Option<Object>)]
+    /// The variant's value: any JSON value (a boolean, string, number or object).
+    #[schema(value_type = Option<Value>)]
     value: Option<Value>,
     #[schema(value_type = Object)]
     metadata: Map<String, Value>,
