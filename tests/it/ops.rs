@@ -9,7 +9,7 @@ use flagstream::config::{Role, TokenConfig, TokenHash};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{Redis, Service};
+use crate::harness::{Process, Redis, Service};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_health_readiness_and_metrics_with_no_redis() {
@@ -266,6 +266,50 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     assert!(!answer.contains("200 OK"), "{answer}");
     // Everyone else is still served.
     assert_eq!(service.get_json("/healthz").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_idle_connections_cost_little_and_everyone_else_is_served() {
+    // The real binary, so that its memory is its own and its sockets do not count against
+    // this process's descriptors.
+    let data = tempfile::tempdir().unwrap();
+    let process = Process::spawn(
+        data.path(),
+        &[("FLAGSTREAM_SERVER__HEADER_READ_TIMEOUT", "3s")],
+    );
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/healthz", process.addr);
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
+    let before = process.rss_kib();
+    let mut idle = Vec::with_capacity(10_000);
+    for _ in 0..10_000 {
+        idle.push(tokio::net::TcpStream::connect(process.addr).await.unwrap());
+    }
+    // Everyone else is served while they sit there.
+    for _ in 0..20 {
+        let response = http.get(&url).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let during = process.rss_kib();
+    let per_connection = (during.saturating_sub(before) * 1024) / 10_000;
+    eprintln!(
+        "10,000 idle connections: {before} KiB -> {during} KiB ({per_connection} bytes each)"
+    );
+    assert!(
+        per_connection < 64 * 1024,
+        "an idle connection costs {per_connection} bytes"
+    );
+    // They are closed once they have sent no request for server.header_read_timeout.
+    let mut closed = 0;
+    for stream in idle.iter_mut().step_by(500) {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut byte)).await;
+        if matches!(read, Ok(Ok(0)) | Ok(Err(_))) {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 20, "idle connections are closed");
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
