@@ -143,6 +143,27 @@ pub struct TokenConfig {
     pub sha256: TokenHash,
     /// For an analyst token of school staff: the school or class it is limited to.
     pub scope: Option<TokenScope>,
+    /// For a client key: the project (app) it belongs to; `default` when not set.
+    pub project: Option<String>,
+}
+
+/// The project of client keys that name none.
+pub const DEFAULT_PROJECT: &str = "default";
+
+/// Checks a project name: 1 to 64 of `a-z`, `0-9`, `-` and `_`.
+pub fn check_project(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "project {name:?} must be 1 to 64 of a-z, 0-9, '-' and '_'"
+        ))
+    }
 }
 
 impl TokenConfig {
@@ -151,7 +172,10 @@ impl TokenConfig {
             .as_table()
             .ok_or("each token is a table with name, role and sha256 (and scope)")?;
         for key in table.keys() {
-            if !matches!(key.as_str(), "name" | "role" | "sha256" | "scope") {
+            if !matches!(
+                key.as_str(),
+                "name" | "role" | "sha256" | "scope" | "project"
+            ) {
                 return Err(format!("unknown token key {key:?}"));
             }
         }
@@ -181,15 +205,29 @@ impl TokenConfig {
             }
             (_, scope) => scope,
         };
-        match (role, sha256, scope) {
-            (Ok(role), Ok(sha256), Ok(scope)) => Ok(Self {
+        let project = match table.get("project") {
+            None => Ok(None),
+            Some(value) => value
+                .as_str()
+                .ok_or_else(|| "project must be a string".to_owned())
+                .and_then(|p| check_project(p).map(|()| Some(p.to_owned()))),
+        };
+        let project = match (&role, project) {
+            (Ok(role), Ok(Some(_))) if *role != Role::Client => {
+                Err("only client keys belong to a project".to_owned())
+            }
+            (_, project) => project,
+        };
+        match (role, sha256, scope, project) {
+            (Ok(role), Ok(sha256), Ok(scope), Ok(project)) => Ok(Self {
                 name,
                 role,
                 sha256,
                 scope,
+                project,
             }),
-            (role, sha256, scope) => {
-                let problems: Vec<String> = [role.err(), sha256.err(), scope.err()]
+            (role, sha256, scope, project) => {
+                let problems: Vec<String> = [role.err(), sha256.err(), scope.err(), project.err()]
                     .into_iter()
                     .flatten()
                     .collect();
@@ -200,7 +238,7 @@ impl TokenConfig {
 }
 
 impl ConfigValue for Vec<TokenConfig> {
-    const KIND: &'static str = "array of {name, role, sha256, scope}";
+    const KIND: &'static str = "array of {name, role, sha256, scope, project}";
     fn parse(value: &Value) -> Result<Self, String> {
         // From the environment: an inline TOML array of tables.
         let array = super::value::inline_array(value)?;
@@ -228,6 +266,9 @@ impl ConfigValue for Vec<TokenConfig> {
                     table.insert("sha256".into(), Value::String(t.sha256.to_hex()));
                     if let Some(scope) = &t.scope {
                         table.insert("scope".into(), Value::String(scope.to_string()));
+                    }
+                    if let Some(project) = &t.project {
+                        table.insert("project".into(), Value::String(project.clone()));
                     }
                     Value::Table(table)
                 })
@@ -292,6 +333,12 @@ mod tests {
             tokens,
             "round trip"
         );
+        let app = parse(&format!(
+            r#"{{name = "app", role = "client", sha256 = "{hash}", project = "reading-app"}}"#
+        ))
+        .unwrap();
+        assert_eq!(app[0].project.as_deref(), Some("reading-app"));
+        assert_eq!(Vec::<TokenConfig>::parse(&app.render()).unwrap(), app);
         for (bad, why) in [
             (r#"role = "client", scope = "school_id=s1""#, "only analyst"),
             (
@@ -301,6 +348,8 @@ mod tests {
             (r#"role = "analyst", scope = "school_id=""#, "1 to 128"),
             (r#"role = "analyst", scope = "school_id""#, "a scope is"),
             (r#"role = "analyst", scope = 7"#, "must be a string"),
+            (r#"role = "analyst", project = "app""#, "only client keys"),
+            (r#"role = "client", project = "Reading App""#, "a-z, 0-9"),
         ] {
             let err = parse(&format!(r#"{{name = "t", sha256 = "{hash}", {bad}}}"#)).unwrap_err();
             assert!(err.contains(why), "{bad}: {err}");

@@ -24,7 +24,9 @@ use std::time::Duration;
 
 use toml::Value;
 
-pub use auth::{Role, SCOPE_KEYS, TokenConfig, TokenHash, TokenScope};
+pub use auth::{
+    DEFAULT_PROJECT, Role, SCOPE_KEYS, TokenConfig, TokenHash, TokenScope, check_project,
+};
 pub use docs::render_markdown;
 pub use value::{ByteSize, ConfigValue, RedisUrl, Secret};
 
@@ -281,6 +283,10 @@ section! {
         /// answered `rejected` (`no_consent`) and only counted. Events without a `user_id`
         /// are not tied to a child and pass.
         pub consent_required: bool = false,
+        /// Projects (the `project` of client keys; `default` for keys without one) whose
+        /// events and exposures need a guardian's grant, as with `consent_required`, which
+        /// covers every project.
+        pub consent_required_projects: Vec<String> = Vec::new(),
         /// Encrypt new write-ahead log records with the data keys (AES-256-GCM). Records
         /// written either way stay readable while the data keys that sealed them are kept.
         pub encrypt_wal: bool = true,
@@ -689,6 +695,11 @@ impl Config {
         ] {
             if value.is_zero() {
                 problem(key, "must be greater than zero".into());
+            }
+        }
+        for project in &self.privacy.consent_required_projects {
+            if let Err(why) = check_project(project) {
+                problem("privacy.consent_required_projects", why);
             }
         }
         if self.sql.retention < self.sql.memory_window {

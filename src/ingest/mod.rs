@@ -87,11 +87,39 @@ pub struct IngestOptions {
     pub dedup_ids: usize,
     /// Missing sequence numbers remembered per device.
     pub dedup_gaps: usize,
-    /// The consent gate: when set, events of a subject without a grant in force for the
-    /// scope they need are not stored (rejected `no_consent`, and counted).
-    pub consent: Option<Arc<ConsentLedger>>,
+    /// The consent ledger the gate reads.
+    pub consent: Arc<ConsentLedger>,
+    /// Which projects' events need a grant: events of a subject without a grant in force
+    /// for the scope they need are then not stored (rejected `no_consent`, and counted).
+    pub consent_policy: ConsentPolicy,
     /// The subjects under erasure, whose events are refused.
     pub suppressions: Arc<Suppressions>,
+}
+
+/// Which projects' events need a guardian's grant in force.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsentPolicy {
+    all: bool,
+    projects: std::collections::HashSet<String>,
+}
+
+impl ConsentPolicy {
+    /// Every project when `all`, else those listed.
+    pub fn new(all: bool, projects: &[String]) -> Self {
+        Self {
+            all,
+            projects: projects.iter().cloned().collect(),
+        }
+    }
+
+    /// Returns whether events of `project` need a grant (`None`: the open API, which is the
+    /// `default` project).
+    pub fn requires(&self, project: Option<&str>) -> bool {
+        self.all
+            || self
+                .projects
+                .contains(project.unwrap_or(crate::config::DEFAULT_PROJECT))
+    }
 }
 
 /// The ingest path.
@@ -99,7 +127,8 @@ pub struct Ingestor {
     schema: Schema,
     limits: Limits,
     pepper: Pepper,
-    consent: Option<Arc<ConsentLedger>>,
+    consent: Arc<ConsentLedger>,
+    consent_policy: ConsentPolicy,
     suppressions: Arc<Suppressions>,
     dedup: Mutex<Dedup>,
     wal: Wal,
@@ -131,6 +160,7 @@ impl Ingestor {
                 limits: options.limits,
                 pepper: options.pepper,
                 consent: options.consent,
+                consent_policy: options.consent_policy,
                 suppressions: options.suppressions,
                 dedup: Mutex::new(dedup),
                 wal,
@@ -177,8 +207,13 @@ impl Ingestor {
         batch_sent_at: Option<Millis>,
         received_at: Millis,
         transport: Transport,
+        project: Option<&str>,
     ) -> Result<Vec<Outcome>, IngestError> {
         let started = Instant::now();
+        let gate = self
+            .consent_policy
+            .requires(project)
+            .then_some(&self.consent);
         metrics::histogram!(INGEST_BATCH_EVENTS, "transport" => transport.as_str())
             .record(events.len() as f64);
         let mut outcomes = Vec::with_capacity(events.len());
@@ -215,7 +250,7 @@ impl Ingestor {
                             )));
                             continue;
                         }
-                        if let Some(gate) = &self.consent {
+                        if let Some(gate) = gate {
                             let scope = ConsentScope::needed_by(&event.event_type);
                             if !gate.allows(user_id, &subject, scope) {
                                 outcomes.push(Outcome::Rejected(Rejection::new(

@@ -128,6 +128,7 @@ mod tests {
             name: "team".into(),
             role: Role::Analyst,
             scope: None,
+            project: None,
         };
         log.record(&who, "sql.adhoc", "SELECT 1", 200);
         log.record(&who, "sql.adhoc", &"é".repeat(5000), 400);

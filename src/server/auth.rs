@@ -37,6 +37,7 @@ impl Tokens {
                 name: "anonymous".into(),
                 role: Role::Admin,
                 scope: None,
+                project: None,
             });
         }
         let token = authorization
@@ -68,6 +69,13 @@ impl Tokens {
             name: token.name.as_str().into(),
             role: token.role,
             scope: token.scope.clone(),
+            project: Some(
+                token
+                    .project
+                    .as_deref()
+                    .unwrap_or(crate::config::DEFAULT_PROJECT)
+                    .into(),
+            ),
         })
     }
 }
@@ -94,6 +102,9 @@ pub struct Principal {
     pub role: Role,
     /// The school or class a scoped token is limited to.
     pub scope: Option<TokenScope>,
+    /// The project of a token (`default` when its key names none); none when the API is
+    /// open.
+    pub project: Option<Arc<str>>,
 }
 
 /// A role a handler can require at the type level.
@@ -160,12 +171,14 @@ mod tests {
                 role: Role::Client,
                 sha256: TokenHash::of("app-key"),
                 scope: None,
+                project: None,
             },
             TokenConfig {
                 name: "ops".into(),
                 role: Role::Admin,
                 sha256: TokenHash::of("ops-key"),
                 scope: None,
+                project: None,
             },
         ])
     }

@@ -25,40 +25,51 @@ use super::ingest_api::now_ms;
 use super::metrics::{EXPOSURES_TOTAL, FLAG_EVALUATION_DURATION_SECONDS, FLAG_EVALUATIONS_TOTAL};
 use crate::flags::exposure::{DailyDedup, Exposure};
 use crate::flags::{ErrorCode, Flag, Reason, Resolution, Snapshot, Variant, evaluate};
-use crate::ingest::ExposureSink;
+use crate::ingest::{ConsentPolicy, ExposureSink};
 use crate::privacy::{ConsentLedger, ConsentScope};
 
 /// Deduplicates experiment exposures and hands them to ingest.
 pub struct Exposures {
     dedup: Mutex<DailyDedup>,
     sink: Arc<dyn ExposureSink>,
-    consent: Option<Arc<ConsentLedger>>,
+    consent: Arc<ConsentLedger>,
+    policy: ConsentPolicy,
 }
 
 impl Exposures {
-    /// Remembers up to `capacity` exposures a day and submits first ones to `sink`; with a
-    /// consent gate, only those of subjects with an `experiments` grant in force.
+    /// Remembers up to `capacity` exposures a day and submits first ones to `sink`; for the
+    /// projects whose `policy` requires consent, only those of subjects with an
+    /// `experiments` grant in force.
     pub fn new(
         capacity: usize,
         sink: Arc<dyn ExposureSink>,
-        consent: Option<Arc<ConsentLedger>>,
+        consent: Arc<ConsentLedger>,
+        policy: ConsentPolicy,
     ) -> Self {
         Self {
             dedup: Mutex::new(DailyDedup::new(capacity)),
             sink,
             consent,
+            policy,
         }
     }
 
-    fn record(&self, flag: &Flag, variant: &Variant, context: &Value, now_ms: i64) {
+    fn record(
+        &self,
+        flag: &Flag,
+        variant: &Variant,
+        context: &Value,
+        now_ms: i64,
+        project: Option<&str>,
+    ) {
         if flag.experiment.is_none() {
             return;
         }
         let Some(subject) = context.get("targetingKey").and_then(Value::as_str) else {
             return;
         };
-        if let Some(gate) = &self.consent
-            && !gate.allows_user(subject, ConsentScope::Experiments)
+        if self.policy.requires(project)
+            && !self.consent.allows_user(subject, ConsentScope::Experiments)
         {
             metrics::counter!(EXPOSURES_TOTAL, "outcome" => "no_consent").increment(1);
             return;
@@ -361,7 +372,8 @@ pub async fn ofrep_flag(
     Path(key): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OfrepError> {
-    caller.map_err(OfrepError::from)?;
+    let caller = caller.map_err(OfrepError::from)?;
+    let project = caller.principal.project.as_deref();
     let body = body.map_err(OfrepError::from)?;
     let context = context_from_body(&body)
         .map_err(|details| OfrepError::invalid_context(Some(&key), details))?;
@@ -382,7 +394,9 @@ pub async fn ofrep_flag(
     let resolution = evaluate(flag, &context, seconds);
     tally.add(&resolution);
     if let Resolution::Variant(variant, _) = &resolution {
-        state.exposures.record(flag, variant, &context, millis);
+        state
+            .exposures
+            .record(flag, variant, &context, millis, project);
     }
     let mut out = String::with_capacity(256);
     let failed = write_evaluation(&mut out, flag, &resolution);
@@ -413,7 +427,8 @@ pub async fn ofrep_bulk(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OfrepError> {
-    caller.map_err(OfrepError::from)?;
+    let caller = caller.map_err(OfrepError::from)?;
+    let project = caller.principal.project.as_deref();
     let body = body.map_err(OfrepError::from)?;
     let context =
         context_from_body(&body).map_err(|details| OfrepError::invalid_context(None, details))?;
@@ -434,7 +449,9 @@ pub async fn ofrep_bulk(
         let resolution = evaluate(flag, &context, seconds);
         tally.add(&resolution);
         if let Resolution::Variant(variant, _) = &resolution {
-            state.exposures.record(flag, variant, &context, millis);
+            state
+                .exposures
+                .record(flag, variant, &context, millis, project);
         }
         write_evaluation(&mut out, flag, &resolution);
     }
@@ -456,7 +473,7 @@ pub async fn ofrep_bulk(
         (status = 400, description = "Invalid query.", body = ErrorBody),
         (status = 401, description = "Missing or unknown client key.", body = ErrorBody)))]
 pub async fn config_get(
-    _caller: Authorized<Client>,
+    caller: Authorized<Client>,
     State(state): State<AppState>,
     headers: HeaderMap,
     query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
@@ -469,7 +486,12 @@ pub async fn config_get(
             .map(|(k, v)| (k, Value::String(v)))
             .collect(),
     );
-    Ok(app_config(&state, &headers, &context))
+    Ok(app_config(
+        &state,
+        &headers,
+        &context,
+        caller.principal.project.as_deref(),
+    ))
 }
 
 /// Returns every flag's value for the context in the body (app launch).
@@ -485,7 +507,7 @@ pub async fn config_get(
         (status = 401, description = "Missing or unknown client key.", body = ErrorBody),
         (status = 413, description = "The request body is too large.", body = ErrorBody)))]
 pub async fn config_post(
-    _caller: Authorized<Client>,
+    caller: Authorized<Client>,
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -493,10 +515,20 @@ pub async fn config_post(
     let body = body?;
     let context =
         context_from_body(&body).map_err(|d| ApiError::new(ApiCode::InvalidRequest, d))?;
-    Ok(app_config(&state, &headers, &context))
+    Ok(app_config(
+        &state,
+        &headers,
+        &context,
+        caller.principal.project.as_deref(),
+    ))
 }
 
-fn app_config(state: &AppState, headers: &HeaderMap, context: &Value) -> Response {
+fn app_config(
+    state: &AppState,
+    headers: &HeaderMap,
+    context: &Value,
+    project: Option<&str>,
+) -> Response {
     let snapshot = state.flags.snapshot();
     let etag = etag_of(&snapshot, context);
     let cache_control = format!(
@@ -519,7 +551,9 @@ fn app_config(state: &AppState, headers: &HeaderMap, context: &Value) -> Respons
         let resolution = evaluate(flag, context, seconds);
         tally.add(&resolution);
         if let Resolution::Variant(variant, _) = &resolution {
-            state.exposures.record(flag, variant, context, millis);
+            state
+                .exposures
+                .record(flag, variant, context, millis, project);
             for (out, item) in [
                 (&mut values, &variant.json),
                 (&mut variants, &variant.name_json),

@@ -242,6 +242,7 @@ pub async fn batch(
             decoded.sent_at,
             received_at,
             Transport::Http,
+            caller.principal.project.as_deref(),
         )
         .await
         .map_err(store_error)?;

@@ -38,7 +38,7 @@ use crate::config::Config;
 use crate::counters::{CounterStore, RedisError};
 use crate::events::{Limits, Schema};
 use crate::flags::{FlagStore, Snapshot};
-use crate::ingest::{IngestExposureSink, IngestOptions, Ingestor};
+use crate::ingest::{ConsentPolicy, IngestExposureSink, IngestOptions, Ingestor};
 use crate::pipeline::{Pipeline, PipelineOptions};
 use crate::privacy::erasure::Suppressions;
 use crate::privacy::{ConsentLedger, KeyRing, Pepper};
@@ -173,7 +173,10 @@ impl AppState {
         let peppers = peppers(config)?;
         let data_keys = data_keys(config)?;
         let consent = ConsentLedger::open(&config.storage.data_dir.join("consent"), &peppers)?;
-        let gate = config.privacy.consent_required.then(|| consent.clone());
+        let policy = ConsentPolicy::new(
+            config.privacy.consent_required,
+            &config.privacy.consent_required_projects,
+        );
         let requests = crate::privacy::requests::Requests::open(
             &config.storage.data_dir.join("privacy"),
             &peppers,
@@ -191,14 +194,15 @@ impl AppState {
             config,
             &peppers,
             sealer,
-            gate.clone(),
+            (consent.clone(), policy.clone()),
             suppressions.clone(),
         )?);
         let flags = FlagStore::load(config.flags.dir.clone());
         let exposures = flags_api::Exposures::new(
             config.flags.exposure_dedup_capacity,
             Arc::new(IngestExposureSink::start(ingest.clone(), 65_536)),
-            gate,
+            consent.clone(),
+            policy,
         );
         let wal = ingest.wal().clone();
         let sql =
@@ -328,7 +332,7 @@ fn open_ingest(
     config: &Config,
     peppers: &KeyRing,
     sealer: Option<Arc<Sealer>>,
-    consent: Option<Arc<ConsentLedger>>,
+    (consent, consent_policy): (Arc<ConsentLedger>, ConsentPolicy),
     suppressions: Arc<Suppressions>,
 ) -> Result<Ingestor, RunError> {
     let ingest = &config.ingest;
@@ -358,6 +362,7 @@ fn open_ingest(
         dedup_ids: ingest.dedup_event_ids,
         dedup_gaps: ingest.dedup_gaps_per_device,
         consent,
+        consent_policy,
         suppressions,
     })?;
     tracing::info!(

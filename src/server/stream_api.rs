@@ -19,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::AppState;
+use super::auth::Principal;
 use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::ingest_api::{answer, decode_limits, event_ids, now_ms, store_error};
 use super::metrics::{RATE_LIMITED_TOTAL, STREAM_MESSAGES_TOTAL, STREAM_SESSIONS};
@@ -88,11 +89,11 @@ pub async fn stream(
         .max_frame_size(limits.max_frame.as_usize())
         .protocols([PROTOCOL]);
     Ok(upgrade
-        .on_upgrade(move |socket| session(socket, state, caller.name))
+        .on_upgrade(move |socket| session(socket, state, caller))
         .into_response())
 }
 
-async fn session(mut socket: WebSocket, state: AppState, key: std::sync::Arc<str>) {
+async fn session(mut socket: WebSocket, state: AppState, caller: Principal) {
     SESSIONS.fetch_add(1, Ordering::Relaxed);
     metrics::gauge!(STREAM_SESSIONS).increment(1.0);
     let limits = state.config.stream.clone();
@@ -106,8 +107,8 @@ async fn session(mut socket: WebSocket, state: AppState, key: std::sync::Arc<str
                 let Some(Ok(message)) = message else { break None };
                 last_heard = Instant::now();
                 let reply = match message {
-                    Message::Text(text) => handle(&state, &key, text.as_bytes()).await,
-                    Message::Binary(bytes) => handle(&state, &key, &bytes).await,
+                    Message::Text(text) => handle(&state, &caller, text.as_bytes()).await,
+                    Message::Binary(bytes) => handle(&state, &caller, &bytes).await,
                     Message::Ping(_) | Message::Pong(_) => continue,
                     Message::Close(_) => break None,
                 };
@@ -148,7 +149,7 @@ fn error_reply(seq: Option<u64>, error: &str, description: impl Into<String>) ->
 }
 
 /// Handles one client message and returns the reply.
-async fn handle(state: &AppState, key: &std::sync::Arc<str>, bytes: &[u8]) -> Value {
+async fn handle(state: &AppState, caller: &Principal, bytes: &[u8]) -> Value {
     let received_at = now_ms();
     let limits = decode_limits(&state.config.ingest);
     let StreamMessage {
@@ -160,7 +161,7 @@ async fn handle(state: &AppState, key: &std::sync::Arc<str>, bytes: &[u8]) -> Va
         Err(err) => return error_reply(err.seq, err.code, err.description),
     };
     let seq = Some(seq_number);
-    if let Err(wait) = state.rate.admit(key, events.len().max(1)) {
+    if let Err(wait) = state.rate.admit(&caller.name, events.len().max(1)) {
         metrics::counter!(RATE_LIMITED_TOTAL).increment(1);
         let mut reply = error_reply(
             seq,
@@ -173,7 +174,13 @@ async fn handle(state: &AppState, key: &std::sync::Arc<str>, bytes: &[u8]) -> Va
     let ids = event_ids(&events);
     match state
         .ingest
-        .ingest(events, sent_at, received_at, Transport::WebSocket)
+        .ingest(
+            events,
+            sent_at,
+            received_at,
+            Transport::WebSocket,
+            caller.project.as_deref(),
+        )
         .await
     {
         Ok(outcomes) => {

@@ -160,12 +160,14 @@ pub fn client_and_analyst_tokens() -> Vec<TokenConfig> {
             role: Role::Client,
             sha256: TokenHash::of("client-key"),
             scope: None,
+            project: None,
         },
         TokenConfig {
             name: "team".into(),
             role: Role::Analyst,
             sha256: TokenHash::of("analyst-key"),
             scope: None,
+            project: None,
         },
     ]
 }
@@ -178,6 +180,7 @@ pub fn role_tokens() -> Vec<TokenConfig> {
         role: Role::Privacy,
         sha256: TokenHash::of("privacy-key"),
         scope: None,
+        project: None,
     });
     tokens
 }

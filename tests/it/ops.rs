@@ -166,12 +166,14 @@ async fn tokens_guard_the_admin_configuration() {
             role: Role::Client,
             sha256: TokenHash::of("client-secret"),
             scope: None,
+            project: None,
         },
         TokenConfig {
             name: "ops".into(),
             role: Role::Admin,
             sha256: TokenHash::of("admin-secret"),
             scope: None,
+            project: None,
         },
     ];
     let service = Service::start_with(|config| {
@@ -404,6 +406,7 @@ async fn every_endpoint_admits_exactly_its_roles() {
         role: Role::Admin,
         sha256: TokenHash::of("admin-key"),
         scope: None,
+        project: None,
     });
     let service = Service::start_with(|c| c.auth.tokens = tokens).await;
     let (_, doc) = service.get_json("/openapi.json").await;

@@ -539,6 +539,7 @@ async fn sql_privacy_and_admin_actions_are_audited_without_raw_ids() {
         role: flagstream::config::Role::Admin,
         sha256: flagstream::config::TokenHash::of("admin-key"),
         scope: None,
+        project: None,
     });
     config.auth.tokens = tokens;
     let service = Service::start_config(config).await;
@@ -1130,4 +1131,79 @@ async fn an_expired_export_is_gone_and_deleted() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_is_required_per_project() {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = test_config(data.path());
+    config.auth.tokens = role_tokens();
+    config.auth.tokens.push(flagstream::config::TokenConfig {
+        name: "reading-app".into(),
+        role: flagstream::config::Role::Client,
+        sha256: flagstream::config::TokenHash::of("reading-app-key"),
+        scope: None,
+        project: Some("reading-app".into()),
+    });
+    config.privacy.consent_required_projects = vec!["reading-app".into()];
+    let service = Service::start_config(config).await;
+    let post = |key: &'static str, user: &'static str| {
+        let service = &service;
+        async move {
+            let event = json!({"event_id": format!("{key}-{user}"), "type": "app_opened",
+                "user_id": user, "timestamp": format_rfc3339(now_ms())});
+            let (status, answer) = send(
+                service,
+                key,
+                reqwest::Method::POST,
+                "/v1/batch",
+                Some(json!({"batch": [event]})),
+            )
+            .await;
+            assert_eq!(status, 200, "{answer}");
+            (
+                answer["results"][0]["status"].as_str().unwrap().to_owned(),
+                answer["results"][0]["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        }
+    };
+    // The reading app's project requires consent; the default project (client-key) does not.
+    assert_eq!(post("reading-app-key", "child-p1").await, no_consent());
+    assert_eq!(post("client-key", "child-p1").await, ok());
+    consent(&service, "child-p1", "analytics", true).await;
+    assert_eq!(post("reading-app-key", "child-p1").await, ok());
+
+    // Server-side exposures follow the same policy.
+    let exposures = |outcome: &str| {
+        let service = &service;
+        let line = format!("flagstream_exposures_total{{outcome=\"{outcome}\"}}");
+        async move {
+            let metrics = service.get_text("/metrics").await;
+            metrics
+                .lines()
+                .find(|l| l.starts_with(&line))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        }
+    };
+    let before = exposures("no_consent").await;
+    for key in ["reading-app-key", "client-key"] {
+        let (status, answer) = send(
+            &service,
+            key,
+            reqwest::Method::POST,
+            "/ofrep/v1/evaluate/flags/reward-animation",
+            Some(json!({"context": {"targetingKey": "child-p2"}})),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    assert_eq!(
+        exposures("no_consent").await,
+        before + 1.0,
+        "only the reading app's"
+    );
 }

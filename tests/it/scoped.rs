@@ -15,6 +15,7 @@ fn teacher(name: &str, key: &str, scope: &str) -> TokenConfig {
         role: Role::Analyst,
         sha256: TokenHash::of(key),
         scope: Some(scope.parse().unwrap()),
+        project: None,
     }
 }
 
