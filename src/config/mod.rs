@@ -302,6 +302,10 @@ section! {
         pub consent_retention: Duration = Duration::from_secs(3 * 365 * 86_400),
         /// How often the retention task deletes what is past its retention.
         pub retention_check: Duration = Duration::from_secs(600),
+        /// How often the data key file is read again: a key added to it (a rotation) is used
+        /// for new records and segments from then on, without a restart. 0 turns it off; keys
+        /// given inline (`data_key`) are never reloaded.
+        pub key_reload_interval: Duration = Duration::from_secs(10),
     }
 }
 

@@ -64,6 +64,34 @@ impl KeyRing {
         self.keys.iter().map(|(version, key)| (*version, key))
     }
 
+    /// Returns this ring with the keys of `newer` added (a rotation), and whether any was
+    /// new. A version that `newer` gives a different key is refused (its data would no longer
+    /// open); versions missing from `newer` are kept.
+    pub fn extended_with(&self, newer: &KeyRing) -> Result<(KeyRing, bool), u32> {
+        let mut keys = self.keys.clone();
+        let mut added = false;
+        for (version, key) in &newer.keys {
+            match keys.get(version) {
+                Some(known) if known != key => return Err(*version),
+                Some(_) => {}
+                None => {
+                    keys.insert(*version, *key);
+                    added = true;
+                }
+            }
+        }
+        Ok((KeyRing { keys }, added))
+    }
+
+    /// Returns the versions of this ring missing from `other`.
+    pub fn missing_from(&self, other: &KeyRing) -> Vec<u32> {
+        self.keys
+            .keys()
+            .filter(|v| !other.keys.contains_key(v))
+            .copied()
+            .collect()
+    }
+
     /// Returns the key of `version`, if the ring holds it.
     pub fn get(&self, version: u32) -> Option<&[u8; 32]> {
         self.keys.get(&version)
@@ -161,6 +189,27 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rotation_adds_keys_and_never_changes_one() {
+        let one = KeyRing::parse(&format!("1 {}", "11".repeat(32))).unwrap();
+        let two = KeyRing::parse(&format!("1 {}\n2 {}", "11".repeat(32), "22".repeat(32))).unwrap();
+        let (rotated, added) = one.extended_with(&two).unwrap();
+        assert!(added);
+        assert_eq!(rotated.newest().0, 2);
+        assert!(!rotated.extended_with(&two).unwrap().1, "nothing new");
+        let only_two = KeyRing::parse(&format!("2 {}", "22".repeat(32))).unwrap();
+        let (kept, added) = rotated.extended_with(&only_two).unwrap();
+        assert!(!added);
+        assert_eq!(
+            kept.get(1),
+            one.get(1),
+            "a version left out of the file is kept"
+        );
+        assert_eq!(kept.missing_from(&only_two), [1]);
+        let changed = KeyRing::parse(&format!("1 {}", "33".repeat(32))).unwrap();
+        assert_eq!(rotated.extended_with(&changed).err(), Some(1));
+    }
 
     #[test]
     fn the_key_file_is_created_once_private_and_the_newest_version_wins() {

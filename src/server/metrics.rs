@@ -114,6 +114,10 @@ pub const EXPERIMENT_REFRESHES_TOTAL: &str = "flagstream_experiment_refreshes_to
 pub const AUDIT_WRITE_ERRORS_TOTAL: &str = "flagstream_audit_write_errors_total";
 /// Data-subject requests, by type and outcome (received, completed, failed).
 pub const PRIVACY_REQUESTS_TOTAL: &str = "flagstream_privacy_requests_total";
+/// The version of the data key new records and segments are sealed with.
+pub const DATA_KEY_VERSION: &str = "flagstream_data_key_version";
+/// Data key file reloads, by outcome (rotated, unchanged, refused).
+pub const DATA_KEY_RELOADS_TOTAL: &str = "flagstream_data_key_reloads_total";
 /// Items deleted by the retention task, by kind of data.
 pub const RETENTION_DELETED_TOTAL: &str = "flagstream_retention_deleted_total";
 /// Retention task runs, by outcome (ok, failed).
@@ -392,6 +396,14 @@ fn describe() {
     metrics::describe_counter!(
         PRIVACY_REQUESTS_TOTAL,
         "Data-subject requests by type and outcome (received, completed, failed)."
+    );
+    metrics::describe_gauge!(
+        DATA_KEY_VERSION,
+        "The version of the data key new records and segments are sealed with."
+    );
+    metrics::describe_counter!(
+        DATA_KEY_RELOADS_TOTAL,
+        "Data key file reloads that changed something, by outcome (rotated, refused)."
     );
     metrics::describe_counter!(
         RETENTION_DELETED_TOTAL,

@@ -301,12 +301,76 @@ fn plan_saved(engine: &SqlEngine) -> Vec<String> {
 
 /// Opens the ingest path: schema, pepper, and the write-ahead log (replayed into dedup).
 /// The data keys that encrypt storage at rest, from the configuration or the data dir.
-fn data_keys(config: &Config) -> Result<KeyRing, RunError> {
-    let privacy = &config.privacy;
-    let file = privacy
+/// The data key file in force.
+fn data_key_file(config: &Config) -> std::path::PathBuf {
+    config
+        .privacy
         .data_key_file
         .clone()
-        .unwrap_or_else(|| config.storage.data_dir.join("keys").join("data"));
+        .unwrap_or_else(|| config.storage.data_dir.join("keys").join("data"))
+}
+
+/// Reads the data key file every `privacy.key_reload_interval` and puts a rotation in force:
+/// the write-ahead log's sealer and the SQL segments use the newest key from then on. A file
+/// that does not parse, or changes a known version's key, is refused and the ring in force
+/// stays.
+async fn watch_data_keys(state: AppState, mut ring: KeyRing, mut stop: watch::Receiver<bool>) {
+    let every = state.config.privacy.key_reload_interval;
+    if every.is_zero() || state.config.privacy.data_key.is_some() {
+        return;
+    }
+    let file = data_key_file(&state.config);
+    ::metrics::gauge!(metrics::DATA_KEY_VERSION).set(f64::from(ring.newest().0));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        }
+        let Ok(text) = tokio::fs::read_to_string(&file).await else {
+            continue;
+        };
+        let refuse = |why: String| {
+            ::metrics::counter!(metrics::DATA_KEY_RELOADS_TOTAL, "outcome" => "refused")
+                .increment(1);
+            tracing::error!(file = %file.display(), "data key file not taken: {why}; the keys in force stay");
+        };
+        let Ok(read) = KeyRing::parse(&text) else {
+            refuse("it is not `<version> <64 hex>` lines".into());
+            continue;
+        };
+        match ring.extended_with(&read) {
+            Err(version) => refuse(format!(
+                "it changes the key of version {version}, whose data would no longer open"
+            )),
+            Ok((_, false)) => {}
+            Ok((rotated, true)) => {
+                let missing = rotated.missing_from(&read);
+                if !missing.is_empty() {
+                    tracing::warn!(versions = ?missing, "data key versions left out of the file are kept in memory; data sealed with them will not open after a restart");
+                }
+                if let Some(sealer) = state.ingest.wal().sealer() {
+                    sealer.rotate(&rotated);
+                }
+                state.sql.events().rotate_keys(rotated.clone());
+                ring = rotated;
+                let newest = ring.newest().0;
+                ::metrics::gauge!(metrics::DATA_KEY_VERSION).set(f64::from(newest));
+                ::metrics::counter!(metrics::DATA_KEY_RELOADS_TOTAL, "outcome" => "rotated")
+                    .increment(1);
+                tracing::info!(
+                    version = newest,
+                    "data key rotated: new records and segments use it"
+                );
+            }
+        }
+    }
+}
+
+/// The data keys, from the configuration or the data dir.
+fn data_keys(config: &Config) -> Result<KeyRing, RunError> {
+    let privacy = &config.privacy;
+    let file = data_key_file(config);
     Ok(KeyRing::from_config(
         privacy.data_key.as_ref().map(|s| s.expose()),
         "privacy.data_key",
@@ -466,6 +530,11 @@ pub async fn run(
             pipeline: pipeline.forgetter(),
         },
         state.request_worker.clone(),
+    ));
+    tokio::spawn(watch_data_keys(
+        state.clone(),
+        state.sql.events().keys(),
+        stop_rx.clone(),
     ));
     tokio::spawn(
         retention::Enforcer {

@@ -176,7 +176,7 @@ impl Feed {
             &batches,
             (first, last),
             span,
-            self.events.keys(),
+            &self.events.keys(),
         )
         .map_err(|e| e.to_string())?;
         tracing::info!(

@@ -61,7 +61,7 @@ pub struct RecentEvents {
     // Lock order: `open` before `window`.
     open: Mutex<EventColumns>,
     window: RwLock<Window>,
-    keys: KeyRing,
+    keys: RwLock<KeyRing>,
     /// The last log epoch read into the window.
     delivered: tokio::sync::watch::Sender<u64>,
     /// Subjects under erasure: their rows are not taken in.
@@ -80,7 +80,7 @@ impl RecentEvents {
                 sealed: Vec::new(),
                 segments: segments.into_iter().map(Arc::new).collect(),
             }),
-            keys,
+            keys: RwLock::new(keys),
             delivered: tokio::sync::watch::Sender::new(0),
             suppressions: Arc::default(),
             rolling: Mutex::new(()),
@@ -128,7 +128,7 @@ impl RecentEvents {
             .unwrap_or_else(|p| p.into_inner())
             .segments
             .clone();
-        let (rewritten, dropped) = erase::rewrite_segments(&segments, &self.keys, &hides)?;
+        let (rewritten, dropped) = erase::rewrite_segments(&segments, &self.keys(), &hides)?;
         removed += dropped;
         let mut window = self.window.write().unwrap_or_else(|p| p.into_inner());
         for (old, new) in rewritten {
@@ -165,8 +165,14 @@ impl RecentEvents {
     }
 
     /// Returns the data keys segments are written and read with.
-    pub fn keys(&self) -> &KeyRing {
-        &self.keys
+    pub fn keys(&self) -> KeyRing {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the data keys (a rotation: the ring holds every earlier version too); the
+    /// next segment is written with its newest key.
+    pub fn rotate_keys(&self, ring: KeyRing) {
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = ring;
     }
 
     /// Appends stored events; returns how many were not stored events.
@@ -344,14 +350,14 @@ impl TableProvider for EventsTable {
             None => None,
         };
         for (version, segments) in by_key {
-            let key = self.events.keys.get(version).ok_or_else(|| {
+            let key = self.events.keys().get(version).copied().ok_or_else(|| {
                 DataFusionError::Internal(format!(
                     "a segment is encrypted with data key version {version}, which the key ring does not hold"
                 ))
             })?;
             let mut options = TableParquetOptions::default();
             options.crypto.file_decryption = Some(ConfigFileDecryptionProperties {
-                footer_key_as_hex: to_hex(key),
+                footer_key_as_hex: to_hex(&key),
                 ..Default::default()
             });
             let mut source = ParquetSource::new(schema()).with_table_parquet_options(options);

@@ -15,14 +15,14 @@ const HEADER: usize = 4 + NONCE_LEN;
 
 /// Seals and opens record payloads.
 pub struct Sealer {
-    /// Keys by version, newest last.
-    keys: Vec<(u32, LessSafeKey)>,
+    /// Keys by version, newest last; a rotation adds to them while the log runs.
+    keys: std::sync::RwLock<Vec<(u32, LessSafeKey)>>,
     prefix: [u8; 4],
 }
 
 impl std::fmt::Debug for Sealer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let versions: Vec<u32> = self.keys.iter().map(|(v, _)| *v).collect();
+        let versions: Vec<u32> = self.keys().iter().map(|(v, _)| *v).collect();
         write!(f, "Sealer(versions {versions:?})")
     }
 }
@@ -30,16 +30,31 @@ impl std::fmt::Debug for Sealer {
 impl Sealer {
     /// Builds a sealer over every key of `ring`.
     pub fn new(ring: &KeyRing) -> Self {
-        let keys = ring
-            .versions()
+        let mut prefix = [0u8; 4];
+        getrandom::fill(&mut prefix).expect("the system has randomness");
+        Self {
+            keys: std::sync::RwLock::new(Self::bind(ring)),
+            prefix,
+        }
+    }
+
+    fn bind(ring: &KeyRing) -> Vec<(u32, LessSafeKey)> {
+        ring.versions()
             .map(|(version, key)| {
                 let key = UnboundKey::new(&AES_256_GCM, key).expect("32-byte keys");
                 (version, LessSafeKey::new(key))
             })
-            .collect();
-        let mut prefix = [0u8; 4];
-        getrandom::fill(&mut prefix).expect("the system has randomness");
-        Self { keys, prefix }
+            .collect()
+    }
+
+    /// Replaces the keys by `ring` (a rotation: the ring holds every earlier version too).
+    /// New records use its newest key from now on.
+    pub fn rotate(&self, ring: &KeyRing) {
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Self::bind(ring);
+    }
+
+    fn keys(&self) -> std::sync::RwLockReadGuard<'_, Vec<(u32, LessSafeKey)>> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Seals the payload of `epoch` with the newest key.
@@ -60,7 +75,8 @@ impl Sealer {
     }
 
     fn seal_with(&self, nonce: [u8; NONCE_LEN], payload: &[u8]) -> Vec<u8> {
-        let (version, key) = self.keys.last().expect("a ring holds a key");
+        let keys = self.keys();
+        let (version, key) = keys.last().expect("a ring holds a key");
         let mut out = Vec::with_capacity(HEADER + payload.len() + AES_256_GCM.tag_len());
         out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&nonce);
@@ -84,7 +100,8 @@ impl Sealer {
         }
         let version = u32::from_le_bytes(sealed[..4].try_into().ok()?);
         let nonce: [u8; NONCE_LEN] = sealed[4..HEADER].try_into().ok()?;
-        let (_, key) = self.keys.iter().find(|(v, _)| *v == version)?;
+        let keys = self.keys();
+        let (_, key) = keys.iter().find(|(v, _)| *v == version)?;
         scratch.clear();
         scratch.extend_from_slice(&sealed[HEADER..]);
         let plain = key

@@ -1207,3 +1207,114 @@ async fn consent_is_required_per_project() {
         "only the reading app's"
     );
 }
+
+/// The data key versions of the sealed records of the write-ahead log under `data`.
+fn sealed_versions(data: &Path) -> std::collections::BTreeSet<u32> {
+    use flagstream::wal::frame::{Format, Scan, scan};
+    let mut versions = std::collections::BTreeSet::new();
+    for path in flagstream::wal::segments(&data.join("wal")).unwrap() {
+        let bytes = std::fs::read(path).unwrap();
+        let mut at = 0;
+        while let Scan::Frame {
+            format,
+            payload,
+            next,
+        } = scan(&bytes, at)
+        {
+            if format == Format::Sealed {
+                versions.insert(u32::from_le_bytes(payload[..4].try_into().unwrap()));
+            }
+            at = next;
+        }
+    }
+    versions
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_key_added_to_the_file_is_used_without_a_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = test_config(data.path());
+    config.auth.tokens = role_tokens();
+    config.privacy.key_reload_interval = Duration::from_millis(100);
+    config.sql.memory_window = Duration::from_millis(200);
+    let service = Service::start_config(config.clone()).await;
+    let results = ingest(&service, &[(Some("child-rot"), "app_opened"); 5]).await;
+    assert!(results.iter().all(|r| r.0 == "ok"));
+    assert_eq!(sealed_versions(data.path()), [1].into());
+    async fn gauge(service: &Service) -> Option<f64> {
+        service
+            .get_text("/metrics")
+            .await
+            .lines()
+            .find(|l| l.starts_with("flagstream_data_key_version "))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    }
+    assert_eq!(gauge(&service).await, Some(1.0));
+
+    // Rotation while serving: version 2 joins the file.
+    let key_file = data.path().join("keys").join("data");
+    let first = std::fs::read_to_string(&key_file).unwrap();
+    std::fs::write(
+        &key_file,
+        format!("{}\n2 {}\n", first.trim(), "6b".repeat(32)),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gauge(&service).await != Some(2.0) {
+        assert!(Instant::now() < deadline, "the new key was never taken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let results = ingest(&service, &[(Some("child-rot"), "app_opened"); 5]).await;
+    assert!(results.iter().all(|r| r.0 == "ok"));
+    assert_eq!(
+        sealed_versions(data.path()),
+        [1, 2].into(),
+        "new records use key 2"
+    );
+    // Segments rolled from now on use it too, and everything reads.
+    let segment_of_2 = || {
+        std::fs::read_dir(data.path().join("sql"))
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with("_k2.parquet"))
+            })
+            .unwrap_or(false)
+    };
+    while !segment_of_2() {
+        assert!(Instant::now() < deadline, "no segment sealed with key 2");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        count(&service, "SELECT count(*) AS n FROM events").await,
+        10
+    );
+
+    // A file that changes a known key is refused; the keys in force stay.
+    std::fs::write(
+        &key_file,
+        format!("1 {}\n2 {}\n", "00".repeat(32), "6b".repeat(32)),
+    )
+    .unwrap();
+    let refused = "flagstream_data_key_reloads_total{outcome=\"refused\"}";
+    while !service.get_text("/metrics").await.contains(refused) {
+        assert!(Instant::now() < deadline, "a changed key was not refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let results = ingest(&service, &[(Some("child-rot"), "app_opened")]).await;
+    assert!(results.iter().all(|r| r.0 == "ok"));
+    assert_eq!(
+        count(&service, "SELECT count(*) AS n FROM events").await,
+        11
+    );
+    service.stop().await.unwrap();
+    std::fs::write(
+        &key_file,
+        format!("{}\n2 {}\n", first.trim(), "6b".repeat(32)),
+    )
+    .unwrap();
+    let service = Service::start_config(config).await;
+    assert_eq!(
+        count(&service, "SELECT count(*) AS n FROM events").await,
+        11
+    );
+}
