@@ -5,7 +5,9 @@
 //! 1 — for the pipeline and the SQL segment writer, and replay after a crash.
 //!
 //! Invariants: an append completes with `Ok` only after its frame is on disk (`fdatasync`);
-//! after a write or sync error the log stops accepting appends (no false acknowledgement);
+//! a write that fails (a full disk) is cut off again and only its group is refused, while
+//! after a failed sync, or a write that cannot be undone, the log stops accepting appends
+//! until a restart (no false acknowledgement);
 //! recovery truncates a torn tail and reports, then skips, damage in the middle. With a
 //! [`Sealer`], records are encrypted at rest (see [`seal`]); a sealed record whose key is
 //! missing stops recovery instead of being skipped.
@@ -380,6 +382,14 @@ impl Segment {
     }
 }
 
+/// How a write failed.
+enum WriteFailure {
+    /// Nothing of the record remains: the log may go on.
+    Undone(std::io::Error),
+    /// What reached the disk is unknown: the log stops.
+    Unknown(std::io::Error),
+}
+
 struct Writer {
     options: WalOptions,
     segment: Option<Segment>,
@@ -465,11 +475,22 @@ impl Writer {
                     let _ = append.done.send(Ok(Epoch(epoch)));
                 }
             }
-            Err(err) => {
-                // Whatever reached the disk is unknown: acknowledge nothing from now on.
-                tracing::error!(error = %err, "write-ahead log write failed; ingest stops acknowledging");
+            Err(failure) => {
                 metrics::counter!(WAL_ERRORS_TOTAL).increment(1);
-                self.stopped.store(true, Ordering::Release);
+                let err = match failure {
+                    // The partial record was cut off: the log is as it was, and the next
+                    // group may succeed (a full disk that gets space again).
+                    WriteFailure::Undone(err) => {
+                        tracing::warn!(error = %err, "write-ahead log write failed and was undone; nothing of this group is stored or acknowledged");
+                        err
+                    }
+                    // Whatever reached the disk is unknown: acknowledge nothing from now on.
+                    WriteFailure::Unknown(err) => {
+                        tracing::error!(error = %err, "write-ahead log write failed; ingest stops acknowledging until a restart");
+                        self.stopped.store(true, Ordering::Release);
+                        err
+                    }
+                };
                 for append in group.drain(..) {
                     let _ = append.done.send(Err(WalError::Io(std::io::Error::new(
                         err.kind(),
@@ -480,18 +501,32 @@ impl Writer {
         }
     }
 
-    fn write(&mut self, epoch: u64, frame: &[u8]) -> std::io::Result<()> {
+    fn write(&mut self, epoch: u64, frame: &[u8]) -> Result<(), WriteFailure> {
         let full = self
             .segment
             .as_ref()
             .is_none_or(|s| s.len > 0 && s.len + frame.len() as u64 > self.options.segment_bytes);
         if full {
-            self.segment = Some(Segment::create(&self.options.dir, epoch)?);
+            let created =
+                Segment::create(&self.options.dir, epoch).map_err(WriteFailure::Undone)?;
+            self.segment = Some(created);
         }
         let segment = self.segment.as_mut().expect("opened above");
-        segment.file.write_all(frame)?;
+        if let Err(err) = segment.file.write_all(frame) {
+            // Nothing of this frame was synced: cutting it off restores the log as it was.
+            let undone = segment
+                .file
+                .set_len(segment.len)
+                .and_then(|()| segment.file.sync_data());
+            return Err(match undone {
+                Ok(()) => WriteFailure::Undone(err),
+                Err(_) => WriteFailure::Unknown(err),
+            });
+        }
         let started = Instant::now();
-        segment.file.sync_data()?;
+        // After a failed sync the state of the file is unknown (the kernel may have dropped
+        // the pages): never retried.
+        segment.file.sync_data().map_err(WriteFailure::Unknown)?;
         metrics::histogram!(WAL_FSYNC_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
         segment.len += frame.len() as u64;
         Ok(())

@@ -487,3 +487,108 @@ async fn kill_9_loses_no_acknowledged_event() {
     let repeated: Vec<(&String, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
     assert!(repeated.is_empty(), "stored more than once: {repeated:?}");
 }
+
+/// A small tmpfs mounted over a directory for the length of a test (root only).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(dir).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then(|| Self(dir.to_path_buf()))
+    }
+
+    fn resize(&self, size: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(status.success(), "remount {size}");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_answers_503_acknowledges_nothing_false_and_recovers_when_space_returns() {
+    let data = tempfile::tempdir().unwrap();
+    // The write-ahead log on a 3 MiB disk.
+    let Some(disk) = SmallDisk::mount(&data.path().join("wal"), "3m") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must be able to mount a tmpfs (run as root)"
+        );
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let service = Service::start_with(|config| {
+        config.storage.data_dir = data.path().to_path_buf();
+        config.ingest.wal_segment_size = flagstream::config::ByteSize::mib(1);
+    })
+    .await;
+    let pad = "x".repeat(300);
+    let mut acknowledged = BTreeSet::new();
+    let mut refused = None;
+    let at = now_ms();
+    for round in 0..400 {
+        let batch: Vec<Value> = (0..200)
+            .map(|i| {
+                let mut e = event(&format!("full-{round}-{i}"), "child-disk", at);
+                e["properties"] = json!({"lesson_id": pad});
+                e["type"] = json!("lesson_started");
+                e
+            })
+            .collect();
+        let (status, answer) = post_batch(&service, &json!({"batch": batch})).await;
+        match status {
+            200 => {
+                for result in answer["results"].as_array().unwrap() {
+                    assert_eq!(result["status"], "ok", "{result}");
+                    acknowledged.insert(result["event_id"].as_str().unwrap().to_owned());
+                }
+            }
+            503 => {
+                refused = Some(answer);
+                break;
+            }
+            other => panic!("{other}: {answer}"),
+        }
+    }
+    let refused = refused.expect("the disk filled up");
+    assert_eq!(refused["error"], "overloaded", "{refused}");
+    assert!(!acknowledged.is_empty());
+    // Still full: still refused, and everything else is served.
+    let one = json!({"batch": [event("full-again", "child-disk", at)]});
+    assert_eq!(post_batch(&service, &one).await.0, 503);
+    assert_eq!(service.get_json("/healthz").await.0, 200);
+
+    // Space returns: ingest goes on without a restart.
+    disk.resize("64m");
+    let (status, answer) = post_batch(&service, &one).await;
+    assert_eq!(status, 200, "{answer}");
+    acknowledged.insert("full-again".to_owned());
+    service.stop().await.unwrap();
+
+    // Everything acknowledged is in the log, once; nothing half written is.
+    let stored: Vec<String> = stored_events(data.path())
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    let unique: BTreeSet<String> = stored.iter().cloned().collect();
+    assert_eq!(unique.len(), stored.len(), "an event stored twice");
+    let missing: Vec<&String> = acknowledged.difference(&unique).collect();
+    assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
+    drop(disk);
+}
