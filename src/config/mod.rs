@@ -696,10 +696,21 @@ impl Config {
             ("sql.timeout", self.sql.timeout),
             ("sql.retention", self.sql.retention),
             ("privacy.retention_check", self.privacy.retention_check),
+            (
+                "privacy.exposure_retention",
+                self.privacy.exposure_retention,
+            ),
+            ("privacy.consent_retention", self.privacy.consent_retention),
         ] {
             if value.is_zero() {
                 problem(key, "must be greater than zero".into());
             }
+        }
+        if self.auth.min_group_size == 0 {
+            problem(
+                "auth.min_group_size",
+                "must be at least 1 (a group of one child is the smallest)".into(),
+            );
         }
         for project in &self.privacy.consent_required_projects {
             if let Err(why) = check_project(project) {
@@ -1030,6 +1041,33 @@ mod tests {
             assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
         }
         assert_eq!(err.problems.len(), 7, "{text}");
+    }
+
+    #[test]
+    fn privacy_settings_that_would_defeat_themselves_are_refused() {
+        let err = load(
+            r#"
+            [auth]
+            min_group_size = 0
+            [privacy]
+            consent_retention = "0s"
+            consent_required_projects = ["Reading App"]
+            [sql]
+            retention = "10m"
+            memory_window = "1h"
+            "#,
+            &[],
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for expected in [
+            "auth.min_group_size: must be at least 1",
+            "privacy.consent_retention: must be greater than zero",
+            "privacy.consent_required_projects: project \"Reading App\"",
+            "sql.retention: must be at least sql.memory_window",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+        }
     }
 
     #[test]
