@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use super::requests::{Request, RequestKind, Status};
 
@@ -86,10 +86,27 @@ struct Entry {
 }
 
 /// The subjects under erasure.
-#[derive(Debug, Default)]
+///
+/// Checks run on every ingested and every stored event, so a summary kept beside the list
+/// answers most of them without a digest or a lock: while no erasure is pending, an event
+/// timed at or after the newest carried-out request cannot be hidden.
+#[derive(Debug)]
 pub struct Suppressions {
-    any: AtomicBool,
+    /// Some erasure is not carried out yet.
+    pending: AtomicBool,
+    /// The newest `since` of the carried-out erasures (`i64::MIN` with none).
+    refused_before: AtomicI64,
     entries: RwLock<HashMap<String, Entry>>,
+}
+
+impl Default for Suppressions {
+    fn default() -> Self {
+        Self {
+            pending: AtomicBool::new(false),
+            refused_before: AtomicI64::new(i64::MIN),
+            entries: RwLock::default(),
+        }
+    }
 }
 
 impl Suppressions {
@@ -117,7 +134,20 @@ impl Suppressions {
         // A second request keeps the subject hidden until it too is carried out.
         entry.since = entry.since.max(since);
         entry.done &= done;
-        self.any.store(true, Ordering::Release);
+        self.summarize(&entries);
+    }
+
+    /// Updates the summary; called under the write lock after every change.
+    fn summarize(&self, entries: &HashMap<String, Entry>) {
+        let pending = entries.values().any(|e| !e.done);
+        let refused_before = entries
+            .values()
+            .filter(|e| e.done)
+            .map(|e| e.since)
+            .max()
+            .unwrap_or(i64::MIN);
+        self.pending.store(pending, Ordering::Release);
+        self.refused_before.store(refused_before, Ordering::Release);
     }
 
     /// Hides the subject of `reference` from now on: an erasure was received at `since`.
@@ -133,6 +163,7 @@ impl Suppressions {
         {
             entry.done = true;
         }
+        self.summarize(&entries);
     }
 
     /// Forgets the carried-out erasures requested before `horizon` (ms): events that old are
@@ -140,12 +171,12 @@ impl Suppressions {
     pub fn expire(&self, horizon: i64) {
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         entries.retain(|_, e| !e.done || e.since >= horizon);
-        self.any.store(!entries.is_empty(), Ordering::Release);
+        self.summarize(&entries);
     }
 
-    /// Returns whether no subject is under erasure (the check costs nothing then).
+    /// Returns whether no subject is under erasure.
     pub fn is_empty(&self) -> bool {
-        !self.any.load(Ordering::Acquire)
+        self.len() == 0
     }
 
     /// Returns the subjects listed.
@@ -156,7 +187,9 @@ impl Suppressions {
     /// Returns whether an event of the subject `pseudonym` timed `event_time` must not be
     /// kept.
     pub fn hides(&self, pseudonym: &str, event_time: i64) -> bool {
-        if self.is_empty() {
+        if !self.pending.load(Ordering::Acquire)
+            && event_time >= self.refused_before.load(Ordering::Acquire)
+        {
             return false;
         }
         let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
@@ -165,9 +198,11 @@ impl Suppressions {
             .is_some_and(|e| !e.done || event_time < e.since)
     }
 
-    /// Returns whether a stored event (the JSON the log holds) must not be kept.
+    /// Returns whether a stored event (the JSON the log holds) must not be kept. Only a
+    /// pending erasure hides stored events: a carried-out one has removed its subject's
+    /// events already, and ingest refuses the rest, so no JSON is read without one.
     pub fn hides_stored(&self, stored: &[u8]) -> bool {
-        if self.is_empty() {
+        if !self.pending.load(Ordering::Acquire) {
             return false;
         }
         #[derive(serde::Deserialize)]
@@ -237,6 +272,15 @@ mod tests {
         assert!(list.hides("p1_a", 5_000), "another request's settling");
         list.settle(&reference("p1_a"), 1_000);
         assert!(list.hides("p1_a", 999));
+        let old = br#"{"subject":"p1_a","event_time":500}"#;
+        assert!(
+            !list.hides_stored(old),
+            "carried out: its stored events are gone, no JSON is read"
+        );
+        assert!(
+            !list.hides("p1_b", 999),
+            "another subject, before the request"
+        );
         assert!(!list.hides("p1_a", 1_000), "new data after the request");
         assert!(!list.hides_stored(stored));
         list.expire(1_000);
