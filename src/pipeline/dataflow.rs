@@ -386,8 +386,9 @@ fn feed(
     input: &mut EventInput,
     probe: &ProbeHandle<u64>,
 ) -> Epoch {
-    let mut tail =
-        Tail::new(shared.wal.dir(), shared.start).sealed_by(shared.wal.sealer().cloned());
+    let mut tail = Tail::new(shared.wal.dir(), shared.start)
+        .sealed_by(shared.wal.sealer().cloned())
+        .bounded_by(shared.wal.committed());
     let mut pending: VecDeque<(u64, usize)> = VecDeque::new();
     let mut pending_events = 0usize;
     let mut last_checkpoint = Instant::now();

@@ -97,7 +97,9 @@ struct Feed {
 
 impl Feed {
     fn run(mut self, stop: &AtomicBool) {
-        let mut tail = Tail::new(self.wal.dir(), self.start).sealed_by(self.wal.sealer().cloned());
+        let mut tail = Tail::new(self.wal.dir(), self.start)
+            .sealed_by(self.wal.sealer().cloned())
+            .bounded_by(self.wal.committed());
         let mut next_expiry = Instant::now();
         let mut roll_after = Instant::now();
         while !stop.load(Ordering::Acquire) {

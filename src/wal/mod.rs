@@ -133,12 +133,46 @@ static SEGMENT_FILES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// The suffix of a segment being rewritten by an erasure; one left by a crash is deleted.
 const REWRITING: &str = "erasing";
 
+/// How far the log is committed: the segment being written and its synced length. Readers of
+/// that segment never read past it, so they never see a write in progress, nor one that failed
+/// and is being cut off (whose bytes, read while the file changes, could mix with the next
+/// record's and look like damage).
+#[derive(Debug, Default)]
+pub struct CommittedEnd {
+    end: std::sync::Mutex<Option<(PathBuf, u64)>>,
+}
+
+impl CommittedEnd {
+    /// Forgets the segment being written (it is finished; the next one is not created yet).
+    fn clear(&self) {
+        *self.end.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn set(&self, path: &Path, len: u64) {
+        let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        match end.as_mut() {
+            Some((current, committed)) if current == path => *committed = len,
+            _ => *end = Some((path.to_path_buf(), len)),
+        }
+    }
+
+    /// Returns how much of `path` may be read: its committed length while it is the segment
+    /// being written; `None` (all of it) for a finished segment.
+    pub fn limit(&self, path: &Path) -> Option<u64> {
+        let end = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        end.as_ref()
+            .filter(|(current, _)| current == path)
+            .map(|(_, len)| *len)
+    }
+}
+
 /// The handle producers append through.
 #[derive(Clone)]
 pub struct Wal {
     tx: mpsc::Sender<Message>,
     stopped: Arc<AtomicBool>,
     last_epoch: Arc<AtomicU64>,
+    committed: Arc<CommittedEnd>,
     clock: Arc<std::sync::Mutex<EpochClock>>,
     dir: PathBuf,
     sealer: Option<Arc<Sealer>>,
@@ -164,12 +198,18 @@ impl Wal {
         }));
         let dir = options.dir.clone();
         let sealer = options.sealer.clone();
+        let committed = Arc::new(CommittedEnd::default());
+        let segment = Segment::open_last(&options.dir)?;
+        if let Some(segment) = &segment {
+            committed.set(&segment.path, segment.len);
+        }
         let writer = Writer {
             clock: clock.clone(),
-            segment: Segment::open_last(&options.dir)?,
+            segment,
             options,
             stopped: stopped.clone(),
             last_epoch: last_epoch.clone(),
+            committed: committed.clone(),
         };
         std::thread::Builder::new()
             .name("wal-writer".into())
@@ -179,6 +219,7 @@ impl Wal {
                 tx,
                 stopped,
                 last_epoch,
+                committed,
                 clock,
                 dir,
                 sealer,
@@ -213,6 +254,11 @@ impl Wal {
             .await
             .map_err(|_| WalError::Stopped)?;
         rotated.await.map_err(|_| WalError::Stopped)
+    }
+
+    /// Returns how far the segment being written is committed (for readers: see [`Tail`]).
+    pub fn committed(&self) -> Arc<CommittedEnd> {
+        self.committed.clone()
     }
 
     /// Returns what seals and opens its records, when they are encrypted.
@@ -354,6 +400,7 @@ fn first_epoch(path: &Path) -> Option<u64> {
 
 struct Segment {
     file: File,
+    path: PathBuf,
     len: u64,
 }
 
@@ -368,17 +415,19 @@ impl Segment {
         };
         let file = OpenOptions::new().append(true).open(&last)?;
         let len = file.metadata()?.len();
-        Ok(Some(Self { file, len }))
+        Ok(Some(Self {
+            file,
+            path: last,
+            len,
+        }))
     }
 
     fn create(dir: &Path, first_epoch: u64) -> std::io::Result<Self> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(Self::path(dir, first_epoch))?;
+        let path = Self::path(dir, first_epoch);
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
         // Make the new file's name durable too.
         File::open(dir)?.sync_all()?;
-        Ok(Self { file, len: 0 })
+        Ok(Self { file, path, len: 0 })
     }
 }
 
@@ -395,6 +444,7 @@ struct Writer {
     segment: Option<Segment>,
     stopped: Arc<AtomicBool>,
     last_epoch: Arc<AtomicU64>,
+    committed: Arc<CommittedEnd>,
     clock: Arc<std::sync::Mutex<EpochClock>>,
 }
 
@@ -424,6 +474,7 @@ impl Writer {
             // After the group: the segment it went to is closed now.
             for done in rotations.drain(..) {
                 self.segment = None;
+                self.committed.clear();
                 let _ = done.send(());
             }
         }
@@ -509,6 +560,7 @@ impl Writer {
         if full {
             let created =
                 Segment::create(&self.options.dir, epoch).map_err(WriteFailure::Undone)?;
+            self.committed.set(&created.path, 0);
             self.segment = Some(created);
         }
         let segment = self.segment.as_mut().expect("opened above");
@@ -529,6 +581,9 @@ impl Writer {
         segment.file.sync_data().map_err(WriteFailure::Unknown)?;
         metrics::histogram!(WAL_FSYNC_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
         segment.len += frame.len() as u64;
+        // Before the epoch is published as durable: a reader told to read through it finds
+        // its bytes committed.
+        self.committed.set(&segment.path, segment.len);
         Ok(())
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::frame::{self, Scan};
 use super::seal::Sealer;
-use super::{Epoch, first_epoch, segments};
+use super::{CommittedEnd, Epoch, first_epoch, segments};
 
 /// Bytes read from a segment at a time, unless one frame needs more.
 const CHUNK: usize = 8 << 20;
@@ -24,6 +24,7 @@ pub struct Tail {
     delivered: Epoch,
     buffer: Vec<u8>,
     sealer: Option<Arc<Sealer>>,
+    committed: Option<Arc<CommittedEnd>>,
     scratch: Vec<u8>,
 }
 
@@ -37,8 +38,16 @@ impl Tail {
             delivered,
             buffer: Vec::new(),
             sealer: None,
+            committed: None,
             scratch: Vec::new(),
         }
+    }
+
+    /// Reads the segment being written only as far as it is committed (see `Wal::committed`).
+    /// A tail of a live log needs it; one of a closed log does not.
+    pub fn bounded_by(mut self, committed: Arc<CommittedEnd>) -> Self {
+        self.committed = Some(committed);
+        self
     }
 
     /// Opens sealed records with `sealer` (the log's own, see `Wal::sealer`).
@@ -68,7 +77,7 @@ impl Tail {
             let Some(path) = self.current_segment()? else {
                 return Ok(epochs);
             };
-            let at_end = self.fill(&path)?;
+            let (at_end, capped) = self.fill(&path)?;
             let mut at = 0;
             let mut stop = false;
             // The file ends inside a frame: the writer may be writing it right now.
@@ -124,9 +133,10 @@ impl Tail {
             if at_end && (at == self.buffer.len() || unfinished) {
                 // This segment is read to its end: go on only once a newer one exists. A frame
                 // still being written is waited for; once a newer segment exists, this one is
-                // final, so it is read once more before an unfinished frame is given up as torn.
+                // final, so it is read once more (whole: it is no longer the one being written)
+                // before an unfinished frame is given up as torn.
                 match self.next_segment(&path)? {
-                    Some(_) if unfinished && !final_read => {
+                    Some(_) if (unfinished || capped) && !final_read => {
                         final_read = true;
                         continue;
                     }
@@ -148,11 +158,16 @@ impl Tail {
         Ok(epochs)
     }
 
-    /// Reads the unread rest of `path` (up to a chunk, or one whole frame) into the buffer;
-    /// returns whether it reaches the end of the file.
-    fn fill(&mut self, path: &Path) -> std::io::Result<bool> {
+    /// Reads the unread rest of `path` (up to a chunk, or one whole frame) into the buffer,
+    /// no further than it is committed; returns whether it reaches the end of what may be read,
+    /// and whether that end was the committed length rather than the file's.
+    fn fill(&mut self, path: &Path) -> std::io::Result<(bool, bool)> {
         let mut file = File::open(path)?;
-        let len = file.metadata()?.len();
+        let limit = self.committed.as_ref().and_then(|c| c.limit(path));
+        let len = match limit {
+            Some(committed) => file.metadata()?.len().min(committed),
+            None => file.metadata()?.len(),
+        };
         let remaining = len.saturating_sub(self.offset) as usize;
         let mut want = remaining.min(CHUNK);
         if remaining >= frame::HEADER_LEN {
@@ -168,7 +183,7 @@ impl Tail {
         self.buffer.clear();
         file.seek(SeekFrom::Start(self.offset))?;
         file.take(want as u64).read_to_end(&mut self.buffer)?;
-        Ok(self.buffer.len() == remaining)
+        Ok((self.buffer.len() == remaining, limit.is_some()))
     }
 
     /// The segment being read, chosen on first use: the newest one that starts at or before
@@ -303,6 +318,49 @@ mod tests {
         let rest = collect(&mut resumed, wal.last_epoch(), usize::MAX);
         assert_eq!(Epoch(rest[0].0), epochs[31]);
         assert_eq!(rest.len(), 29);
+    }
+
+    /// A write that failed (a full disk) leaves bytes past the committed end until the writer
+    /// cuts them off; read while the file changes they can look like damage. A tail bounded by
+    /// the committed end never reads them, so it neither skips them nor the record the writer
+    /// puts in their place.
+    #[tokio::test]
+    async fn a_failed_write_being_cut_off_is_never_read() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(options(dir.path()), |_, _| {}).unwrap();
+        let first = wal.append(vec![b"{\"n\":1}".to_vec()]).await.unwrap();
+        let path = segments(dir.path()).unwrap().pop().unwrap();
+        let committed = std::fs::metadata(&path).unwrap().len();
+        // What a failed write leaves, as a reader may see it mid-change: a whole frame whose
+        // bytes do not check out.
+        let mut junk = frame_of(first.0 + 1, "half written");
+        let last = junk.len() - 1;
+        junk[last] ^= 0xff;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(&junk)
+            .unwrap();
+        let mut bounded = Tail::new(dir.path(), Epoch(0)).bounded_by(wal.committed());
+        let mut unbounded = Tail::new(dir.path(), Epoch(0));
+        assert_eq!(collect(&mut bounded, first, 100).len(), 1);
+        assert_eq!(collect(&mut unbounded, first, 100).len(), 1);
+        // The writer cuts the junk off and commits the next record in its place.
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(committed)
+            .unwrap();
+        let second = wal.append(vec![b"{\"n\":2}".to_vec()]).await.unwrap();
+        assert_eq!(
+            collect(&mut bounded, second, 100),
+            vec![(second.0, vec!["{\"n\":2}".to_owned()])]
+        );
+        // Unbounded, the junk was taken for damage and skipped, and the new record with it.
+        assert_eq!(collect(&mut unbounded, second, 100), vec![]);
     }
 
     #[tokio::test]
