@@ -1,14 +1,23 @@
-//! The current time as RFC 3339 (UTC, milliseconds), for the events the scenarios send.
+//! Wall-clock times as RFC 3339 (UTC, milliseconds), for the events the scenarios send.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Returns now as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
-pub fn rfc3339_now() -> String {
-    let ms = SystemTime::now()
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
-        .as_millis() as i64;
-    let secs = ms / 1000;
+        .as_millis() as i64
+}
+
+/// Returns now as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+pub fn rfc3339_now() -> String {
+    rfc3339(now_ms())
+}
+
+/// Returns a time in milliseconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+pub fn rfc3339(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
     // Civil date from the day count (Howard Hinnant's algorithm).
     let z = secs.div_euclid(86_400) + 719_468;
     let era = z.div_euclid(146_097);
@@ -27,4 +36,17 @@ pub fn rfc3339_now() -> String {
         s % 60,
         ms.rem_euclid(1000)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+
+    #[test]
+    fn formats_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339(1_795_166_043_120), "2026-11-20T09:14:03.120Z");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59.999Z");
+    }
 }

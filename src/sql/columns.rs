@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock};
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, MapBuilder, RecordBatch, StringBuilder, StringDictionaryBuilder,
+    Array, ArrayRef, Int64Builder, MapBuilder, RecordBatch, StringBuilder, StringDictionaryBuilder,
     TimestampMillisecondBuilder,
 };
 use datafusion::arrow::datatypes::{
@@ -41,6 +41,7 @@ pub fn schema() -> SchemaRef {
             Field::new("type", kind, false),
             Field::new("subject", text.clone(), true),
             Field::new("device_id", text.clone(), true),
+            Field::new("seq", DataType::Int64, true),
             Field::new("session_id", text.clone(), true),
         ];
         fields.extend(
@@ -66,6 +67,8 @@ struct Record<'a> {
     subject: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     device_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    seq: Option<i64>,
     #[serde(borrow, default)]
     session_id: Option<Cow<'a, str>>,
     #[serde(borrow, rename = "type")]
@@ -88,6 +91,7 @@ pub struct EventColumns {
     kind: Kind,
     subject: Text,
     device: Text,
+    seq: Int64Builder,
     session: Text,
     context: Vec<Text>,
     properties: MapBuilder<StringBuilder, StringBuilder>,
@@ -112,6 +116,7 @@ impl EventColumns {
             kind: Kind::new(),
             subject: Text::new(),
             device: Text::new(),
+            seq: Int64Builder::new(),
             session: Text::new(),
             context: CONTEXT_KEYS.iter().map(|_| Text::new()).collect(),
             properties: property_builder(),
@@ -154,6 +159,7 @@ impl EventColumns {
         let _ = self.kind.append(&record.kind);
         append_text(&mut self.subject, record.subject.as_deref());
         append_text(&mut self.device, record.device_id.as_deref());
+        self.seq.append_option(record.seq);
         append_text(&mut self.session, record.session_id.as_deref());
         for (key, column) in CONTEXT_KEYS.iter().zip(&mut self.context) {
             append_text(column, record.context.get(*key).map(|v| v.as_ref()));
@@ -192,6 +198,7 @@ impl EventColumns {
             Arc::new(self.kind.finish_cloned()),
             Arc::new(self.subject.finish_cloned()),
             Arc::new(self.device.finish_cloned()),
+            Arc::new(self.seq.finish_cloned()),
             Arc::new(self.session.finish_cloned()),
         ];
         columns.extend(
@@ -255,7 +262,7 @@ fn property_text(value: &RawValue) -> Option<Cow<'_, str>> {
 #[cfg(test)]
 mod tests {
     use datafusion::arrow::array::{AsArray, MapArray};
-    use datafusion::arrow::datatypes::TimestampMillisecondType;
+    use datafusion::arrow::datatypes::{Int64Type, TimestampMillisecondType};
 
     use super::*;
 
@@ -283,6 +290,11 @@ mod tests {
         let values = kind.values().as_string::<i32>();
         assert_eq!(values.value(kind.keys().value(1) as usize), "app_opened");
         assert!(batch.column_by_name("subject").unwrap().is_null(1));
+        let seq = batch
+            .column_by_name("seq")
+            .unwrap()
+            .as_primitive::<Int64Type>();
+        assert_eq!((seq.value(0), seq.is_null(1)), (3, true));
         assert!(batch.column_by_name("locale").unwrap().is_null(0));
         let country = batch
             .column_by_name("country")
