@@ -47,9 +47,11 @@ redis_pid=""
 mounted=""
 
 cleanup() {
-    [[ -n "$server_pid" ]] && kill -9 "$server_pid" 2>/dev/null || true
-    [[ -n "$redis_pid" ]] && kill -CONT "$redis_pid" 2>/dev/null || true
-    [[ -n "$redis_pid" ]] && kill -9 "$redis_pid" 2>/dev/null || true
+    {
+        [[ -n "$server_pid" ]] && kill -9 "$server_pid" && wait "$server_pid"
+        [[ -n "$redis_pid" ]] && kill -CONT "$redis_pid"
+        [[ -n "$redis_pid" ]] && kill -9 "$redis_pid" && wait "$redis_pid"
+    } 2>/dev/null || true
     [[ -n "$mounted" ]] && umount "$mounted" 2>/dev/null || true
     if [[ "${FAULTS_KEEP:-}" != 1 ]]; then rm -rf "$work"; else echo "kept $work"; fi
 }

@@ -77,11 +77,7 @@ pub struct Launch {
 }
 
 /// Serves launch arrivals: `GET /v1/config` for a child, checking the answer holds flags.
-pub async fn launch_worker(
-    plan: Launch,
-    queue: Queue,
-    recorder: Arc<Recorder>,
-) {
+pub async fn launch_worker(plan: Launch, queue: Queue, recorder: Arc<Recorder>) {
     let mut client = Client::new(plan.addr, plan.authorization.clone());
     while let Some((n, scheduled)) = next(&queue).await {
         let child = n.wrapping_mul(2_654_435_761) % plan.children.max(1);
@@ -129,12 +125,7 @@ pub struct Sync {
 
 /// Serves sync arrivals: each is a tablet back online posting its backlog in batches, each
 /// batch retried (as the app does) until it is acknowledged.
-pub async fn sync_worker(
-    plan: Sync,
-    queue: Queue,
-    recorder: Arc<Recorder>,
-    ledger: Arc<Ledger>,
-) {
+pub async fn sync_worker(plan: Sync, queue: Queue, recorder: Arc<Recorder>, ledger: Arc<Ledger>) {
     let mut client = Client::new(plan.addr, plan.authorization.clone());
     while let Some((n, scheduled)) = next(&queue).await {
         let device = Device::new(&plan.tag, "sync", n, plan.children);
