@@ -532,8 +532,13 @@ fn emit(report: &Report, run: &RunArgs) -> Result<(), ()> {
         println!("{json}");
         return Ok(());
     }
+    // The raw benchmarks keep no ledger: they have no acknowledged events to tell.
+    let acknowledged = match &report.tag {
+        Some(_) => format!(", {} events acknowledged", report.acknowledged_events),
+        None => String::new(),
+    };
     println!(
-        "{}{}: {:.1} s measured after {} s warm-up, {} errors, {} events acknowledged",
+        "{}{}: {:.1} s measured after {} s warm-up, {} errors{acknowledged}",
         report.scenario,
         report
             .tag
@@ -543,7 +548,6 @@ fn emit(report: &Report, run: &RunArgs) -> Result<(), ()> {
         report.seconds,
         report.warmup_s,
         report.errors,
-        report.acknowledged_events
     );
     for (name, operation) in &report.operations {
         print_operation(name, operation);
