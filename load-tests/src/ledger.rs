@@ -94,6 +94,40 @@ impl Ledger {
         }
     }
 
+    /// Applies an answer's per-event `results` (in order, from `first`; `expected` of them) and
+    /// records the `operation` as done since `since`, carrying the events accepted; a short
+    /// answer or rejected events also count as errors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn acknowledge(
+        &self,
+        device: &str,
+        first: u64,
+        expected: u64,
+        answer: &serde_json::Value,
+        recorder: &crate::report::Recorder,
+        operation: &'static str,
+        since: std::time::Instant,
+    ) {
+        let statuses: Vec<&str> = answer["results"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| r["status"].as_str().unwrap_or("rejected"))
+            .collect();
+        if statuses.len() as u64 != expected {
+            recorder.error(operation, "short_answer");
+        }
+        self.answered(device, first, statuses.iter().copied());
+        let accepted = statuses
+            .iter()
+            .filter(|s| matches!(**s, "ok" | "duplicate"))
+            .count() as u64;
+        if accepted < expected {
+            recorder.error(operation, "rejected_events");
+        }
+        recorder.ok(operation, since, accepted);
+    }
+
     /// Returns a copy of every device's log.
     pub fn devices(&self) -> BTreeMap<String, DeviceLog> {
         self.devices.lock().expect("ledger").clone()

@@ -253,23 +253,15 @@ fn answer(
     match reply["type"].as_str() {
         Some("ack") => {
             let message = number.and_then(|n| pending.remove(&n))?;
-            let results = reply["results"].as_array().cloned().unwrap_or_default();
-            let statuses: Vec<&str> = results
-                .iter()
-                .map(|r| r["status"].as_str().unwrap_or("rejected"))
-                .collect();
-            if statuses.len() as u64 != message.count {
-                recorder.error("live", "short_ack");
-            }
-            ledger.answered(&plan.device.id, message.first, statuses.iter().copied());
-            let accepted = statuses
-                .iter()
-                .filter(|s| matches!(**s, "ok" | "duplicate"))
-                .count() as u64;
-            if accepted < message.count {
-                recorder.error("live", "rejected_events");
-            }
-            recorder.ok("live", message.scheduled, accepted);
+            ledger.acknowledge(
+                &plan.device.id,
+                message.first,
+                message.count,
+                &reply,
+                recorder,
+                "live",
+                message.scheduled,
+            );
             None
         }
         Some("error") => {

@@ -227,7 +227,16 @@ struct Report {
 }
 
 impl Target {
-    fn resolve(&self) -> Result<SocketAddr, String> {
+    /// The target's address; refused (exit status 2, with the reason) when it is not a loopback
+    /// address and remote targets are not allowed.
+    fn resolve(&self) -> Result<SocketAddr, ExitCode> {
+        self.address().map_err(|err| {
+            eprintln!("{err}");
+            ExitCode::from(2)
+        })
+    }
+
+    fn address(&self) -> Result<SocketAddr, String> {
         let addr = self
             .target
             .to_socket_addrs()
@@ -312,10 +321,7 @@ async fn main() -> ExitCode {
 async fn scenario(name: &'static str, run: RunArgs, traffic: TrafficArgs, hold: u64) -> ExitCode {
     let addr = match run.target.resolve() {
         Ok(addr) => addr,
-        Err(err) => {
-            eprintln!("{err}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let tag = traffic
         .tag
@@ -590,10 +596,7 @@ async fn verify_recorded(
 ) -> ExitCode {
     let addr = match target.resolve() {
         Ok(addr) => addr,
-        Err(err) => {
-            eprintln!("{err}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let recorded: Recorded = match std::fs::read(path)
         .map_err(|e| e.to_string())
@@ -654,10 +657,7 @@ async fn raw(
 ) -> ExitCode {
     let addr = match run.target.resolve() {
         Ok(addr) => addr,
-        Err(err) => {
-            eprintln!("{err}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let (method, path, body, per_request) = shape(());
     let template = Arc::new(http::Template::new(

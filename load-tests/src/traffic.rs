@@ -183,23 +183,15 @@ async fn post(
         let wait = match client.call("POST", "/v1/batch", &body, TIMEOUT).await {
             Ok(response) if response.status == 200 => {
                 let answer: Value = serde_json::from_slice(&response.body).unwrap_or_default();
-                let results = answer["results"].as_array().cloned().unwrap_or_default();
-                let statuses: Vec<&str> = results
-                    .iter()
-                    .map(|r| r["status"].as_str().unwrap_or("rejected"))
-                    .collect();
-                if statuses.len() as u64 != plan.events {
-                    recorder.error("sync", "short_answer");
-                }
-                ledger.answered(&device.id, first, statuses.iter().copied());
-                let accepted = statuses
-                    .iter()
-                    .filter(|s| matches!(**s, "ok" | "duplicate"))
-                    .count() as u64;
-                if accepted < plan.events {
-                    recorder.error("sync", "rejected_events");
-                }
-                recorder.ok("sync", since, accepted);
+                ledger.acknowledge(
+                    &device.id,
+                    first,
+                    plan.events,
+                    &answer,
+                    recorder,
+                    "sync",
+                    since,
+                );
                 return true;
             }
             Ok(response) if matches!(response.status, 429 | 503) => {
