@@ -5,6 +5,7 @@
 //! does not depend on how the stretch was cut into epochs or spread over workers.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use serde::{Deserialize, Serialize};
 
@@ -22,21 +23,58 @@ pub const SESSIONS_FIELD: &str = "sessions";
 /// The counter field of time spent, in milliseconds.
 pub const TIME_SPENT_FIELD: &str = "time_spent_ms";
 
+/// Hashes a subject hash by itself: it is already a uniform 64-bit hash, so hashing it again
+/// (SipHash, the default) only costs time, and an aggregate inserts each event's subject into
+/// a set for every cohort and window it counts in. Subjects are hashes of keyed pseudonyms
+/// (HMAC with the pepper), so no client can choose values that collide.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SubjectHasher(u64);
+
+impl Hasher for SubjectHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64s are hashed here; anything else is mixed in byte by byte (FNV-1a).
+        for byte in bytes {
+            self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+/// A set of subject hashes.
+pub type SubjectSet = HashSet<u64, BuildHasherDefault<SubjectHasher>>;
+
 /// What one window of one cohort gained.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WindowDelta {
     /// Additive counters by field.
     pub counts: BTreeMap<String, i64>,
     /// Hashes of the subjects seen.
-    pub subjects: HashSet<u64>,
+    pub subjects: SubjectSet,
     /// Hashes of the subjects seen per event type (an experiment's goals are event types).
-    pub converted: BTreeMap<String, HashSet<u64>>,
+    pub converted: BTreeMap<String, SubjectSet>,
 }
 
 impl WindowDelta {
     /// Counts one event.
     pub fn add(&mut self, event: &PipelineEvent) {
-        *self.counts.entry(events_field(&event.kind)).or_default() += 1;
+        self.add_counted(event, &events_field(&event.kind));
+    }
+
+    /// Counts one event whose [`events_field`] is `field` (computed once for all its windows).
+    fn add_counted(&mut self, event: &PipelineEvent, field: &str) {
+        match self.counts.get_mut(field) {
+            Some(count) => *count += 1,
+            None => {
+                self.counts.insert(field.to_owned(), 1);
+            }
+        }
         if event.kind == SESSION_STARTED_TYPE {
             *self.counts.entry(SESSIONS_FIELD.into()).or_default() += 1;
         }
@@ -53,7 +91,7 @@ impl WindowDelta {
                 }
                 None => {
                     self.converted
-                        .insert(event.kind.clone(), HashSet::from([subject]));
+                        .insert(event.kind.clone(), SubjectSet::from_iter([subject]));
                 }
             }
         }
@@ -92,6 +130,7 @@ pub struct Aggregate {
 impl Aggregate {
     /// Counts `event` in each of its cohorts and windows.
     pub fn add(&mut self, event: &PipelineEvent, cohorts: &[CohortKey]) {
+        let field = events_field(&event.kind);
         for cohort in cohorts {
             for window in Window::ALL {
                 let key = WindowKey {
@@ -99,7 +138,10 @@ impl Aggregate {
                     window,
                     start: window.start_of(event.event_time),
                 };
-                self.windows.entry(key).or_default().add(event);
+                self.windows
+                    .entry(key)
+                    .or_default()
+                    .add_counted(event, &field);
             }
         }
     }
