@@ -121,9 +121,11 @@ pub fn router(state: AppState, serve_metrics: bool) -> Router {
     let server = &state.config.server;
     let flag_body = state.config.flags.max_request_body.as_usize();
     let batch_body = state.config.ingest.max_body.as_usize();
-    // The SQL text, its JSON escaping and the parameters fit; a larger body is refused
-    // before it is read whole.
-    let sql_body = state.config.sql.max_sql_length.as_usize() * 2 + 16 * 1024;
+    // The SQL text, its JSON escaping and the parameters fit. A body up to 2 MiB is read whole
+    // even when its text is too long, so that its sender (an analyst: the token is checked
+    // first) gets the 413 answer: a server that answers before reading a body makes a client
+    // still sending it see a broken connection instead. Larger bodies are refused unread.
+    let sql_body = (state.config.sql.max_sql_length.as_usize() * 2 + 16 * 1024).max(2 << 20);
     let (routes, openapi) = table(serve_metrics, flag_body, batch_body, sql_body).split_for_parts();
     let openapi = Arc::new(openapi);
     let per_route = ServiceBuilder::new()
