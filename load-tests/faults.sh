@@ -2,7 +2,7 @@
 # Fault injection under load: runs flagstream-load against a real flagstream and a real
 # redis-server on loopback, injects one fault per phase, and verifies after each that every
 # acknowledged event is stored exactly once, that the counters equal an exact recount, and that
-# flags were served. Bounded in time (about 6 minutes); everything it starts it stops.
+# flags were served. Bounded in time (about 5 minutes on 2 cores); everything it starts it stops.
 #
 #   bash load-tests/faults.sh [FLAGSTREAM_BIN] [LOAD_BIN]
 #
