@@ -31,13 +31,20 @@ use crate::counters::{CohortUpdate, CounterStore, CounterWriter};
 use crate::server::metrics::{
     COUNTER_ERRORS_TOTAL, PIPELINE_ASSIGNED_SUBJECTS, PIPELINE_CHECKPOINT_EPOCH,
     PIPELINE_EVENTS_TOTAL, PIPELINE_FLUSH_LAG_SECONDS, PIPELINE_LAG_SECONDS,
-    PIPELINE_PENDING_EPOCHS, PIPELINE_UNREADABLE_EVENTS_TOTAL,
+    PIPELINE_PENDING_EPOCHS, PIPELINE_RESTARTS_TOTAL, PIPELINE_RUNNING,
+    PIPELINE_UNREADABLE_EVENTS_TOTAL,
 };
 use crate::wal::tail::Tail;
 use crate::wal::{Checkpoints, Epoch, Wal, WalError, unix_millis};
 
 /// The consumer name of the pipeline in the log's checkpoints.
 const CONSUMER: &str = "pipeline";
+
+/// How long stopping waits for the dataflow to write what it read.
+const STOP_WAIT: Duration = Duration::from_secs(8);
+
+/// How long a stopping cluster process keeps writing before it leaves the cluster's dataflow.
+const CLUSTER_DRAIN: Duration = Duration::from_secs(2);
 
 /// How the pipeline runs.
 #[derive(Debug, Clone)]
@@ -76,7 +83,8 @@ struct Shared {
     wal: Wal,
     store: CounterStore,
     checkpoints: Option<Arc<Checkpoints>>,
-    start: Epoch,
+    /// The epoch the current run of the dataflow reads after.
+    start: AtomicU64,
     stop: AtomicBool,
     /// Set when a write was abandoned at shutdown: nothing after it may be checkpointed.
     abandoned: AtomicBool,
@@ -86,6 +94,12 @@ struct Shared {
     forgotten: Mutex<HashSet<u64>>,
     /// Bumped with each erasure, so workers look at `forgotten` only when it changed.
     forget_generation: AtomicU64,
+}
+
+impl Shared {
+    fn start(&self) -> Epoch {
+        Epoch(self.start.load(Ordering::Acquire))
+    }
 }
 
 /// A running pipeline.
@@ -130,7 +144,7 @@ impl Pipeline {
             wal,
             store,
             checkpoints,
-            start,
+            start: AtomicU64::new(start.0),
             stop: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),
             flushed: AtomicU64::new(start.0),
@@ -141,15 +155,7 @@ impl Pipeline {
         // Joining the cluster blocks until every peer is up; the service does not wait for it.
         let thread = std::thread::Builder::new()
             .name("pipeline".into())
-            .spawn(move || {
-                let worker_shared = in_thread.clone();
-                let started =
-                    timely::execute(config, move |worker| run_worker(worker, &worker_shared));
-                match started {
-                    Ok(guards) => drop(guards.join()),
-                    Err(err) => tracing::error!(error = %err, "pipeline dataflow did not start"),
-                }
-            })?;
+            .spawn(move || supervise(&in_thread, &config))?;
         tracing::info!(
             from_epoch = start.0,
             store = shared.store.kind(),
@@ -173,11 +179,23 @@ impl Pipeline {
         }
     }
 
-    /// Stops reading, writes what was read, checkpoints and waits for the threads.
+    /// Stops reading, writes what was read, checkpoints and waits for the threads — at most
+    /// [`STOP_WAIT`]: a cluster's dataflow may be waiting for a peer process that is gone, and
+    /// leaving then is safe (the checkpoint stays behind what was not written).
     pub fn stop(mut self) {
         self.shared.stop.store(true, Ordering::Release);
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            let deadline = Instant::now() + STOP_WAIT;
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                tracing::warn!(
+                    "pipeline did not stop in time (waiting for cluster peers?); what it read after its checkpoint is counted again from the log at the next start"
+                );
+            }
         }
     }
 }
@@ -213,11 +231,68 @@ impl Forgetter {
     }
 }
 
+/// Runs the dataflow until the pipeline is stopped. A run that ends otherwise — a worker
+/// panicked, or in a cluster a peer process was lost, which takes down every process's run — is
+/// started again from the checkpoint after a pause: the log still holds every event after it,
+/// and the store's per-cohort marks make the cells written twice count once.
+fn supervise(shared: &Arc<Shared>, config: &timely::Config) {
+    let mut pause = Duration::from_millis(250);
+    loop {
+        let worker_shared = shared.clone();
+        let started = Instant::now();
+        // Dropping the guards joins timely's network threads, and panics if one of them did
+        // (a peer's connection broke): that is an end like any other here.
+        let run =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || match timely::execute(
+                config.clone(),
+                move |worker| run_worker(worker, &worker_shared),
+            ) {
+                Ok(guards) => guards.join().into_iter().find_map(Result::err),
+                Err(err) => Some(err),
+            }));
+        let failure = run.unwrap_or_else(|_| Some("a timely thread panicked".into()));
+        metrics::gauge!(PIPELINE_RUNNING).set(0.0);
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let why = failure.unwrap_or_else(|| "a peer process stopped".into());
+        if started.elapsed() > Duration::from_secs(60) {
+            pause = Duration::from_millis(250);
+        }
+        tracing::error!(error = %why, retry_in_ms = pause.as_millis() as u64,
+            "pipeline dataflow ended; it starts again from its checkpoint (the log keeps the events)");
+        metrics::counter!(PIPELINE_RESTARTS_TOTAL).increment(1);
+        let resume = Instant::now() + pause;
+        while Instant::now() < resume {
+            if shared.stop.load(Ordering::Acquire) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
+        let start = match &shared.checkpoints {
+            Some(checkpoints) => match checkpoints.register(CONSUMER) {
+                Ok(epoch) => epoch,
+                Err(err) => {
+                    tracing::error!(error = %err, "pipeline checkpoint unreadable; retrying");
+                    continue;
+                }
+            },
+            // The embedded store's cells are replayed from the start of the log; its marks
+            // skip those already applied.
+            None => Epoch(0),
+        };
+        shared.start.store(start.0, Ordering::Release);
+        shared.abandoned.store(false, Ordering::Release);
+    }
+}
+
 type Worker = timely::worker::Worker;
 type EventInput = InputHandle<u64, CapacityContainerBuilder<Vec<PipelineEvent>>>;
 type Partial = (u64, WindowKey, WindowDelta);
 
 fn run_worker(worker: &mut Worker, shared: &Arc<Shared>) {
+    metrics::gauge!(PIPELINE_RUNNING).set(1.0);
     let index = worker.index();
     let peers = worker.peers();
     let threads = shared.options.workers.max(1);
@@ -236,7 +311,7 @@ fn run_worker(worker: &mut Worker, shared: &Arc<Shared>) {
         None
     };
     let assignments = if durable {
-        AssignmentLog::load(&shared.options.state_dir, shared.start, |subject| {
+        AssignmentLog::load(&shared.options.state_dir, shared.start(), |subject| {
             subject % peers as u64 == index as u64
         })
         .unwrap_or_else(|err| {
@@ -369,14 +444,32 @@ fn run_worker(worker: &mut Worker, shared: &Arc<Shared>) {
     });
     if !index.is_multiple_of(threads) {
         drop(input);
-        while worker.step_or_park(Some(Duration::from_millis(100))) {}
+        drain(worker, shared);
         return;
     }
     let delivered = feed(worker, shared, &mut input, &probe);
     drop(input);
-    while worker.step_or_park(Some(Duration::from_millis(10))) {}
-    // Every epoch read went through the whole dataflow.
-    checkpoint(shared, delivered, true);
+    let written = if drain(worker, shared) {
+        // Every epoch read went through the whole dataflow.
+        delivered
+    } else {
+        probe.with_frontier(|f| f.first().map_or(delivered, |f| Epoch(f.saturating_sub(1))))
+    };
+    checkpoint(shared, written, true);
+}
+
+/// Steps the dataflow until it completes and returns whether it did. A cluster's dataflow
+/// completes only when every process stops reading, so a stopping process waits for it at most
+/// [`CLUSTER_DRAIN`], writing the cells the other processes let through meanwhile.
+fn drain(worker: &mut Worker, shared: &Shared) -> bool {
+    let deadline = Instant::now() + CLUSTER_DRAIN;
+    let cluster = shared.options.cluster.is_some();
+    while worker.step_or_park(Some(Duration::from_millis(10))) {
+        if cluster && shared.stop.load(Ordering::Acquire) && Instant::now() > deadline {
+            return false;
+        }
+    }
+    true
 }
 
 /// Reads the log into the dataflow (on the first worker of each process) and checkpoints.
@@ -386,7 +479,7 @@ fn feed(
     input: &mut EventInput,
     probe: &ProbeHandle<u64>,
 ) -> Epoch {
-    let mut tail = Tail::new(shared.wal.dir(), shared.start)
+    let mut tail = Tail::new(shared.wal.dir(), shared.start())
         .sealed_by(shared.wal.sealer().cloned())
         .bounded_by(shared.wal.committed());
     let mut pending: VecDeque<(u64, usize)> = VecDeque::new();

@@ -86,6 +86,10 @@ pub const PIPELINE_LAG_SECONDS: &str = "flagstream_pipeline_lag_seconds";
 pub const PIPELINE_FLUSH_LAG_SECONDS: &str = "flagstream_pipeline_flush_lag_seconds";
 /// The last epoch whose counters are in the store everywhere (the pipeline's checkpoint).
 pub const PIPELINE_CHECKPOINT_EPOCH: &str = "flagstream_pipeline_checkpoint_epoch";
+/// Whether the pipeline's dataflow is running (0 while it waits for cluster peers or restarts).
+pub const PIPELINE_RUNNING: &str = "flagstream_pipeline_running";
+/// Times the dataflow ended unexpectedly and started again from its checkpoint.
+pub const PIPELINE_RESTARTS_TOTAL: &str = "flagstream_pipeline_restarts_total";
 /// Subjects with an experiment assignment in the pipeline's state.
 pub const PIPELINE_ASSIGNED_SUBJECTS: &str = "flagstream_pipeline_assigned_subjects";
 /// Counter store writes that failed, by store and kind (retryable, permanent).
@@ -346,6 +350,14 @@ fn describe() {
         "The last epoch whose counters are in the store on every worker."
     );
     metrics::describe_gauge!(
+        PIPELINE_RUNNING,
+        "1 while the pipeline's dataflow runs; 0 while it waits for cluster peers or restarts."
+    );
+    metrics::describe_counter!(
+        PIPELINE_RESTARTS_TOTAL,
+        "Times the dataflow ended unexpectedly (in a cluster: a peer process was lost) and started again from its checkpoint."
+    );
+    metrics::describe_gauge!(
         PIPELINE_ASSIGNED_SUBJECTS,
         "Subjects with an experiment assignment in the pipeline's state."
     );
@@ -453,6 +465,7 @@ fn describe() {
         RATE_LIMITED_TOTAL,
         PIPELINE_EVENTS_TOTAL,
         PIPELINE_UNREADABLE_EVENTS_TOTAL,
+        PIPELINE_RESTARTS_TOTAL,
         REDIS_COMMANDS_TOTAL,
         SQL_ROLL_ERRORS_TOTAL,
         SQL_UNREADABLE_EVENTS_TOTAL,
@@ -470,6 +483,7 @@ fn describe() {
         FLAG_PROBLEMS,
         PIPELINE_PENDING_EPOCHS,
         PIPELINE_LAG_SECONDS,
+        PIPELINE_RUNNING,
         SQL_QUERIES_RUNNING,
         SQL_MEMORY_EVENTS,
         SQL_MEMORY_BYTES,

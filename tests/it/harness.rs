@@ -398,6 +398,17 @@ impl Process {
         self.logs.lock().unwrap().clone()
     }
 
+    /// Asks the process to stop (SIGTERM) and waits until it has.
+    pub fn terminate(&mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        let exited = self.child.wait().expect("the process ends");
+        assert!(exited.success(), "a stopped process exits with 0: {exited}");
+    }
+
     /// Kills the process with SIGKILL and waits for it.
     pub fn kill_9(&mut self) {
         let _ = self.child.kill();

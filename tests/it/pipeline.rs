@@ -377,3 +377,152 @@ async fn the_cohorts_endpoint_rejects_bad_parameters_and_callers() {
         );
     }
 }
+
+/// Two free loopback addresses for the cluster's peers (bound, then released).
+fn two_free_addresses() -> [String; 2] {
+    let listeners = [0, 1].map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    listeners.map(|l| l.local_addr().unwrap().to_string())
+}
+
+#[tokio::test]
+async fn a_two_process_cluster_counts_what_one_process_counts() {
+    // Every process of a deployment shares the pepper, so a child is one subject everywhere.
+    let pepper = format!("1 {}", "ab".repeat(32));
+    let http = reqwest::Client::new();
+    let workload = workload(90, 31);
+
+    // One process, two workers.
+    let single_redis = Redis::start();
+    let single_data = tempfile::tempdir().unwrap();
+    let single_url = format!("unix://{}", single_redis.socket().display());
+    let single = Process::spawn(
+        single_data.path(),
+        &[
+            ("FLAGSTREAM_COUNTERS__REDIS_URL", single_url.as_str()),
+            ("FLAGSTREAM_PIPELINE__FLUSH_INTERVAL", "50ms"),
+            ("FLAGSTREAM_PIPELINE__WORKERS", "2"),
+            ("FLAGSTREAM_PRIVACY__PEPPER", pepper.as_str()),
+        ],
+    );
+    for batch in &workload.batches {
+        send(&http, single.addr, batch).await;
+    }
+
+    // Two processes of one worker each, one timely cluster, one Redis; each process ingests
+    // a share of the batches into its own log, and subjects are exchanged between them.
+    let cluster_redis = Redis::start();
+    let cluster_url = format!("unix://{}", cluster_redis.socket().display());
+    let [first, second] = two_free_addresses();
+    let peers = format!("[\"{first}\", \"{second}\"]");
+    let data = [0, 1].map(|_| tempfile::tempdir().unwrap());
+    let processes: Vec<Process> = (0..2)
+        .map(|index| cluster_process(index, data[index].path(), &peers, &cluster_url, &pepper))
+        .collect();
+    // The exposures first (acknowledged before any later event), then batches in turn.
+    for (n, batch) in workload.batches.iter().enumerate() {
+        send(&http, processes[n % 2].addr, batch).await;
+    }
+
+    assert_counters_match(&http, single.addr, &workload).await;
+    for process in &processes {
+        assert_counters_match(&http, process.addr, &workload).await;
+    }
+    // Beyond the recount's tolerance for distinct subjects: the very same answers, sketches
+    // included, from one process and from either process of the cluster.
+    let one = day_counters(&http, single.addr).await;
+    for process in &processes {
+        assert_eq!(day_counters(&http, process.addr).await, one);
+    }
+    for (index, process) in processes.iter().enumerate() {
+        let logs = process.logs().join("\n");
+        let events = process_metric(&http, process.addr, "flagstream_pipeline_events_total").await;
+        assert!(
+            events > 0.0,
+            "process {index} read its own log into the dataflow: {logs}"
+        );
+    }
+}
+
+/// Process `index` of a two-process cluster with one worker each.
+fn cluster_process(
+    index: usize,
+    data: &std::path::Path,
+    peers: &str,
+    redis_url: &str,
+    pepper: &str,
+) -> Process {
+    let index = index.to_string();
+    Process::spawn(
+        data,
+        &[
+            ("FLAGSTREAM_COUNTERS__REDIS_URL", redis_url),
+            ("FLAGSTREAM_PIPELINE__FLUSH_INTERVAL", "50ms"),
+            ("FLAGSTREAM_PIPELINE__WORKERS", "1"),
+            ("FLAGSTREAM_PIPELINE__PEERS", peers),
+            ("FLAGSTREAM_PIPELINE__PROCESS", index.as_str()),
+            ("FLAGSTREAM_PRIVACY__PEPPER", pepper),
+        ],
+    )
+}
+
+#[tokio::test]
+async fn cluster_processes_that_crash_or_stop_rejoin_and_the_counters_stay_exact() {
+    let pepper = format!("1 {}", "cd".repeat(32));
+    let http = reqwest::Client::new();
+    let workload = workload(90, 37);
+    let redis = Redis::start_durable();
+    let url = format!("unix://{}", redis.socket().display());
+    let [first, second] = two_free_addresses();
+    let peers = format!("[\"{first}\", \"{second}\"]");
+    let data = [0, 1].map(|_| tempfile::tempdir().unwrap());
+    let spawn = |index: usize| cluster_process(index, data[index].path(), &peers, &url, &pepper);
+    let mut processes = [spawn(0), spawn(1)];
+    let third = workload.batches.len() / 3;
+    for (n, batch) in workload.batches[..third].iter().enumerate() {
+        send(&http, processes[n % 2].addr, batch).await;
+    }
+    // Process 1 crashes: process 0 keeps acknowledging while its dataflow waits for the peer.
+    processes[1].kill_9();
+    for batch in &workload.batches[third..2 * third] {
+        send(&http, processes[0].addr, batch).await;
+    }
+    processes[1] = spawn(1);
+    // Process 0 is stopped and started again (a deployment rolling through the cluster).
+    processes[0].terminate();
+    processes[0] = spawn(0);
+    for (n, batch) in workload.batches[2 * third..].iter().enumerate() {
+        send(&http, processes[n % 2].addr, batch).await;
+    }
+    for process in &processes {
+        assert_counters_match(&http, process.addr, &workload).await;
+    }
+    let restarts = process_metric(
+        &http,
+        processes[1].addr,
+        "flagstream_pipeline_restarts_total",
+    )
+    .await;
+    assert!(
+        restarts >= 1.0,
+        "process 1's dataflow ended with its peer's and started again: {}",
+        processes[1].logs().join("\n")
+    );
+    let running = process_metric(&http, processes[0].addr, "flagstream_pipeline_running").await;
+    assert_eq!(running, 1.0);
+}
+
+/// The sum of a metric's samples in a process's `/metrics`.
+async fn process_metric(http: &reqwest::Client, addr: SocketAddr, name: &str) -> f64 {
+    let text = http
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
