@@ -66,6 +66,15 @@ impl Retention {
     }
 
     /// Returns when a window's counters expire, in ms since the Unix epoch.
+    /// How long counters of `window`'s length are kept after the window ends.
+    pub fn kept(&self, window: Window) -> Duration {
+        match window {
+            Window::Minute => self.minute,
+            Window::Hour => self.hour,
+            Window::Day => self.day,
+        }
+    }
+
     pub fn expires_at(&self, window: Window, start: WindowStart) -> i64 {
         let keep = match window {
             Window::Minute => self.minute,

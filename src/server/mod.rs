@@ -35,7 +35,7 @@ use tokio::sync::watch;
 pub use routes::{api_doc, router};
 
 use crate::config::Config;
-use crate::counters::{CounterStore, RedisError};
+use crate::counters::{CounterStore, RedisError, Retention};
 use crate::events::{Limits, Schema};
 use crate::flags::{FlagStore, Snapshot};
 use crate::ingest::{ConsentPolicy, IngestExposureSink, IngestOptions, Ingestor};
@@ -205,13 +205,15 @@ impl AppState {
             policy,
         );
         let wal = ingest.wal().clone();
-        let sql =
-            open_sql(config, data_keys, suppressions)?.read_your_writes(move || wal.last_epoch().0);
+        let counters = CounterStore::open(&config.counters)?;
+        let sql = open_sql(config, data_keys, suppressions)?
+            .read_your_writes(move || wal.last_epoch().0)
+            .counters(counters.clone(), Retention::of(&config.counters));
         Ok(Self {
             config: Arc::new(config.clone()),
             tokens: auth::Tokens::new(&config.auth.tokens),
             metrics,
-            counters: CounterStore::open(&config.counters)?,
+            counters,
             flags,
             exposures: Arc::new(exposures),
             ingest,

@@ -26,9 +26,11 @@ use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 
 use super::SqlError;
+use super::counters_table::CountersTable;
 use super::saved::SavedQuery;
 use super::scope::Scope;
 use super::table::{EventsTable, RecentEvents};
+use crate::counters::{CounterStore, Retention};
 use crate::server::metrics::SQL_QUERIES_RUNNING;
 
 /// The limits of the engine.
@@ -76,6 +78,7 @@ pub struct SqlEngine {
     permits: Arc<Semaphore>,
     events: Arc<EventsTable>,
     exposures: Arc<ViewTable>,
+    counters: Arc<CountersTable>,
     options: SqlOptions,
     /// The newest durable epoch of the log.
     durable: Option<Box<dyn Fn() -> u64 + Send + Sync>>,
@@ -118,6 +121,7 @@ impl SqlEngine {
             permits: Arc::new(Semaphore::new(options.max_concurrent)),
             events,
             exposures,
+            counters: Arc::new(CountersTable::default()),
             options,
             durable: None,
             saved: saved.into_iter().map(|q| (q.name.clone(), q)).collect(),
@@ -128,6 +132,12 @@ impl SqlEngine {
     /// they arrived: an event acknowledged before a query is in its answer.
     pub fn read_your_writes(mut self, durable: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
         self.durable = Some(Box::new(durable));
+        self
+    }
+
+    /// Serves the pipeline's counters from `store` as the `counters` table (empty otherwise).
+    pub fn counters(mut self, store: CounterStore, retention: Retention) -> Self {
+        self.counters = Arc::new(CountersTable::new(store, retention));
         self
     }
 
@@ -236,6 +246,7 @@ impl SqlEngine {
             "exposures",
             self.exposures.clone() as Arc<dyn TableProvider>,
         )?;
+        ctx.register_table("counters", self.counters.clone() as Arc<dyn TableProvider>)?;
         Ok(ctx)
     }
 

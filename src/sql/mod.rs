@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod columns;
+pub mod counters_table;
 pub mod engine;
 pub mod erase;
 pub mod feed;
@@ -49,6 +50,9 @@ pub enum SqlError {
     /// The query needed more memory than one query may hold.
     #[error("the query needs more memory than a query may hold: {0}")]
     Resources(String),
+    /// A store the query reads (the counter store) cannot be reached.
+    #[error("{0}")]
+    Unavailable(String),
     /// Something failed inside the service (the detail is for the log only).
     #[error("{0}")]
     Internal(String),
@@ -63,6 +67,7 @@ impl SqlError {
             SqlError::Busy(_) => "busy",
             SqlError::Timeout(_) => "timeout",
             SqlError::Resources(_) => "resources",
+            SqlError::Unavailable(_) => "unavailable",
             SqlError::Internal(_) => "failed",
         }
     }
@@ -83,6 +88,14 @@ impl From<DataFusionError> for SqlError {
             }
             DataFusionError::ArrowError(arrow, _) => {
                 SqlError::Invalid(format!("the query failed: {arrow}"))
+            }
+            DataFusionError::External(inner)
+                if inner
+                    .downcast_ref::<crate::counters::CounterError>()
+                    .is_some() =>
+            {
+                tracing::warn!(error = %inner, "counter store read failed in a query");
+                SqlError::Unavailable("the counter store is unavailable; try again shortly".into())
             }
             DataFusionError::ResourcesExhausted(message) => {
                 SqlError::Resources(first_line(message))

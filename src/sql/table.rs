@@ -387,10 +387,16 @@ impl TableProvider for EventsTable {
 /// Returns the `event_time` range (ms, inclusive) that the filters allow; the whole range
 /// when they do not bound it.
 fn time_bounds(filters: &[Expr]) -> (i64, i64) {
+    column_bounds(filters, "event_time")
+}
+
+/// The bounds `[from, to]` in ms that `filters` put on the timestamp column `column` (the
+/// widest possible where they put none), for pruning.
+pub(super) fn column_bounds(filters: &[Expr], column: &str) -> (i64, i64) {
     let mut from = i64::MIN;
     let mut to = i64::MAX;
     for filter in filters {
-        for (op, ms) in comparisons(filter) {
+        for (op, ms) in comparisons(filter, column) {
             match op {
                 Operator::Gt | Operator::GtEq => from = from.max(ms),
                 Operator::Lt | Operator::LtEq => to = to.min(ms),
@@ -405,21 +411,21 @@ fn time_bounds(filters: &[Expr]) -> (i64, i64) {
     (from, to)
 }
 
-/// The comparisons of `event_time` with a constant in a filter's conjunction, as
-/// `event_time <op> ms`.
-fn comparisons(filter: &Expr) -> Vec<(Operator, i64)> {
+/// The comparisons of `column` with a constant in a filter's conjunction, as
+/// `column <op> ms`.
+fn comparisons(filter: &Expr, column: &str) -> Vec<(Operator, i64)> {
     match filter {
         Expr::BinaryExpr(BinaryExpr {
             left,
             op: Operator::And,
             right,
         }) => {
-            let mut found = comparisons(left);
-            found.extend(comparisons(right));
+            let mut found = comparisons(left, column);
+            found.extend(comparisons(right, column));
             found
         }
         Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
-            match (is_event_time(left), is_event_time(right)) {
+            match (is_column(left, column), is_column(right, column)) {
                 (true, false) => millis(right).map(|ms| vec![(*op, ms)]),
                 (false, true) => {
                     let swapped = op.swap();
@@ -434,7 +440,7 @@ fn comparisons(filter: &Expr) -> Vec<(Operator, i64)> {
             negated: false,
             low,
             high,
-        }) if is_event_time(expr) => millis(low)
+        }) if is_column(expr, column) => millis(low)
             .map(|ms| (Operator::GtEq, ms))
             .into_iter()
             .chain(millis(high).map(|ms| (Operator::LtEq, ms)))
@@ -443,10 +449,10 @@ fn comparisons(filter: &Expr) -> Vec<(Operator, i64)> {
     }
 }
 
-fn is_event_time(expr: &Expr) -> bool {
+fn is_column(expr: &Expr, name: &str) -> bool {
     match expr {
-        Expr::Column(column) => column.name == "event_time",
-        Expr::Cast(cast) => is_event_time(&cast.expr),
+        Expr::Column(column) => column.name == name,
+        Expr::Cast(cast) => is_column(&cast.expr, name),
         _ => false,
     }
 }

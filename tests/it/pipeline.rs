@@ -526,3 +526,143 @@ async fn process_metric(http: &reqwest::Client, addr: SocketAddr, name: &str) ->
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Posts `sql` to `/v1/sql` and returns the status and the answer.
+async fn sql(http: &reqwest::Client, addr: SocketAddr, text: &str) -> (u16, Value) {
+    let response = http
+        .post(format!("http://{addr}/v1/sql"))
+        .json(&json!({ "sql": text }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn the_counters_table_answers_what_the_recount_says_and_a_clear_error_otherwise() {
+    let mut redis = Redis::start();
+    let url = redis.url();
+    let service = Service::start_with(move |config| {
+        config.pipeline.flush_interval = Duration::from_millis(50);
+        config.counters.redis_url = Some(url);
+        config.counters.redis_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let workload = workload(45, 41);
+    for batch in &workload.batches {
+        send(&service.http, service.addr, batch).await;
+    }
+    assert_counters_match(&service.http, service.addr, &workload).await;
+
+    // Every additive day counter of every cohort, as SQL rows.
+    let (status, answer) = sql(
+        &service.http,
+        service.addr,
+        "SELECT cohort, CAST(start AS BIGINT) AS day, metric, event_type, value FROM counters \
+         WHERE window = '1d' AND metric IN ('events', 'sessions', 'time_spent_ms') \
+         AND start >= now() - interval '5 days'",
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let mut got: BTreeMap<String, BTreeMap<i64, Expected>> = BTreeMap::new();
+    for row in answer["rows"].as_array().unwrap() {
+        // Timestamps cast to BIGINT are milliseconds here (the column's unit).
+        let day = row["day"].as_i64().unwrap();
+        let slot = got
+            .entry(row["cohort"].as_str().unwrap().into())
+            .or_default()
+            .entry(day)
+            .or_default();
+        let value = row["value"].as_i64().unwrap();
+        match row["metric"].as_str().unwrap() {
+            "events" => {
+                slot.events
+                    .insert(row["event_type"].as_str().unwrap().into(), value);
+            }
+            "sessions" => slot.sessions = value,
+            "time_spent_ms" => slot.time_spent_ms = value,
+            other => panic!("metric {other} was filtered out"),
+        }
+    }
+    let expected: BTreeMap<String, BTreeMap<i64, Expected>> = workload
+        .expected
+        .iter()
+        .map(|(cohort, days)| {
+            let days = days
+                .iter()
+                .map(|(day, e)| {
+                    let additive = Expected {
+                        subjects: BTreeSet::new(),
+                        ..e.clone()
+                    };
+                    (*day, additive)
+                })
+                .collect();
+            (cohort.clone(), days)
+        })
+        .collect();
+    assert_eq!(got, expected);
+
+    // Distinct subjects per variant, within the sketch's error of the recount.
+    let (status, answer) = sql(
+        &service.http,
+        service.addr,
+        "SELECT variant, CAST(start AS BIGINT) AS day, value FROM counters \
+         WHERE experiment = 'reward-animation' AND window = '1d' AND metric = 'active_subjects'",
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let rows = answer["rows"].as_array().unwrap();
+    assert!(!rows.is_empty(), "{answer}");
+    for row in rows {
+        let cohort = format!("exp:{EXPERIMENT}:{}", row["variant"].as_str().unwrap());
+        let exact = workload.expected[&cohort][&row["day"].as_i64().unwrap()]
+            .subjects
+            .len() as i64;
+        let estimate = row["value"].as_i64().unwrap();
+        assert!(
+            (estimate - exact).abs() <= 2 + exact * 3 / 100,
+            "{row} vs {exact}"
+        );
+    }
+
+    // Too wide a range of minute windows is refused with the way out, not cut short.
+    let (status, answer) = sql(
+        &service.http,
+        service.addr,
+        "SELECT count(*) FROM counters WHERE window = '1m' AND start >= now() - interval '36 hours'",
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    let description = answer["error_description"].as_str().unwrap();
+    assert!(description.contains("at most 1440"), "{answer}");
+
+    // Redis away: the counters table answers 503 with Retry-After; the events table still
+    // answers.
+    redis.kill();
+    let response = service
+        .http
+        .post(service.url("/v1/sql"))
+        .json(&json!({"sql": "SELECT count(*) FROM counters"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let answer: Value = response.json().await.unwrap();
+    assert!(
+        answer["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("counter store is unavailable"),
+        "{answer}"
+    );
+    let (status, answer) = sql(
+        &service.http,
+        service.addr,
+        "SELECT count(*) AS n FROM events",
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+}

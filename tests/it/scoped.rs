@@ -81,6 +81,7 @@ async fn school_staff_see_their_school_only_in_groups_of_enough_children() {
     for text in [
         "SELECT subject, class_id FROM events",
         "SELECT count(*) FROM exposures",
+        "SELECT count(*) FROM counters",
     ] {
         let (status, answer) = sql(&service, "school-key", text).await;
         assert!(matches!(status, 400 | 403), "{text}: {status} {answer}");
