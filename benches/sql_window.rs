@@ -6,14 +6,20 @@
 //! `cargo bench --bench sql_window -- [--events N] [--runs R] [--parquet PATH]`
 //!
 //! With `--parquet`, the same rows are also written to an unencrypted Parquet file for the
-//! DuckDB baseline (`benches/duckdb_baseline.py`).
+//! DuckDB baseline (`benches/duckdb_baseline.py`). With `--segments DIR`, they are then rolled
+//! into encrypted Parquet segments in `DIR` (as the feeder rolls the window, `--segment-count`
+//! of them, default 4) and every query runs again over the segments alone: decryption,
+//! decompression and pruning included.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use datafusion::arrow::array::{RecordBatch, TimestampMillisecondArray};
+use datafusion::arrow::compute::{max, min};
 use flagstream::privacy::KeyRing;
-use flagstream::sql::columns::schema;
+use flagstream::sql::columns::{Span, schema};
+use flagstream::sql::segments::{self, Segment};
 use flagstream::sql::table::RecentEvents;
 use flagstream::sql::{SqlEngine, SqlOptions, saved};
 
@@ -24,6 +30,8 @@ struct Args {
     events: usize,
     runs: usize,
     parquet: Option<std::path::PathBuf>,
+    segments: Option<std::path::PathBuf>,
+    segment_count: usize,
 }
 
 fn args() -> Args {
@@ -31,6 +39,8 @@ fn args() -> Args {
         events: 10_000_000,
         runs: 7,
         parquet: None,
+        segments: None,
+        segment_count: 4,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -38,6 +48,13 @@ fn args() -> Args {
             "--events" => args.events = it.next().and_then(|v| v.parse().ok()).expect("--events N"),
             "--runs" => args.runs = it.next().and_then(|v| v.parse().ok()).expect("--runs R"),
             "--parquet" => args.parquet = it.next().map(Into::into),
+            "--segments" => args.segments = it.next().map(Into::into),
+            "--segment-count" => {
+                args.segment_count = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--segment-count N")
+            }
             _ => {} // cargo passes --bench
         }
     }
@@ -163,10 +180,79 @@ fn main() {
         );
     }
 
+    let keys = KeyRing::single(1, [7; 32]);
+    let on_disk = args
+        .segments
+        .as_ref()
+        .map(|dir| roll_into_segments(dir, &batches, args.segment_count, &keys));
+    drop(batches);
+    println!("\nIn memory (the recent window):");
+    run_cases(&engine_over(events), now, args.runs);
+    if let Some(segments) = on_disk {
+        println!("\nOver the encrypted Parquet segments only:");
+        let events = Arc::new(RecentEvents::new(segments, keys));
+        run_cases(&engine_over(events), now, args.runs);
+    }
+}
+
+/// Writes `batches` as `count` segments in `dir` (emptied first); returns them.
+fn roll_into_segments(
+    dir: &std::path::Path,
+    batches: &[RecordBatch],
+    count: usize,
+    keys: &KeyRing,
+) -> Vec<Segment> {
+    let _ = std::fs::remove_dir_all(dir);
+    let started = Instant::now();
+    let per = batches.len().div_ceil(count.max(1));
+    let mut written = Vec::new();
+    for (n, part) in batches.chunks(per).enumerate() {
+        let epoch = n as u64 * 10;
+        let segment = segments::write(dir, part, (epoch, epoch + 9), span_of(part), keys)
+            .expect("segment written");
+        written.push(segment);
+    }
+    let bytes: u64 = written.iter().map(|s| s.bytes).sum();
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    println!(
+        "segments: {} in {} ({:.1} MiB, {:.1} bytes per event on disk, written in {:.1} s)",
+        written.len(),
+        dir.display(),
+        bytes as f64 / (1 << 20) as f64,
+        bytes as f64 / rows as f64,
+        started.elapsed().as_secs_f64()
+    );
+    segments::list(dir).expect("segments listed")
+}
+
+/// The event-time and receive-time span of `batches`.
+fn span_of(batches: &[RecordBatch]) -> Span {
+    let mut span = Span {
+        min_time: i64::MAX,
+        max_time: i64::MIN,
+        max_received: i64::MIN,
+    };
+    for batch in batches {
+        let column = |name: &str| {
+            batch
+                .column_by_name(name)
+                .and_then(|c| c.as_any().downcast_ref::<TimestampMillisecondArray>())
+                .cloned()
+                .expect("a timestamp column")
+        };
+        let (time, received) = (column("event_time"), column("received_at"));
+        span.min_time = span.min_time.min(min(&time).unwrap_or(i64::MAX));
+        span.max_time = span.max_time.max(max(&time).unwrap_or(i64::MIN));
+        span.max_received = span.max_received.max(max(&received).unwrap_or(i64::MIN));
+    }
+    span
+}
+
+fn engine_over(events: Arc<RecentEvents>) -> SqlEngine {
     let (queries, problems) = saved::read_dir(std::path::Path::new("queries"));
     assert!(problems.is_empty(), "{problems:?}");
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let engine = SqlEngine::new(
+    SqlEngine::new(
         events,
         queries,
         SqlOptions {
@@ -179,7 +265,12 @@ fn main() {
             max_result_bytes: 1 << 30,
         },
     )
-    .expect("engine");
+    .expect("engine")
+}
+
+/// Runs every saved query, one ad-hoc aggregate and the experiment results query `runs`
+/// times each; prints their median and fastest times.
+fn run_cases(engine: &SqlEngine, now: i64, runs: usize) {
     let mut cases: Vec<(String, String, BTreeMap<String, String>)> = engine
         .saved()
         .values()
@@ -217,7 +308,7 @@ fn main() {
     for (name, sql, params) in cases {
         let mut times = Vec::new();
         let mut rows = 0;
-        for _ in 0..args.runs {
+        for _ in 0..runs {
             let started = Instant::now();
             let result = runtime
                 .block_on(engine.run(&sql, &params, None))

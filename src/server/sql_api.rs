@@ -62,7 +62,7 @@ pub struct SavedQueries {
     request_body = SqlRequest,
     params(("format" = Option<String>, Query, description = "json, csv or arrow; overrides Accept.")),
     responses(
-        (status = 200, description = "The answer: JSON {columns, rows, row_count, truncated, elapsed_ms}, CSV or Arrow IPC."),
+        (status = 200, description = "The answer: JSON {columns, rows, row_count, truncated, complete, elapsed_ms}, CSV or Arrow IPC."),
         (status = 400, description = "Malformed body, syntax error (with its position), unknown table or column, a statement that is not read-only, or a query that failed on its data.", body = ErrorBody),
         (status = 401, description = "Missing or unknown token.", body = ErrorBody),
         (status = 403, description = "Not an analyst token, or a query a token scoped to a school or class may not run.", body = ErrorBody),
@@ -255,6 +255,8 @@ async fn answer(
     let headers = response.headers_mut();
     let truncated = if result.truncated { "true" } else { "false" };
     headers.insert("x-truncated", HeaderValue::from_static(truncated));
+    let complete = if result.complete { "true" } else { "false" };
+    headers.insert("x-complete", HeaderValue::from_static(complete));
     headers.insert("x-row-count", HeaderValue::from(result.rows));
     Ok(response)
 }

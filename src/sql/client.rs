@@ -220,6 +220,12 @@ pub fn render_table(answer: &Value) -> String {
         ""
     };
     let _ = writeln!(out, "({} rows{truncated})", rows.len());
+    if answer["complete"] == Value::Bool(false) {
+        let _ = writeln!(
+            out,
+            "(incomplete: the server is still reading its log after a start; ask again shortly)"
+        );
+    }
     out
 }
 
@@ -238,6 +244,8 @@ mod tests {
             render_table(&answer),
             "platform | events\n---------+-------\nios      | 1200\nandroid  |\n(2 rows (truncated: more rows exist))\n"
         );
+        let behind = json!({"columns": [{"name": "n"}], "rows": [{"n": 3}], "complete": false});
+        assert!(render_table(&behind).ends_with("(1 rows)\n(incomplete: the server is still reading its log after a start; ask again shortly)\n"));
     }
 
     #[test]

@@ -65,6 +65,9 @@ pub struct QueryResult {
     pub truncated: bool,
     /// How long the query took.
     pub elapsed: Duration,
+    /// Whether the window held every event acknowledged before the query arrived (false
+    /// right after a start, while the window is still reading the log).
+    pub complete: bool,
 }
 
 /// The definition of the `exposures` view.
@@ -181,7 +184,7 @@ impl SqlEngine {
             .try_acquire_owned()
             .map_err(|_| SqlError::Busy(self.options.max_concurrent))?;
         let started = Instant::now();
-        self.catch_up().await;
+        let complete = self.catch_up().await;
         let ctx = match scope {
             None => self.context()?,
             Some(scope) => self.scoped_context(scope)?,
@@ -190,9 +193,12 @@ impl SqlEngine {
         let params = params.clone();
         let caps = (self.options.max_rows, self.options.max_result_bytes);
         let scope = scope.cloned();
+        let files = self.events.events().files();
         let handle = self.runtime().spawn(async move {
             // Dropped when the query ends or is cancelled: the gauge and the permit follow.
             let _running = Running::start(permit);
+            // Segment files stay as they are while the query may read them.
+            let _reading = files.read_owned().await;
             execute(ctx, sql, params, caps, scope).await
         });
         let task = AbortOnDrop(handle);
@@ -202,6 +208,7 @@ impl SqlEngine {
             Err(_) => return Err(SqlError::Timeout(self.options.timeout)),
         };
         result.elapsed = started.elapsed();
+        result.complete = complete;
         Ok(result)
     }
 
@@ -217,17 +224,22 @@ impl SqlEngine {
         self.events.events()
     }
 
-    async fn catch_up(&self) {
+    /// Waits (at most a second) until the window holds every durable epoch; returns whether
+    /// it does.
+    async fn catch_up(&self) -> bool {
         let Some(durable) = &self.durable else {
-            return;
+            return true;
         };
         let target = durable();
         let mut window = self.events().subscribe();
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            window.wait_for(|epoch| *epoch >= target),
+        matches!(
+            tokio::time::timeout(
+                Duration::from_secs(1),
+                window.wait_for(|epoch| *epoch >= target),
+            )
+            .await,
+            Ok(Ok(_))
         )
-        .await;
     }
 
     /// A session for a scoped token: its `events` are the scope's only, and there is no
@@ -336,6 +348,7 @@ async fn execute(
         rows,
         truncated,
         elapsed: Duration::ZERO,
+        complete: true,
     })
 }
 

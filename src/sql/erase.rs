@@ -18,7 +18,7 @@ use datafusion::parquet::arrow::arrow_reader::{
 };
 use datafusion::parquet::encryption::decrypt::FileDecryptionProperties;
 
-use super::segments::{self, Segment, SegmentError};
+use super::segments::{self, Prepared, Segment, SegmentError};
 use crate::privacy::KeyRing;
 
 /// Which rows go: `(subject pseudonym, event time in ms)` → drop.
@@ -44,13 +44,13 @@ pub fn filter_batch(batch: &RecordBatch, hides: Hides) -> Result<Option<RecordBa
     filter_record_batch(batch, &keep).map(Some)
 }
 
-/// Rewrites `segment` without the rows `hides` selects; returns the new segment and the rows
-/// dropped, or `None` when it keeps every row (the file is then left untouched).
+/// Writes `segment` again without the rows `hides` selects, beside the file; returns the new
+/// file (to publish) and the rows dropped, or `None` when it keeps every row.
 pub fn rewrite_segment(
     segment: &Segment,
     keys: &KeyRing,
     hides: Hides,
-) -> Result<Option<(Segment, u64)>, SegmentError> {
+) -> Result<Option<(Prepared, u64)>, SegmentError> {
     let shown = segment.path.display().to_string();
     let parquet = |source| SegmentError::Parquet {
         path: shown.clone(),
@@ -92,42 +92,42 @@ pub fn rewrite_segment(
         return Ok(None);
     }
     let dir = segment.path.parent().unwrap_or(std::path::Path::new("."));
-    let written = segments::write(
+    let prepared = segments::prepare(
         dir,
         &kept,
         (segment.first_epoch, segment.last_epoch),
         segment.span,
         keys,
     )?;
-    // A newer data key names the file differently: the old one goes.
-    if written.path != segment.path {
-        std::fs::remove_file(&segment.path).map_err(|source| SegmentError::Io {
-            path: shown.clone(),
-            source,
-        })?;
-    }
-    Ok(Some((written, dropped)))
+    Ok(Some((prepared, dropped)))
 }
 
-/// Each segment and, when it was rewritten, what replaced it.
-pub type Rewritten = Vec<(Arc<Segment>, Option<Segment>)>;
+/// Each segment and, when it was rewritten, what replaces it (not yet in place).
+pub type Rewritten = Vec<(Arc<Segment>, Option<Prepared>)>;
 
-/// The rows of `segments` that `hides` selects, rewritten away; returns every segment with
-/// its replacement, and the rows dropped.
+/// The rows of `segments` that `hides` selects, written away into new files beside them;
+/// returns every segment with its replacement, and the rows dropped. On an error, the files
+/// already written are deleted.
 pub fn rewrite_segments(
     segments: &[Arc<Segment>],
     keys: &KeyRing,
     hides: Hides,
 ) -> Result<(Rewritten, u64), SegmentError> {
-    let mut out = Vec::with_capacity(segments.len());
+    let mut out: Rewritten = Vec::with_capacity(segments.len());
     let mut dropped = 0;
     for segment in segments {
-        match rewrite_segment(segment, keys, hides)? {
-            Some((new, rows)) => {
+        match rewrite_segment(segment, keys, hides) {
+            Ok(Some((new, rows))) => {
                 dropped += rows;
                 out.push((segment.clone(), Some(new)));
             }
-            None => out.push((segment.clone(), None)),
+            Ok(None) => out.push((segment.clone(), None)),
+            Err(err) => {
+                out.into_iter()
+                    .filter_map(|(_, new)| new)
+                    .for_each(Prepared::discard);
+                return Err(err);
+            }
         }
     }
     Ok((out, dropped))

@@ -72,6 +72,7 @@ struct JsonAnswer<'a> {
     rows: &'a RawValue,
     row_count: usize,
     truncated: bool,
+    complete: bool,
     elapsed_ms: f64,
 }
 
@@ -110,6 +111,7 @@ pub fn encode(result: &QueryResult, format: Format) -> Result<Vec<u8>, SqlError>
                 rows: &rows,
                 row_count: result.rows,
                 truncated: result.truncated,
+                complete: result.complete,
                 elapsed_ms: result.elapsed.as_secs_f64() * 1000.0,
             };
             serde_json::to_vec(&answer).map_err(|e| SqlError::Internal(e.to_string()))

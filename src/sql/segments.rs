@@ -102,10 +102,53 @@ impl Segment {
 pub fn write(
     dir: &Path,
     batches: &[RecordBatch],
-    (first_epoch, last_epoch): (u64, u64),
+    epochs: (u64, u64),
     span: Span,
     keys: &KeyRing,
 ) -> Result<Segment, SegmentError> {
+    prepare(dir, batches, epochs, span, keys)?.publish()
+}
+
+/// A segment written and synced beside its final name, not yet in place.
+#[derive(Debug)]
+pub struct Prepared {
+    segment: Segment,
+    tmp: PathBuf,
+}
+
+impl Prepared {
+    /// The segment it becomes.
+    pub fn segment(&self) -> &Segment {
+        &self.segment
+    }
+
+    /// Renames it into place (over a file of the same name) and syncs the directory.
+    pub fn publish(self) -> Result<Segment, SegmentError> {
+        let io = |source| SegmentError::Io {
+            path: self.segment.path.display().to_string(),
+            source,
+        };
+        std::fs::rename(&self.tmp, &self.segment.path).map_err(io)?;
+        let dir = self.segment.path.parent().unwrap_or(Path::new("."));
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        Ok(self.segment)
+    }
+
+    /// Deletes the written file instead.
+    pub fn discard(self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// Writes a segment as [`write`] does, but leaves it beside its final name until
+/// [`Prepared::publish`].
+pub fn prepare(
+    dir: &Path,
+    batches: &[RecordBatch],
+    (first_epoch, last_epoch): (u64, u64),
+    span: Span,
+    keys: &KeyRing,
+) -> Result<Prepared, SegmentError> {
     let (key_version, key) = keys.newest();
     let mut segment = Segment {
         path: PathBuf::new(),
@@ -143,10 +186,7 @@ pub fn write(
     let file = writer.into_inner().map_err(parquet)?;
     file.sync_all().map_err(io)?;
     segment.bytes = file.metadata().map_err(io)?.len();
-    drop(file);
-    std::fs::rename(&tmp, &segment.path).map_err(io)?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-    Ok(segment)
+    Ok(Prepared { segment, tmp })
 }
 
 /// Lists the segments in `dir`, oldest first, and removes files a crash left half written.
@@ -178,25 +218,18 @@ pub fn list(dir: &Path) -> Result<Vec<Segment>, SegmentError> {
     Ok(segments)
 }
 
-/// Deletes the segments whose newest event was received before `horizon` (ms); returns the
-/// ones kept.
-pub fn expire(segments: Vec<Arc<Segment>>, horizon: i64) -> Vec<Arc<Segment>> {
-    segments
-        .into_iter()
-        .filter(|segment| {
-            if segment.span.max_received >= horizon {
-                return true;
+/// Deletes the files of `segments` (a file already gone is fine; a failure is logged, and the
+/// file is deleted again at the next start, when it is listed as expired).
+pub fn delete(segments: &[Arc<Segment>]) {
+    for segment in segments {
+        match std::fs::remove_file(&segment.path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => {
+                tracing::error!(error = %err, file = %segment.path.display(), "expired segment not deleted");
             }
-            match std::fs::remove_file(&segment.path) {
-                Ok(()) => false,
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => false,
-                Err(err) => {
-                    tracing::error!(error = %err, file = %segment.path.display(), "expired segment not deleted");
-                    true
-                }
-            }
-        })
-        .collect()
+        }
+    }
 }
 
 #[cfg(test)]
@@ -243,9 +276,9 @@ mod tests {
             "an encrypted segment opened without its key"
         );
 
-        let kept = expire(vec![Arc::new(segment.clone())], 2009);
-        assert_eq!(kept.len(), 1);
-        assert!(expire(kept, 2010).is_empty());
+        delete(&[Arc::new(segment.clone())]);
         assert!(!segment.path.exists());
+        // Already gone: nothing to do, nothing to report.
+        delete(&[Arc::new(segment.clone())]);
     }
 }
