@@ -10,6 +10,7 @@ use flagstream::events::time::format_rfc3339;
 use serde_json::{Value, json};
 
 use crate::harness::{Process, Redis, Service};
+use crate::sql::sql;
 
 const EXPERIMENT: &str = "reward-animation";
 const DAY: i64 = 86_400_000;
@@ -527,18 +528,6 @@ async fn process_metric(http: &reqwest::Client, addr: SocketAddr, name: &str) ->
         .sum()
 }
 
-/// Posts `sql` to `/v1/sql` and returns the status and the answer.
-async fn sql(http: &reqwest::Client, addr: SocketAddr, text: &str) -> (u16, Value) {
-    let response = http
-        .post(format!("http://{addr}/v1/sql"))
-        .json(&json!({ "sql": text }))
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
-}
-
 #[tokio::test]
 async fn the_counters_table_answers_what_the_recount_says_and_a_clear_error_otherwise() {
     let mut redis = Redis::start();
@@ -557,8 +546,7 @@ async fn the_counters_table_answers_what_the_recount_says_and_a_clear_error_othe
 
     // Every additive day counter of every cohort, as SQL rows.
     let (status, answer) = sql(
-        &service.http,
-        service.addr,
+        &service,
         "SELECT cohort, CAST(start AS BIGINT) AS day, metric, event_type, value FROM counters \
          WHERE window = '1d' AND metric IN ('events', 'sessions', 'time_spent_ms') \
          AND start >= now() - interval '5 days'",
@@ -606,8 +594,7 @@ async fn the_counters_table_answers_what_the_recount_says_and_a_clear_error_othe
 
     // Distinct subjects per variant, within the sketch's error of the recount.
     let (status, answer) = sql(
-        &service.http,
-        service.addr,
+        &service,
         "SELECT variant, CAST(start AS BIGINT) AS day, value FROM counters \
          WHERE experiment = 'reward-animation' AND window = '1d' AND metric = 'active_subjects'",
     )
@@ -629,8 +616,7 @@ async fn the_counters_table_answers_what_the_recount_says_and_a_clear_error_othe
 
     // Too wide a range of minute windows is refused with the way out, not cut short.
     let (status, answer) = sql(
-        &service.http,
-        service.addr,
+        &service,
         "SELECT count(*) FROM counters WHERE window = '1m' AND start >= now() - interval '36 hours'",
     )
     .await;
@@ -658,11 +644,6 @@ async fn the_counters_table_answers_what_the_recount_says_and_a_clear_error_othe
             .contains("counter store is unavailable"),
         "{answer}"
     );
-    let (status, answer) = sql(
-        &service.http,
-        service.addr,
-        "SELECT count(*) AS n FROM events",
-    )
-    .await;
+    let (status, answer) = sql(&service, "SELECT count(*) AS n FROM events").await;
     assert_eq!(status, 200, "{answer}");
 }

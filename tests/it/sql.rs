@@ -144,7 +144,7 @@ async fn ingest(service: &Service, events: &[Sent], token: Option<&str>) {
 }
 
 /// POSTs `sql` and returns the status and the JSON answer.
-async fn sql(service: &Service, sql: &str) -> (u16, Value) {
+pub(crate) async fn sql(service: &Service, sql: &str) -> (u16, Value) {
     let response = service
         .http
         .post(service.url("/v1/sql"))
