@@ -235,6 +235,10 @@ section! {
         pub dedup_event_ids: usize = 1_000_000,
         /// Missing sequence numbers remembered per device.
         pub dedup_gaps_per_device: usize = 4096,
+        /// How often the dedup state is written to `<data_dir>/dedup.snapshot`, so that
+        /// duplicates are recognised after a restart even once the log's older segments are
+        /// deleted (they are kept until a snapshot covers them).
+        pub dedup_snapshot_interval: Duration = Duration::from_secs(60),
         /// A write-ahead log segment is closed at this size.
         pub wal_segment_size: ByteSize = ByteSize::mib(64),
         /// Requests that may wait for the write-ahead log; more are answered 503.
@@ -833,6 +837,12 @@ impl Config {
             problem(
                 "stream.ping_interval",
                 "must be shorter than stream.idle_timeout".into(),
+            );
+        }
+        if ingest.dedup_snapshot_interval < Duration::from_millis(100) {
+            problem(
+                "ingest.dedup_snapshot_interval",
+                "must be at least 100ms".into(),
             );
         }
         if ingest.wal_segment_size < ByteSize::mib(1) {

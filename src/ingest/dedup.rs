@@ -2,7 +2,8 @@
 //! the set of lower sequence numbers not seen yet (memory grows with devices and gaps, not with
 //! events). By `event_id` over a bounded horizon for events without `seq`.
 //!
-//! Pure: the state is rebuilt on start by replaying the write-ahead log.
+//! Pure: the state is rebuilt on start from its last snapshot ([`Dedup::encode`], written by
+//! [`super::snapshot`]) and the write-ahead log.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
@@ -17,20 +18,42 @@ pub enum Seen {
     Duplicate,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Device {
     high: u64,
     gaps: BTreeSet<u64>,
 }
 
 /// The dedup state.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Dedup {
     devices: HashMap<String, Device>,
     ids: HashSet<u128>,
     order: VecDeque<u128>,
     id_capacity: usize,
     max_gaps: usize,
+}
+
+/// The first bytes of an encoded state (and its format's version).
+const MAGIC: &[u8] = b"flagstream-dedup 1\n";
+
+/// Reads little-endian numbers and byte runs off the front of a slice.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.0.split_at_checked(n)?;
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
 }
 
 fn id_key(event_id: &str) -> u128 {
@@ -53,9 +76,14 @@ impl Dedup {
 
     /// Records `event` and says whether it is new.
     pub fn check(&mut self, event: &Event) -> Seen {
-        match (&event.device_id, event.seq) {
+        self.check_keys(&event.event_id, event.device_id.as_deref(), event.seq)
+    }
+
+    /// Records an event by the fields dedup reads, and says whether it is new.
+    pub fn check_keys(&mut self, event_id: &str, device: Option<&str>, seq: Option<u64>) -> Seen {
+        match (device, seq) {
             (Some(device), Some(seq)) => self.check_seq(device, seq),
-            _ => self.check_id(&event.event_id),
+            _ => self.check_id(event_id),
         }
     }
 
@@ -80,7 +108,10 @@ impl Dedup {
     }
 
     fn check_id(&mut self, event_id: &str) -> Seen {
-        let key = id_key(event_id);
+        self.check_key(id_key(event_id))
+    }
+
+    fn check_key(&mut self, key: u128) -> Seen {
         if !self.ids.insert(key) {
             return Seen::Duplicate;
         }
@@ -105,6 +136,81 @@ impl Dedup {
                 self.ids.remove(&id_key(&event.event_id));
             }
         }
+    }
+
+    /// Forgets event ids by their key (see [`Dedup::id_key`]).
+    pub fn forget_ids(&mut self, keys: &[u128]) {
+        for key in keys {
+            self.ids.remove(key);
+        }
+        self.order.retain(|k| self.ids.contains(k));
+    }
+
+    /// The key an event id is remembered by.
+    pub fn id_key(event_id: &str) -> u128 {
+        id_key(event_id)
+    }
+
+    /// Writes the state: a magic line, the devices (id, high-water mark, gaps), the event-id
+    /// keys oldest first, and a CRC-32 of it all.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + self.devices.len() * 48 + self.order.len() * 16);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&(self.devices.len() as u64).to_le_bytes());
+        for (id, device) in &self.devices {
+            out.extend_from_slice(&(id.len() as u32).to_le_bytes());
+            out.extend_from_slice(id.as_bytes());
+            out.extend_from_slice(&device.high.to_le_bytes());
+            out.extend_from_slice(&(device.gaps.len() as u32).to_le_bytes());
+            for gap in &device.gaps {
+                out.extend_from_slice(&gap.to_le_bytes());
+            }
+        }
+        out.extend_from_slice(&(self.order.len() as u64).to_le_bytes());
+        for key in &self.order {
+            out.extend_from_slice(&key.to_le_bytes());
+        }
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Reads a state written by [`Dedup::encode`] into `self` (which keeps its limits);
+    /// `None` when the bytes are not a whole, intact snapshot.
+    pub fn decode_into(&mut self, bytes: &[u8]) -> Option<()> {
+        let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
+        if crc32fast::hash(body).to_le_bytes() != crc {
+            return None;
+        }
+        let mut reader = Reader(body.strip_prefix(MAGIC)?);
+        let mut devices = HashMap::new();
+        for _ in 0..reader.u64()? {
+            let len = reader.u32()? as usize;
+            let id = std::str::from_utf8(reader.take(len)?).ok()?.to_owned();
+            let high = reader.u64()?;
+            let mut gaps = BTreeSet::new();
+            for _ in 0..reader.u32()? {
+                gaps.insert(reader.u64()?);
+            }
+            devices.insert(id, Device { high, gaps });
+        }
+        let mut order = VecDeque::new();
+        for _ in 0..reader.u64()? {
+            order.push_back(u128::from_le_bytes(reader.take(16)?.try_into().ok()?));
+        }
+        if !reader.0.is_empty() {
+            return None;
+        }
+        for (id, device) in devices {
+            let state = self.devices.entry(id).or_default();
+            if device.high > state.high {
+                *state = device;
+            }
+        }
+        for key in order {
+            self.check_key(key);
+        }
+        Some(())
     }
 
     /// Returns the devices tracked.

@@ -8,6 +8,7 @@
 pub mod decode;
 pub mod dedup;
 pub mod rate;
+pub mod snapshot;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -87,6 +88,8 @@ pub struct IngestOptions {
     pub dedup_ids: usize,
     /// Missing sequence numbers remembered per device.
     pub dedup_gaps: usize,
+    /// Where the dedup state is saved (see [`snapshot`]).
+    pub dedup_snapshot: std::path::PathBuf,
     /// The consent ledger the gate reads.
     pub consent: Arc<ConsentLedger>,
     /// Which projects' events need a grant: events of a subject without a grant in force
@@ -132,6 +135,11 @@ pub struct Ingestor {
     suppressions: Arc<Suppressions>,
     dedup: Mutex<Dedup>,
     wal: Wal,
+    /// The dedup state as the log held it on start, and where to save it, for the snapshot
+    /// thread.
+    seed: Mutex<Option<(Dedup, Epoch, std::path::PathBuf)>>,
+    /// Event ids erased since, for the snapshots to drop.
+    forgotten: snapshot::Forgotten,
 }
 
 /// Why a whole request could not be stored.
@@ -146,14 +154,22 @@ impl Ingestor {
     /// Opens the write-ahead log, rebuilding the dedup state from it.
     pub fn open(options: IngestOptions) -> Result<(Self, Recovery), IngestError> {
         let mut dedup = Dedup::new(options.dedup_ids, options.dedup_gaps);
+        snapshot::load(
+            &options.dedup_snapshot,
+            options.wal.sealer.as_deref(),
+            &mut dedup,
+        );
         let (wal, recovery) = Wal::open(options.wal, |_, events| {
             for bytes in events {
-                if let Ok(event) = serde_json::from_slice::<Event>(bytes) {
-                    dedup.check(&event);
-                }
+                snapshot::replay(&mut dedup, bytes);
             }
         })?;
         publish_dedup(&dedup);
+        let seed = Mutex::new(Some((
+            dedup.clone(),
+            wal.last_epoch(),
+            options.dedup_snapshot.clone(),
+        )));
         Ok((
             Self {
                 schema: options.schema,
@@ -164,6 +180,8 @@ impl Ingestor {
                 suppressions: options.suppressions,
                 dedup: Mutex::new(dedup),
                 wal,
+                seed,
+                forgotten: snapshot::Forgotten::default(),
             },
             recovery,
         ))
@@ -190,13 +208,38 @@ impl Ingestor {
     /// suppression list instead).
     pub fn forget_erased(&self, events: &[Event]) {
         let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
-        for event in events
+        let by_id: Vec<&Event> = events
             .iter()
             .filter(|e| e.device_id.is_none() || e.seq.is_none())
-        {
+            .collect();
+        for event in &by_id {
             dedup.forget(event);
         }
         publish_dedup(&dedup);
+        self.forgotten
+            .push(by_id.iter().map(|e| Dedup::id_key(&e.event_id)));
+    }
+
+    /// Starts writing dedup snapshots every `interval` (once only: later calls start none).
+    pub fn dedup_snapshots(
+        &self,
+        checkpoints: Arc<crate::wal::Checkpoints>,
+        interval: std::time::Duration,
+    ) -> Result<Option<snapshot::Snapshots>, WalError> {
+        let seed = self.seed.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some((dedup, from, path)) = seed else {
+            return Ok(None);
+        };
+        snapshot::Snapshots::start(
+            path,
+            self.wal.clone(),
+            checkpoints,
+            dedup,
+            from,
+            self.forgotten.clone(),
+            interval,
+        )
+        .map(Some)
     }
 
     /// Validates, pseudonymizes, deduplicates and stores `events`; completes once the new

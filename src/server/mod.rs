@@ -427,6 +427,7 @@ fn open_ingest(
         },
         dedup_ids: ingest.dedup_event_ids,
         dedup_gaps: ingest.dedup_gaps_per_device,
+        dedup_snapshot: data_dir.join("dedup.snapshot"),
         consent,
         consent_policy,
         suppressions,
@@ -479,6 +480,10 @@ pub async fn run(
         Checkpoints::load(state.ingest.wal().dir())
             .map_err(|e| RunError::Pipeline(crate::pipeline::PipelineError::Wal(e)))?,
     );
+    let dedup_snapshots = state
+        .ingest
+        .dedup_snapshots(checkpoints.clone(), config.ingest.dedup_snapshot_interval)
+        .map_err(|e| RunError::Pipeline(crate::pipeline::PipelineError::Wal(e)))?;
     let pipeline = start_pipeline(&config, &state, checkpoints.clone())?;
     let feeder = start_sql_feeder(&config, &state, checkpoints)?;
     let serve_metrics_on_api = listeners.metrics.is_none();
@@ -576,6 +581,9 @@ pub async fn run(
     let _ = tokio::task::spawn_blocking(move || {
         pipeline.stop();
         feeder.stop();
+        if let Some(snapshots) = dedup_snapshots {
+            snapshots.stop();
+        }
         audit_at_stop.sync();
     })
     .await;

@@ -592,3 +592,79 @@ async fn a_full_disk_answers_503_acknowledges_nothing_false_and_recovers_when_sp
     assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
     drop(disk);
 }
+
+fn wal_segments(data: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found: Vec<_> = std::fs::read_dir(data.join("wal"))
+        .map(|dir| {
+            dir.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_are_known_after_a_crash_even_once_the_log_segments_holding_them_are_gone() {
+    let redis = crate::harness::Redis::start();
+    let url = format!("unix://{}", redis.socket().display());
+    let data = tempfile::tempdir().unwrap();
+    // Small segments that every consumer moves past quickly: the pipeline (Redis counters),
+    // the SQL window (rolls every 2,000 events) and the dedup snapshots.
+    let env = [
+        ("FLAGSTREAM_COUNTERS__REDIS_URL", url.as_str()),
+        ("FLAGSTREAM_PIPELINE__FLUSH_INTERVAL", "50ms"),
+        ("FLAGSTREAM_INGEST__WAL_SEGMENT_SIZE", "1MiB"),
+        ("FLAGSTREAM_SQL__MEMORY_EVENTS", "2000"),
+        ("FLAGSTREAM_INGEST__DEDUP_SNAPSHOT_INTERVAL", "200ms"),
+    ];
+    let now = now_ms();
+    // A tablet's numbered events and a web client's events with ids only.
+    let events: Vec<Value> = (0..12_000)
+        .map(|i| {
+            let mut e = event(&format!("dedup-{i}"), "child-9", now - 3_600_000 + i);
+            if i % 2 == 0 {
+                e["device_id"] = json!("tablet-9");
+                e["seq"] = json!(i / 2 + 1);
+            }
+            e
+        })
+        .collect();
+    let http = reqwest::Client::new();
+    let send = |addr: std::net::SocketAddr, chunk: &[Value]| {
+        let request = http
+            .post(format!("http://{addr}/v1/batch"))
+            .json(&json!({"sent_at": format_rfc3339(now_ms()), "batch": chunk}));
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.json::<Value>().await.unwrap()
+        }
+    };
+    let mut process = Process::spawn(data.path(), &env);
+    for chunk in events.chunks(1000) {
+        assert_eq!(send(process.addr, chunk).await["accepted"], 1000);
+    }
+    let first = wal_segments(data.path())[0].clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while first.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the oldest log segment was never deleted: {:?}",
+            wal_segments(data.path())
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    process.kill_9();
+
+    // The tablet lost every answer and sends it all again; so does the web client.
+    let process = Process::spawn(data.path(), &env);
+    let mut duplicates = 0;
+    for chunk in events.chunks(1000) {
+        let answer = send(process.addr, chunk).await;
+        assert_eq!(answer["accepted"], 0, "{}", answer["results"][0]);
+        duplicates += answer["duplicates"].as_u64().unwrap();
+    }
+    assert_eq!(duplicates, 12_000);
+}
