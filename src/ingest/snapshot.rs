@@ -133,6 +133,8 @@ impl Snapshots {
         let thread = std::thread::Builder::new()
             .name("dedup-snapshot".into())
             .spawn(move || {
+                // It follows the log, which buffers it: ingest comes first.
+                crate::sql::engine::lower_priority();
                 let mut keeper = Keeper {
                     path,
                     tail: Tail::new(wal.dir(), from)
