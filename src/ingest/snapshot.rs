@@ -11,14 +11,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
 use super::dedup::Dedup;
 use crate::wal::seal::Sealer;
-use crate::wal::tail::Tail;
+use crate::wal::tail::{Follower, Tail};
 use crate::wal::{Checkpoints, Epoch, Wal, WalError};
 
 /// The consumer name of the dedup snapshots in the log's checkpoints.
@@ -110,10 +109,7 @@ impl Forgotten {
 }
 
 /// The running snapshot thread.
-pub struct Snapshots {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
+pub struct Snapshots(Follower);
 
 impl Snapshots {
     /// Starts keeping `dedup` (the state as of `from`, the last epoch the log held on start)
@@ -128,38 +124,26 @@ impl Snapshots {
         interval: Duration,
     ) -> Result<Self, WalError> {
         checkpoints.register(CONSUMER)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("dedup-snapshot".into())
-            .spawn(move || {
-                // It follows the log, which buffers it: ingest comes first.
-                crate::sql::engine::lower_priority();
-                let mut keeper = Keeper {
-                    path,
-                    tail: Tail::new(wal.dir(), from)
-                        .sealed_by(wal.sealer().cloned())
-                        .bounded_by(wal.committed()),
-                    wal,
-                    checkpoints,
-                    dedup,
-                    forgotten,
-                    saved: None,
-                };
-                keeper.run(&flag, interval);
-            })?;
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
+        let follower = Follower::spawn("dedup-snapshot", move |stop| {
+            let mut keeper = Keeper {
+                path,
+                tail: Tail::new(wal.dir(), from)
+                    .sealed_by(wal.sealer().cloned())
+                    .bounded_by(wal.committed()),
+                wal,
+                checkpoints,
+                dedup,
+                forgotten,
+                saved: None,
+            };
+            keeper.run(stop, interval);
+        })?;
+        Ok(Self(follower))
     }
 
     /// Writes a last snapshot and stops.
-    pub fn stop(mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+    pub fn stop(self) {
+        self.0.stop();
     }
 }
 

@@ -8,7 +8,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::segments;
@@ -17,7 +16,7 @@ use crate::server::metrics::{
     SQL_MEMORY_BYTES, SQL_MEMORY_EVENTS, SQL_ROLL_ERRORS_TOTAL, SQL_SEGMENTS,
     SQL_UNREADABLE_EVENTS_TOTAL,
 };
-use crate::wal::tail::Tail;
+use crate::wal::tail::{Follower, Tail};
 use crate::wal::{Checkpoints, Epoch, Wal, WalError, unix_millis};
 
 /// The consumer name of the SQL window in the log's checkpoints.
@@ -37,10 +36,7 @@ pub struct FeedOptions {
 }
 
 /// The running feeder.
-pub struct Feeder {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
+pub struct Feeder(Follower);
 
 impl Feeder {
     /// Starts following the log after the SQL checkpoint (or the newest segment, if later).
@@ -52,7 +48,6 @@ impl Feeder {
     ) -> Result<Self, WalError> {
         let registered = checkpoints.register(CONSUMER)?;
         let start = Epoch(registered.0.max(events.newest_segment_epoch().unwrap_or(0)));
-        let stop = Arc::new(AtomicBool::new(false));
         events.mark_delivered(start.0);
         let feed = Feed {
             options,
@@ -62,26 +57,15 @@ impl Feeder {
             start,
             held: None,
         };
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("sql-feeder".into())
-            .spawn(move || {
-                // The window follows the log, which buffers it: ingest comes first.
-                super::engine::lower_priority();
-                feed.run(&flag)
-            })?;
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
+        // The window follows the log, which buffers it: ingest comes first.
+        Ok(Self(Follower::spawn("sql-feeder", move |stop| {
+            feed.run(stop)
+        })?))
     }
 
     /// Stops the thread and waits for it. The window is not rolled: the log still holds it.
-    pub fn stop(mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+    pub fn stop(self) {
+        self.0.stop();
     }
 }
 

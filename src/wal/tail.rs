@@ -216,6 +216,42 @@ impl Tail {
     }
 }
 
+/// A thread that follows the log at a lower priority than ingest (the log buffers it) until
+/// it is stopped: the SQL window's feeder, the dedup snapshots.
+pub struct Follower {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Follower {
+    /// Runs `follow` on a thread named `name`; it returns once the flag it is given is set.
+    pub fn spawn(
+        name: &str,
+        follow: impl FnOnce(&std::sync::atomic::AtomicBool) + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                crate::sql::engine::lower_priority();
+                follow(&flag);
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Sets the flag and waits for the thread.
+    pub fn stop(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{Wal, WalOptions};
