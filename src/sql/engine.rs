@@ -110,7 +110,7 @@ impl SqlEngine {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(options.threads.max(1))
             .thread_name("sql")
-            .on_thread_start(lower_priority)
+            .on_thread_start(crate::lower_thread_priority)
             .enable_all()
             .build()
             .map_err(|e| SqlError::Internal(format!("cannot start the sql runtime: {e}")))?;
@@ -420,18 +420,6 @@ impl<T> std::future::Future for AbortOnDrop<T> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         std::pin::Pin::new(&mut self.0).poll(cx)
-    }
-}
-
-/// Lowers the calling thread's scheduling priority (nice 10), so that work the write-ahead log
-/// buffers (the SQL window) or that analysts wait for (queries) yields the cores to ingest and
-/// flag evaluation.
-pub(crate) fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: setpriority with PRIO_PROCESS and who = 0 changes only the calling thread on
-    // Linux (threads are tasks); it touches no memory.
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
     }
 }
 

@@ -458,6 +458,7 @@ fn estimated_statistics(bytes: u64) -> Statistics {
     let rows = usize::try_from(bytes / SEGMENT_BYTES_PER_EVENT).unwrap_or(usize::MAX);
     let mut statistics = Statistics::new_unknown(&schema());
     statistics.num_rows = Precision::Inexact(rows);
+    // Decoded, an event takes about 90 bytes of Arrow memory (BENCHMARKS.md).
     statistics.total_byte_size = Precision::Inexact(rows.saturating_mul(90));
     statistics
 }

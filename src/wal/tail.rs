@@ -234,7 +234,7 @@ impl Follower {
         let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                crate::sql::engine::lower_priority();
+                crate::lower_thread_priority();
                 follow(&flag);
             })?;
         Ok(Self {
