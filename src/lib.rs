@@ -21,8 +21,7 @@ pub use server::{Listeners, RunError, run};
 
 /// Lowers the calling thread's scheduling priority (nice 10), so that work the write-ahead log
 /// buffers (the SQL window, the dedup snapshots) or that analysts wait for (queries) yields the
-/// cores to ingest and
-/// flag evaluation.
+/// cores to ingest and flag evaluation.
 pub(crate) fn lower_thread_priority() {
     #[cfg(target_os = "linux")]
     // SAFETY: setpriority with PRIO_PROCESS and who = 0 changes only the calling thread on
