@@ -2,11 +2,13 @@
 //! or a [`Rejection`] with a reason. The raw `user_id` is handed back separately so that the
 //! privacy gate can pseudonymize it; it never enters an `Event`.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::raw::{Members, RawEvent, is_null, json_string};
 use super::schema::{CONTEXT_KEYS, Schema};
 use super::time::{Corrected, Millis, correct, parse_rfc3339};
 
@@ -145,48 +147,34 @@ pub struct Validated {
     pub correction: Corrected,
 }
 
-const KNOWN_FIELDS: [&str; 10] = [
-    "event_id",
-    "device_id",
-    "seq",
-    "user_id",
-    "session_id",
-    "type",
-    "timestamp",
-    "sent_at",
-    "context",
-    "properties",
-];
-
-fn text_field(
-    object: &Map<String, Value>,
+fn text_field<'a>(
+    event: &RawEvent<'a>,
     name: &'static str,
     max: usize,
     required: bool,
-) -> Result<Option<String>, Rejection> {
-    match object.get(name) {
-        None | Some(Value::Null) if required => Err(Rejection::new(
+) -> Result<Option<Cow<'a, str>>, Rejection> {
+    match event.field(name).filter(|raw| !is_null(raw)) {
+        None if required => Err(Rejection::new(
             RejectReason::MissingField,
             format!("{name} is required"),
         )),
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.is_empty() || s.len() > max => Err(Rejection::new(
-            RejectReason::InvalidField,
-            format!("{name} must have 1 to {max} bytes"),
-        )),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(Rejection::new(
-            RejectReason::WrongType,
-            format!("{name} must be a string"),
-        )),
+        None => Ok(None),
+        Some(raw) => match json_string(raw) {
+            Some(s) if s.is_empty() || s.len() > max => Err(Rejection::new(
+                RejectReason::InvalidField,
+                format!("{name} must have 1 to {max} bytes"),
+            )),
+            Some(s) => Ok(Some(s)),
+            None => Err(Rejection::new(
+                RejectReason::WrongType,
+                format!("{name} must be a string"),
+            )),
+        },
     }
 }
 
-fn time_field(
-    object: &Map<String, Value>,
-    name: &'static str,
-) -> Result<Option<Millis>, Rejection> {
-    match text_field(object, name, 64, false)? {
+fn time_field(event: &RawEvent<'_>, name: &'static str) -> Result<Option<Millis>, Rejection> {
+    match text_field(event, name, 64, false)? {
         None => Ok(None),
         Some(text) => parse_rfc3339(&text).map(Some).ok_or_else(|| {
             Rejection::new(
@@ -197,28 +185,36 @@ fn time_field(
     }
 }
 
+/// Reads an optional object field: its members, or `None` when absent or null.
+fn object_field<'a>(
+    event: &RawEvent<'a>,
+    name: &'static str,
+) -> Result<Option<Members<'a>>, Rejection> {
+    match event.field(name).filter(|raw| !is_null(raw)) {
+        None => Ok(None),
+        Some(raw) => Members::of(raw).map(Some).ok_or_else(|| {
+            Rejection::new(RejectReason::WrongType, format!("{name} must be an object"))
+        }),
+    }
+}
+
 /// Validates one event received at `received_at`; `batch_sent_at` applies when the event
 /// carries no `sent_at` of its own.
 pub fn validate(
-    raw: &Value,
+    raw: &RawEvent<'_>,
     batch_sent_at: Option<Millis>,
     received_at: Millis,
     schema: &Schema,
     limits: &Limits,
 ) -> Result<Validated, Rejection> {
-    let object = raw
-        .as_object()
-        .ok_or_else(|| Rejection::new(RejectReason::Malformed, "an event is a JSON object"))?;
-    let mut dropped = object
-        .keys()
-        .filter(|k| !KNOWN_FIELDS.contains(&k.as_str()))
-        .count();
-    let event_id = text_field(object, "event_id", 128, true)?.expect("required");
-    let device_id = text_field(object, "device_id", 128, false)?;
-    let seq = match object.get("seq") {
-        None | Some(Value::Null) => None,
-        Some(value) => match value.as_u64() {
-            Some(seq) if seq >= 1 => Some(seq),
+    let mut dropped = raw.unknown_fields();
+    let owned = |text: Option<Cow<'_, str>>| text.map(Cow::into_owned);
+    let event_id = owned(text_field(raw, "event_id", 128, true)?).expect("required");
+    let device_id = owned(text_field(raw, "device_id", 128, false)?);
+    let seq = match raw.field("seq").filter(|v| !is_null(v)) {
+        None => None,
+        Some(value) => match value.get().parse::<u64>() {
+            Ok(seq) if seq >= 1 => Some(seq),
             _ => {
                 return Err(Rejection::new(
                     RejectReason::InvalidField,
@@ -233,74 +229,59 @@ pub fn validate(
             "seq needs device_id",
         ));
     }
-    let user_id = text_field(object, "user_id", 256, false)?;
-    let session_id = text_field(object, "session_id", 128, false)?;
-    let event_type = text_field(object, "type", 64, true)?.expect("required");
+    let user_id = owned(text_field(raw, "user_id", 256, false)?);
+    let session_id = owned(text_field(raw, "session_id", 128, false)?);
+    let event_type = owned(text_field(raw, "type", 64, true)?).expect("required");
     let declared = schema.get(&event_type).ok_or_else(|| {
         Rejection::new(
             RejectReason::UnknownType,
             format!("event type {event_type:?} is not declared"),
         )
     })?;
-    let device_time = time_field(object, "timestamp")?
+    let device_time = time_field(raw, "timestamp")?
         .ok_or_else(|| Rejection::new(RejectReason::MissingField, "timestamp is required"))?;
-    let sent_at = time_field(object, "sent_at")?.or(batch_sent_at);
+    let sent_at = time_field(raw, "sent_at")?.or(batch_sent_at);
 
     let mut context = BTreeMap::new();
-    match object.get("context") {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(map)) => {
-            for (key, value) in map {
-                if !CONTEXT_KEYS.contains(&key.as_str()) {
-                    dropped += 1;
-                    continue;
-                }
-                match value {
-                    Value::String(s) if s.len() <= 128 => {
-                        context.insert(key.clone(), s.clone());
-                    }
-                    Value::String(_) => {
-                        return Err(Rejection::new(
-                            RejectReason::InvalidField,
-                            format!("context.{key} must have at most 128 bytes"),
-                        ));
-                    }
-                    _ => {
-                        return Err(Rejection::new(
-                            RejectReason::WrongType,
-                            format!("context.{key} must be a string"),
-                        ));
-                    }
-                }
-            }
+    for (key, value) in object_field(raw, "context")?.unwrap_or_default().0 {
+        if !CONTEXT_KEYS.contains(&key.as_ref()) {
+            dropped += 1;
+            continue;
         }
-        Some(_) => {
-            return Err(Rejection::new(
-                RejectReason::WrongType,
-                "context must be an object",
-            ));
+        match json_string(value) {
+            Some(s) if s.len() <= 128 => {
+                context.insert(key.into_owned(), s.into_owned());
+            }
+            Some(_) => {
+                return Err(Rejection::new(
+                    RejectReason::InvalidField,
+                    format!("context.{key} must have at most 128 bytes"),
+                ));
+            }
+            None => {
+                return Err(Rejection::new(
+                    RejectReason::WrongType,
+                    format!("context.{key} must be a string"),
+                ));
+            }
         }
     }
 
     let mut properties = Map::new();
-    let given = match object.get("properties") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(map)) => Some(map),
-        Some(_) => {
-            return Err(Rejection::new(
-                RejectReason::WrongType,
-                "properties must be an object",
-            ));
+    for (name, raw_value) in object_field(raw, "properties")?.unwrap_or_default().0 {
+        let Some(property) = declared.properties.get(name.as_ref()) else {
+            dropped += 1;
+            continue;
+        };
+        if is_null(raw_value) {
+            continue;
         }
-    };
-    for (name, value) in given.into_iter().flatten() {
-        match declared.properties.get(name) {
-            None => dropped += 1,
-            Some(_) if value.is_null() => {}
-            Some(property) if property.kind.admits(value) => {
-                properties.insert(name.clone(), value.clone());
+        // Declared properties are scalars: decoding one costs at most its string.
+        match serde_json::from_str::<Value>(raw_value.get()) {
+            Ok(value) if property.kind.admits(&value) => {
+                properties.insert(name.into_owned(), value);
             }
-            Some(property) => {
+            _ => {
                 return Err(Rejection::new(
                     RejectReason::WrongType,
                     format!("properties.{name} must be {}", property.kind.json_type()),
@@ -359,7 +340,9 @@ mod tests {
     };
 
     fn check(event: Value) -> Result<Validated, Rejection> {
-        validate(&event, None, NOW, &Schema::reading_app(), &LIMITS)
+        let text = event.to_string();
+        RawEvent::parse(&text)
+            .and_then(|raw| validate(&raw, None, NOW, &Schema::reading_app(), &LIMITS))
     }
 
     fn lesson() -> Value {

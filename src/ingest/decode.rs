@@ -6,11 +6,11 @@ use std::borrow::Cow;
 use std::io::Read;
 
 use serde::Deserialize;
-use serde_json::Value;
 use serde_json::value::RawValue;
 
+use crate::events::raw::json_string;
 use crate::events::time::{Millis, parse_rfc3339};
-use crate::events::{RejectReason, Rejection};
+use crate::events::{RawEvent, RejectReason, Rejection};
 
 /// `Content-Encoding` values the batch endpoint takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,24 +92,24 @@ pub enum DecodeError {
     Malformed(String),
 }
 
-/// The events of one request, each decoded or rejected on its own.
+/// The events of one request, each read or rejected on its own, borrowed from the body.
 #[derive(Debug)]
-pub struct Decoded {
+pub struct Decoded<'a> {
     /// The batch's `sent_at`, for events without their own.
     pub sent_at: Option<Millis>,
     /// The events, in order.
-    pub events: Vec<Result<Value, Rejection>>,
+    pub events: Vec<Result<RawEvent<'a>, Rejection>>,
 }
 
 /// A WebSocket client message: its sequence number and its events.
 #[derive(Debug)]
-pub struct StreamMessage {
+pub struct StreamMessage<'a> {
     /// The client's sequence number, echoed in the ack.
     pub seq: u64,
     /// The message's `sent_at`, for events without their own.
     pub sent_at: Option<Millis>,
-    /// The events, in order; an oversized one is rejected on its own.
-    pub events: Vec<Result<Value, Rejection>>,
+    /// The events, in order; an oversized or malformed one is rejected on its own.
+    pub events: Vec<Result<RawEvent<'a>, Rejection>>,
 }
 
 /// Why a whole WebSocket message was refused.
@@ -123,20 +123,43 @@ pub struct StreamError {
     pub description: String,
 }
 
+/// The members of a WebSocket client message, as sent.
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow, default)]
+    seq: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    sent_at: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    events: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    event: Option<&'a RawValue>,
+}
+
 /// Reads a WebSocket client message: `{"seq": n, "events": [...]}` or `{"seq": n, "event":
 /// {...}}`, with an optional `sent_at`.
-pub fn decode_message(bytes: &[u8], limits: &DecodeLimits) -> Result<StreamMessage, StreamError> {
+pub fn decode_message<'a>(
+    bytes: &'a [u8],
+    limits: &DecodeLimits,
+) -> Result<StreamMessage<'a>, StreamError> {
     let refuse = |seq, code, description: &str| StreamError {
         seq,
         code,
         description: description.to_owned(),
     };
-    let mut message: Value = serde_json::from_slice(bytes).map_err(|err| StreamError {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(refuse(
+            None,
+            "invalid_request",
+            "a message is a JSON object: {\"seq\": n, \"events\": [...]}",
+        ));
+    }
+    let message: Message<'a> = serde_json::from_slice(bytes).map_err(|err| StreamError {
         seq: None,
         code: "invalid_request",
         description: format!("not JSON: {err}"),
     })?;
-    let seq = message.get("seq").and_then(Value::as_u64);
+    let seq = message.seq.and_then(|raw| raw.get().parse::<u64>().ok());
     let Some(seq_number) = seq else {
         return Err(refuse(
             None,
@@ -144,10 +167,14 @@ pub fn decode_message(bytes: &[u8], limits: &DecodeLimits) -> Result<StreamMessa
             "a message needs a numeric seq",
         ));
     };
-    let events = message.get_mut("events").map(Value::take);
-    let single = message.get_mut("event").map(Value::take);
-    let raw: Vec<Value> = match (events, single) {
-        (Some(Value::Array(events)), None) => events,
+    let raw: Vec<&'a RawValue> = match (message.events, message.event) {
+        (Some(events), None) => serde_json::from_str(events.get()).map_err(|_| {
+            refuse(
+                seq,
+                "invalid_request",
+                "a message carries `events` (an array) or `event`",
+            )
+        })?,
         (None, Some(event)) => vec![event],
         _ => {
             return Err(refuse(
@@ -164,35 +191,24 @@ pub fn decode_message(bytes: &[u8], limits: &DecodeLimits) -> Result<StreamMessa
             description: format!("a message holds at most {} events", limits.max_events),
         });
     }
-    let sent_at = match message.get("sent_at").and_then(Value::as_str) {
+    let sent_at = match message.sent_at {
         None => None,
-        Some(text) => Some(parse_rfc3339(text).ok_or_else(|| {
-            refuse(
-                seq,
-                "invalid_request",
-                "sent_at must be an RFC 3339 timestamp",
-            )
-        })?),
+        Some(raw) => Some(
+            json_string(raw)
+                .and_then(|text| parse_rfc3339(&text))
+                .ok_or_else(|| {
+                    refuse(
+                        seq,
+                        "invalid_request",
+                        "sent_at must be an RFC 3339 timestamp",
+                    )
+                })?,
+        ),
     };
-    // A message within the per-event limit cannot hold an oversized event; otherwise measure.
-    let small = bytes.len() <= limits.max_event;
-    let events = raw
-        .into_iter()
-        .map(|e| {
-            if small || serde_json::to_vec(&e).map_or(0, |v| v.len()) <= limits.max_event {
-                Ok(e)
-            } else {
-                Err(Rejection {
-                    reason: RejectReason::TooLarge,
-                    detail: format!("an event may have at most {} bytes", limits.max_event),
-                })
-            }
-        })
-        .collect();
     Ok(StreamMessage {
         seq: seq_number,
         sent_at,
-        events,
+        events: raw.iter().map(|e| one_event(e.get(), limits)).collect(),
     })
 }
 
@@ -235,17 +251,15 @@ struct Envelope<'a> {
     batch: Vec<&'a RawValue>,
 }
 
-fn one_event(text: &str, limits: &DecodeLimits) -> Result<Value, Rejection> {
+/// Reads one event of `text` (as sent, so its size is what the device sent).
+fn one_event<'a>(text: &'a str, limits: &DecodeLimits) -> Result<RawEvent<'a>, Rejection> {
     if text.len() > limits.max_event {
         return Err(Rejection {
             reason: RejectReason::TooLarge,
             detail: format!("an event may have at most {} bytes", limits.max_event),
         });
     }
-    serde_json::from_str(text).map_err(|err| Rejection {
-        reason: RejectReason::Malformed,
-        detail: format!("not valid JSON: {err}"),
-    })
+    RawEvent::parse(text)
 }
 
 fn batch_sent_at(text: Option<&str>) -> Result<Option<Millis>, DecodeError> {
@@ -258,23 +272,23 @@ fn batch_sent_at(text: Option<&str>) -> Result<Option<Millis>, DecodeError> {
 }
 
 /// Splits a decompressed body into events.
-pub fn decode(
-    bytes: &[u8],
+pub fn decode<'a>(
+    bytes: &'a [u8],
     format: BodyFormat,
     limits: &DecodeLimits,
-) -> Result<Decoded, DecodeError> {
+) -> Result<Decoded<'a>, DecodeError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|_| DecodeError::Malformed("the body is not UTF-8".into()))?;
     match format {
         BodyFormat::Json => {
             let trimmed = text.trim_start();
-            let (sent_at, raws): (Option<String>, Vec<&RawValue>) = if trimmed.starts_with('[') {
-                let raws: Vec<&RawValue> = serde_json::from_str(text).map_err(|err| {
+            let (sent_at, raws): (Option<String>, Vec<&'a RawValue>) = if trimmed.starts_with('[') {
+                let raws: Vec<&'a RawValue> = serde_json::from_str(text).map_err(|err| {
                     DecodeError::Malformed(format!("the body is not valid JSON: {err}"))
                 })?;
                 (None, raws)
             } else {
-                let envelope: Envelope<'_> = serde_json::from_str(text).map_err(|err| {
+                let envelope: Envelope<'a> = serde_json::from_str(text).map_err(|err| {
                     DecodeError::Malformed(format!(
                         "the body must be {{\"sent_at\": …, \"batch\": [events]}}: {err}"
                     ))
@@ -355,6 +369,87 @@ mod tests {
             decode(&[0xff, 0xfe], BodyFormat::Json, &LIMITS),
             Err(DecodeError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_stream_message_gives_its_seq_and_each_event_on_its_own() {
+        let message = decode_message(
+            br#" {"seq": 7, "sent_at": "2026-11-23T16:02:00Z", "client": "x",
+                "events": [{"event_id": "a"}, 5, {"pad": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}]}"#,
+            &LIMITS,
+        )
+        .unwrap();
+        assert_eq!(message.seq, 7);
+        assert!(message.sent_at.is_some());
+        let events = &message.events;
+        assert_eq!(events[0].as_ref().unwrap().event_id().as_deref(), Some("a"));
+        assert_eq!(
+            events[1].as_ref().unwrap_err().reason,
+            RejectReason::Malformed
+        );
+        assert_eq!(
+            events[2].as_ref().unwrap_err().reason,
+            RejectReason::TooLarge
+        );
+        let single = decode_message(br#"{"seq": 1, "event": {"event_id": "b"}}"#, &LIMITS).unwrap();
+        assert_eq!(single.events.len(), 1);
+        assert_eq!(single.sent_at, None);
+    }
+
+    #[test]
+    fn a_bad_stream_message_is_refused_whole_with_its_seq_when_known() {
+        let cases: [(&[u8], Option<u64>, &str, &str); 9] = [
+            (
+                b"not json",
+                None,
+                "invalid_request",
+                "a message is a JSON object",
+            ),
+            (
+                b"[5, null, [{}]]",
+                None,
+                "invalid_request",
+                "a message is a JSON object",
+            ),
+            (b"{\"seq\": 1, ", None, "invalid_request", "not JSON"),
+            (
+                br#"{"events": [{}]}"#,
+                None,
+                "invalid_request",
+                "numeric seq",
+            ),
+            (
+                br#"{"seq": "5", "events": [{}]}"#,
+                None,
+                "invalid_request",
+                "numeric seq",
+            ),
+            (
+                br#"{"seq": 5, "events": {}}"#,
+                Some(5),
+                "invalid_request",
+                "carries",
+            ),
+            (br#"{"seq": 5}"#, Some(5), "invalid_request", "carries"),
+            (
+                br#"{"seq": 5, "events": [{},{},{},{}]}"#,
+                Some(5),
+                "payload_too_large",
+                "at most 3",
+            ),
+            (
+                br#"{"seq": 5, "sent_at": 17, "events": [{}]}"#,
+                Some(5),
+                "invalid_request",
+                "RFC 3339",
+            ),
+        ];
+        for (bytes, seq, code, description) in cases {
+            let err = decode_message(bytes, &LIMITS).unwrap_err();
+            let text = String::from_utf8_lossy(bytes);
+            assert_eq!((err.seq, err.code), (seq, code), "{text}");
+            assert!(err.description.contains(description), "{text}: {err:?}");
+        }
     }
 
     #[test]

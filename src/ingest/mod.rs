@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use crate::events::RejectReason;
 use crate::events::schema::EXPOSURE_TYPE;
 use crate::events::time::Millis;
-use crate::events::{Event, Limits, Rejection, Schema, validate};
+use crate::events::{Event, Limits, RawEvent, Rejection, Schema, validate};
 use crate::flags::exposure::Exposure;
 use crate::privacy::erasure::Suppressions;
 use crate::privacy::{ConsentLedger, ConsentScope, Pepper};
@@ -246,7 +246,7 @@ impl Ingestor {
     /// ones are durable. `Err` means nothing of this request was stored.
     pub async fn ingest(
         &self,
-        events: Vec<Result<Value, Rejection>>,
+        events: Vec<Result<RawEvent<'_>, Rejection>>,
         batch_sent_at: Option<Millis>,
         received_at: Millis,
         transport: Transport,
@@ -262,14 +262,8 @@ impl Ingestor {
         let mut outcomes = Vec::with_capacity(events.len());
         let mut accepted: Vec<Event> = Vec::new();
         for raw in events {
-            let checked = raw.and_then(|value| {
-                validate(
-                    &value,
-                    batch_sent_at,
-                    received_at,
-                    &self.schema,
-                    &self.limits,
-                )
+            let checked = raw.and_then(|raw| {
+                validate(&raw, batch_sent_at, received_at, &self.schema, &self.limits)
             });
             match checked {
                 Ok(valid) => {

@@ -132,16 +132,24 @@ impl Aggregate {
     pub fn add(&mut self, event: &PipelineEvent, cohorts: &[CohortKey]) {
         let field = events_field(&event.kind);
         for cohort in cohorts {
+            // One key per cohort, moved through its windows: most windows already have a
+            // delta, and looking one up must not copy the cohort's names.
+            let mut key = WindowKey {
+                cohort: cohort.clone(),
+                window: Window::ALL[0],
+                start: Window::ALL[0].start_of(event.event_time),
+            };
             for window in Window::ALL {
-                let key = WindowKey {
-                    cohort: cohort.clone(),
-                    window,
-                    start: window.start_of(event.event_time),
-                };
-                self.windows
-                    .entry(key)
-                    .or_default()
-                    .add_counted(event, &field);
+                key.window = window;
+                key.start = window.start_of(event.event_time);
+                match self.windows.get_mut(&key) {
+                    Some(delta) => delta.add_counted(event, &field),
+                    None => self
+                        .windows
+                        .entry(key.clone())
+                        .or_default()
+                        .add_counted(event, &field),
+                }
             }
         }
     }

@@ -1,9 +1,10 @@
 //! What the pipeline keeps of a stored event: the few fields cohorts and counters need. Pure.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
+use crate::events::raw::{Members, json_string};
 use crate::events::schema::EXPOSURE_TYPE;
 
 /// An event as it travels through the dataflow.
@@ -24,27 +25,28 @@ pub struct PipelineEvent {
     pub segments: Vec<(String, String)>,
 }
 
+/// The fields of a stored event the pipeline reads, borrowed from the record where possible.
 #[derive(Deserialize)]
-struct Stored {
-    #[serde(default)]
-    subject: Option<String>,
-    #[serde(rename = "type")]
-    kind: String,
+struct Stored<'a> {
+    #[serde(borrow, default)]
+    subject: Option<Cow<'a, str>>,
+    #[serde(borrow, rename = "type")]
+    kind: Cow<'a, str>,
     event_time: i64,
-    #[serde(default)]
-    context: BTreeMap<String, String>,
-    #[serde(default)]
-    properties: Properties,
+    #[serde(borrow, default)]
+    context: Members<'a>,
+    #[serde(borrow, default)]
+    properties: Properties<'a>,
 }
 
 #[derive(Deserialize, Default)]
-struct Properties {
+struct Properties<'a> {
     #[serde(default)]
     duration_ms: Option<i64>,
-    #[serde(default)]
-    flag: Option<String>,
-    #[serde(default)]
-    variant: Option<String>,
+    #[serde(borrow, default)]
+    flag: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    variant: Option<Cow<'a, str>>,
 }
 
 /// Returns the hash sketches and routing use for a subject pseudonym.
@@ -56,8 +58,8 @@ impl PipelineEvent {
     /// Reads the stored JSON form of an event, keeping the context keys named in `segments`;
     /// `None` when it is not a stored event.
     pub fn decode(bytes: &[u8], segments: &[String]) -> Option<Self> {
-        let stored: Stored = serde_json::from_slice(bytes).ok()?;
-        let exposure = match (stored.kind.as_str(), stored.properties) {
+        let stored: Stored<'_> = serde_json::from_slice(bytes).ok()?;
+        let (duration_ms, exposure) = match (stored.kind.as_ref(), stored.properties) {
             (
                 EXPOSURE_TYPE,
                 Properties {
@@ -65,25 +67,16 @@ impl PipelineEvent {
                     variant: Some(variant),
                     ..
                 },
-            ) => Some((flag, variant)),
-            (EXPOSURE_TYPE, _) => None,
-            (_, properties) => {
-                return Some(Self {
-                    subject: stored.subject.as_deref().map(subject_hash),
-                    segments: pick(stored.context, segments),
-                    kind: stored.kind,
-                    event_time: stored.event_time,
-                    duration_ms: properties.duration_ms,
-                    exposure: None,
-                });
-            }
+            ) => (None, Some((flag.into_owned(), variant.into_owned()))),
+            (EXPOSURE_TYPE, _) => (None, None),
+            (_, properties) => (properties.duration_ms, None),
         };
         Some(Self {
             subject: stored.subject.as_deref().map(subject_hash),
-            segments: pick(stored.context, segments),
-            kind: stored.kind,
+            segments: pick(&stored.context, segments),
+            kind: stored.kind.into_owned(),
             event_time: stored.event_time,
-            duration_ms: None,
+            duration_ms,
             exposure,
         })
     }
@@ -94,10 +87,13 @@ impl PipelineEvent {
     }
 }
 
-fn pick(mut context: BTreeMap<String, String>, segments: &[String]) -> Vec<(String, String)> {
+fn pick(context: &Members<'_>, segments: &[String]) -> Vec<(String, String)> {
     segments
         .iter()
-        .filter_map(|dimension| Some((dimension.clone(), context.remove(dimension)?)))
+        .filter_map(|dimension| {
+            let (_, value) = context.0.iter().find(|(key, _)| key == dimension)?;
+            Some((dimension.clone(), json_string(value)?.into_owned()))
+        })
         .collect()
 }
 

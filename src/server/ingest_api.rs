@@ -131,16 +131,17 @@ pub fn answer(ids: Vec<Option<String>>, outcomes: Vec<Outcome>) -> BatchAnswer {
 }
 
 /// Returns each event's `event_id`, for the answer.
-pub fn event_ids(events: &[Result<Value, crate::events::Rejection>]) -> Vec<Option<String>> {
+pub fn event_ids(
+    events: &[Result<crate::events::RawEvent<'_>, crate::events::Rejection>],
+) -> Vec<Option<String>> {
     events
         .iter()
         .map(|e| {
             e.as_ref()
                 .ok()
-                .and_then(|v| v.get("event_id"))
-                .and_then(Value::as_str)
+                .and_then(|raw| raw.event_id())
                 .filter(|id| id.len() <= 128)
-                .map(str::to_owned)
+                .map(|id| id.into_owned())
         })
         .collect()
 }

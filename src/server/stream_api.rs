@@ -16,12 +16,13 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::AppState;
 use super::auth::Principal;
 use super::error::{ApiError, ErrorBody, ErrorCode};
-use super::ingest_api::{answer, decode_limits, event_ids, now_ms, store_error};
+use super::ingest_api::{EventResult, answer, decode_limits, event_ids, now_ms, store_error};
 use super::metrics::{RATE_LIMITED_TOTAL, STREAM_MESSAGES_TOTAL, STREAM_SESSIONS};
 use crate::config::Role;
 use crate::ingest::Transport;
@@ -112,7 +113,7 @@ async fn session(mut socket: WebSocket, state: AppState, caller: Principal) {
                     Message::Ping(_) | Message::Pong(_) => continue,
                     Message::Close(_) => break None,
                 };
-                if socket.send(Message::Text(reply.to_string().into())).await.is_err() {
+                if socket.send(Message::Text(reply.into())).await.is_err() {
                     break None;
                 }
             }
@@ -148,18 +149,36 @@ fn error_reply(seq: Option<u64>, error: &str, description: impl Into<String>) ->
     json!({"type": "error", "seq": seq, "error": error, "error_description": description.into()})
 }
 
+/// The reply to a stored message.
+#[derive(Serialize)]
+struct Ack {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    seq: u64,
+    accepted: usize,
+    duplicates: usize,
+    rejected: usize,
+    results: Vec<EventResult>,
+}
+
 /// Handles one client message and returns the reply.
-async fn handle(state: &AppState, caller: &Principal, bytes: &[u8]) -> Value {
+async fn handle(state: &AppState, caller: &Principal, bytes: &[u8]) -> String {
+    match reply(state, caller, bytes).await {
+        Ok(ack) => serde_json::to_string(&ack).expect("acks serialize"),
+        Err(error) => error.to_string(),
+    }
+}
+
+/// Stores one client message: its ack, or the error reply.
+async fn reply(state: &AppState, caller: &Principal, bytes: &[u8]) -> Result<Ack, Value> {
     let received_at = now_ms();
     let limits = decode_limits(&state.config.ingest);
     let StreamMessage {
         seq: seq_number,
         sent_at,
         events,
-    } = match decode_message(bytes, &limits) {
-        Ok(message) => message,
-        Err(err) => return error_reply(err.seq, err.code, err.description),
-    };
+    } = decode_message(bytes, &limits)
+        .map_err(|err| error_reply(err.seq, err.code, err.description))?;
     let seq = Some(seq_number);
     if let Err(wait) = state.rate.admit(&caller.name, events.len().max(1)) {
         metrics::counter!(RATE_LIMITED_TOTAL).increment(1);
@@ -169,7 +188,7 @@ async fn handle(state: &AppState, caller: &Principal, bytes: &[u8]) -> Value {
             "this key sends more events than its rate limit",
         );
         reply["retry_after"] = json!(wait.as_secs().max(1));
-        return reply;
+        return Err(reply);
     }
     let ids = event_ids(&events);
     match state
@@ -186,14 +205,20 @@ async fn handle(state: &AppState, caller: &Principal, bytes: &[u8]) -> Value {
         Ok(outcomes) => {
             metrics::counter!(STREAM_MESSAGES_TOTAL, "outcome" => "ack").increment(1);
             let answer = answer(ids, outcomes);
-            json!({"type": "ack", "seq": seq_number, "accepted": answer.accepted,
-                   "duplicates": answer.duplicates, "rejected": answer.rejected, "results": answer.results})
+            Ok(Ack {
+                kind: "ack",
+                seq: seq_number,
+                accepted: answer.accepted,
+                duplicates: answer.duplicates,
+                rejected: answer.rejected,
+                results: answer.results,
+            })
         }
         Err(err) => {
             let api = store_error(err);
             let mut reply = error_reply(seq, api.code().as_str(), api.description().to_owned());
             reply["retry_after"] = json!(1);
-            reply
+            Err(reply)
         }
     }
 }

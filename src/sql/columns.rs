@@ -8,7 +8,6 @@
 //! Properties become a `Map<Utf8, Utf8>`: `properties['lesson_id']` in SQL.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock};
 
 use datafusion::arrow::array::{
@@ -21,6 +20,7 @@ use datafusion::arrow::datatypes::{
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::events::raw::{Members, json_string};
 use crate::events::schema::CONTEXT_KEYS;
 
 /// Rows per record batch; below `i16::MAX`, so the type's 16-bit keys always fit.
@@ -76,9 +76,9 @@ struct Record<'a> {
     event_time: i64,
     received_at: i64,
     #[serde(borrow, default)]
-    context: BTreeMap<Cow<'a, str>, Cow<'a, str>>,
+    context: Members<'a>,
     #[serde(borrow, default)]
-    properties: BTreeMap<Cow<'a, str>, &'a RawValue>,
+    properties: Members<'a>,
 }
 
 type Kind = StringDictionaryBuilder<Int16Type>;
@@ -150,9 +150,12 @@ impl EventColumns {
     /// a stored event. The batch must not be full.
     pub fn append(&mut self, stored: &[u8]) -> bool {
         debug_assert!(!self.is_full());
-        let Ok(record) = serde_json::from_slice::<Record>(stored) else {
+        let Ok(mut record) = serde_json::from_slice::<Record>(stored) else {
             return false;
         };
+        // Stored events list their properties by name already; a map's keys are kept in that
+        // order whatever wrote the record.
+        record.properties.0.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         self.event_time.append_value(record.event_time);
         self.received_at.append_value(record.received_at);
         // Fewer than 2^15 rows a batch: a key always fits.
@@ -162,12 +165,13 @@ impl EventColumns {
         self.seq.append_option(record.seq);
         append_text(&mut self.session, record.session_id.as_deref());
         for (key, column) in CONTEXT_KEYS.iter().zip(&mut self.context) {
-            append_text(column, record.context.get(*key).map(|v| v.as_ref()));
+            let value = record.context.0.iter().find(|(k, _)| k == key);
+            append_text(column, value.and_then(|(_, v)| json_string(v)).as_deref());
         }
-        if record.properties.is_empty() {
+        if record.properties.0.is_empty() {
             let _ = self.properties.append(false);
         } else {
-            for (key, value) in &record.properties {
+            for (key, value) in &record.properties.0 {
                 self.properties.keys().append_value(key);
                 match property_text(value) {
                     Some(text) => self.properties.values().append_value(text),
@@ -253,7 +257,7 @@ fn append_text(column: &mut Text, value: Option<&str>) {
 fn property_text(value: &RawValue) -> Option<Cow<'_, str>> {
     let raw = value.get();
     match raw.as_bytes().first() {
-        Some(b'"') => serde_json::from_str::<Cow<str>>(raw).ok(),
+        Some(b'"') => json_string(value),
         Some(b'n') if raw == "null" => None,
         _ => Some(Cow::Borrowed(raw)),
     }
