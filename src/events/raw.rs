@@ -134,7 +134,11 @@ impl<'de: 'a, 'a> Deserialize<'de> for Members<'a> {
 /// Of members with the same key, keeps the last only (as any JSON object reader does), in
 /// O(n log n) so that a hostile object of thousands of members costs little.
 fn keep_last<V>(members: &mut Vec<(Cow<'_, str>, V)>) {
-    if members.len() < 2 {
+    let n = members.len();
+    // The usual object has a few members and no repeats: look without allocating.
+    if n < 2
+        || (n <= 16 && !(1..n).any(|i| members[..i].iter().any(|(key, _)| *key == members[i].0)))
+    {
         return;
     }
     let mut order: Vec<usize> = (0..members.len()).collect();
@@ -233,6 +237,19 @@ mod tests {
             members,
             [("b".into(), "3"), ("c".into(), "4"), ("a".into(), "5")]
         );
+        // Past the small-object shortcut too.
+        let many = format!(
+            "{{{},\"k3\":\"last\"}}",
+            (0..20)
+                .map(|i| format!("\"k{i}\":{i}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let raw: &RawValue = serde_json::from_str(&many).unwrap();
+        let members = Members::of(raw).unwrap().0;
+        assert_eq!(members.len(), 20);
+        assert_eq!(members.last().unwrap().1.get(), "\"last\"");
+        assert!(!members.iter().any(|(k, v)| k == "k3" && v.get() == "3"));
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod decode;
 pub mod dedup;
 pub mod rate;
 pub mod snapshot;
+pub mod stored_keys;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -261,6 +262,7 @@ impl Ingestor {
             .record(events.len() as f64);
         let mut outcomes = Vec::with_capacity(events.len());
         let mut accepted: Vec<Event> = Vec::new();
+        let mut last_subject: Option<(String, String)> = None;
         for raw in events {
             let checked = raw.and_then(|raw| {
                 validate(&raw, batch_sent_at, received_at, &self.schema, &self.limits)
@@ -278,8 +280,17 @@ impl Ingestor {
                     metrics::histogram!(INGEST_LATENESS_SECONDS)
                         .record((received_at - valid.event.event_time).max(0) as f64 / 1000.0);
                     let mut event = valid.event;
-                    if let Some(user_id) = &valid.user_id {
-                        let subject = self.pepper.pseudonymize(user_id).0;
+                    if let Some(user_id) = valid.user_id {
+                        // The events of a request are mostly one child's: pseudonymize once.
+                        let subject = match &last_subject {
+                            Some((last, subject)) if *last == user_id => subject.clone(),
+                            _ => {
+                                let subject = self.pepper.pseudonymize(&user_id).0;
+                                last_subject = Some((user_id, subject.clone()));
+                                subject
+                            }
+                        };
+                        let user_id = &last_subject.as_ref().expect("set above").0;
                         if self.suppressions.hides(&subject, event.event_time) {
                             outcomes.push(Outcome::Rejected(Rejection::new(
                                 RejectReason::Erased,

@@ -13,8 +13,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
-
 use super::dedup::Dedup;
 use crate::wal::seal::Sealer;
 use crate::wal::tail::{Follower, Tail};
@@ -23,20 +21,9 @@ use crate::wal::{Checkpoints, Epoch, Wal, WalError};
 /// The consumer name of the dedup snapshots in the log's checkpoints.
 pub const CONSUMER: &str = "dedup";
 
-/// The fields of a stored event dedup needs.
-#[derive(Deserialize)]
-struct Keys<'a> {
-    #[serde(borrow)]
-    event_id: std::borrow::Cow<'a, str>,
-    #[serde(borrow, default)]
-    device_id: Option<std::borrow::Cow<'a, str>>,
-    #[serde(default)]
-    seq: Option<u64>,
-}
-
 /// Records one stored event in `dedup`; `false` when the bytes are not a stored event.
 pub fn replay(dedup: &mut Dedup, stored: &[u8]) -> bool {
-    let Ok(keys) = serde_json::from_slice::<Keys>(stored) else {
+    let Some(keys) = super::stored_keys::read(stored) else {
         return false;
     };
     dedup.check_keys(&keys.event_id, keys.device_id.as_deref(), keys.seq);
