@@ -41,9 +41,10 @@ pub struct Event {
     pub sent_at: Option<Millis>,
     /// When the service received it, ms.
     pub received_at: Millis,
-    /// Declared context keys (app version, platform, locale, country, school, class).
+    /// Declared context keys (app version, platform, locale, country, school, class); the
+    /// keys are the schema's own names (no copy per event) when built by [`validate`].
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub context: BTreeMap<String, String>,
+    pub context: BTreeMap<Cow<'static, str>, String>,
     /// Declared properties of its type.
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub properties: Map<String, Value>,
@@ -244,13 +245,13 @@ pub fn validate(
 
     let mut context = BTreeMap::new();
     for (key, value) in object_field(raw, "context")?.unwrap_or_default().0 {
-        if !CONTEXT_KEYS.contains(&key.as_ref()) {
+        let Some(name) = CONTEXT_KEYS.iter().find(|name| **name == key) else {
             dropped += 1;
             continue;
-        }
+        };
         match json_string(value) {
             Some(s) if s.len() <= 128 => {
-                context.insert(key.into_owned(), s.into_owned());
+                context.insert(Cow::Borrowed(*name), s.into_owned());
             }
             Some(_) => {
                 return Err(Rejection::new(
