@@ -29,7 +29,7 @@ use crate::server::metrics::{
     INGEST_ACK_DURATION_SECONDS, INGEST_BATCH_EVENTS, INGEST_CLOCK_SKEW_SECONDS,
     INGEST_LATENESS_SECONDS, TIMESTAMPS_CLAMPED_TOTAL,
 };
-use crate::wal::{Epoch, Recovery, Wal, WalError, WalOptions};
+use crate::wal::{Batch, Epoch, Recovery, Wal, WalError, WalOptions};
 use dedup::{Dedup, Seen};
 
 /// What happened to one event of a request.
@@ -263,22 +263,20 @@ impl Ingestor {
         let mut outcomes = Vec::with_capacity(events.len());
         let mut accepted: Vec<Event> = Vec::new();
         let mut last_subject: Option<(String, String)> = None;
+        // Metric handles looked up once a request, not once an event.
+        let skew = metrics::histogram!(INGEST_CLOCK_SKEW_SECONDS);
+        let lateness = metrics::histogram!(INGEST_LATENESS_SECONDS);
+        let (mut dropped, mut clamped) = (0u64, 0u64);
         for raw in events {
             let checked = raw.and_then(|raw| {
                 validate(&raw, batch_sent_at, received_at, &self.schema, &self.limits)
             });
             match checked {
                 Ok(valid) => {
-                    if valid.dropped > 0 {
-                        metrics::counter!(FIELDS_DROPPED_TOTAL).increment(valid.dropped as u64);
-                    }
-                    if valid.correction.clamped {
-                        metrics::counter!(TIMESTAMPS_CLAMPED_TOTAL).increment(1);
-                    }
-                    metrics::histogram!(INGEST_CLOCK_SKEW_SECONDS)
-                        .record((valid.correction.skew as f64 / 1000.0).abs());
-                    metrics::histogram!(INGEST_LATENESS_SECONDS)
-                        .record((received_at - valid.event.event_time).max(0) as f64 / 1000.0);
+                    dropped += valid.dropped as u64;
+                    clamped += u64::from(valid.correction.clamped);
+                    skew.record((valid.correction.skew as f64 / 1000.0).abs());
+                    lateness.record((received_at - valid.event.event_time).max(0) as f64 / 1000.0);
                     let mut event = valid.event;
                     if let Some(user_id) = valid.user_id {
                         // The events of a request are mostly one child's: pseudonymize once.
@@ -319,6 +317,12 @@ impl Ingestor {
                 Err(rejection) => outcomes.push(Outcome::Rejected(rejection)),
             }
         }
+        if dropped > 0 {
+            metrics::counter!(FIELDS_DROPPED_TOTAL).increment(dropped);
+        }
+        if clamped > 0 {
+            metrics::counter!(TIMESTAMPS_CLAMPED_TOTAL).increment(clamped);
+        }
         let stored = self.store(accepted, &mut outcomes).await?;
         count_outcomes(&outcomes, transport);
         if stored > 0 {
@@ -351,16 +355,24 @@ impl Ingestor {
         if new.is_empty() {
             return Ok(0);
         }
-        let encoded: Vec<Vec<u8>> = new
-            .iter()
-            .map(|e| serde_json::to_vec(e).expect("events serialize"))
-            .collect();
-        match self.wal.append(encoded).await {
-            Ok(Epoch(_)) => Ok(new.len()),
+        let mut batch = Batch::with_capacity(new.len() * 512);
+        for event in &new {
+            batch
+                .push_with(|out| serde_json::to_writer(out, event))
+                .expect("events serialize");
+        }
+        // Freed here, on the thread that made them, not wherever the task resumes.
+        drop(new);
+        // Kept apart from the batch the log takes, for the rare failure.
+        let keys = batch.clone();
+        match self.wal.append(batch).await {
+            Ok(Epoch(_)) => Ok(keys.len()),
             Err(err) => {
                 let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
-                for event in &new {
-                    dedup.forget(event);
+                for stored in keys.events() {
+                    if let Some(k) = stored_keys::read(stored) {
+                        dedup.forget_keys(&k.event_id, k.device_id.as_deref(), k.seq);
+                    }
                 }
                 Err(err.into())
             }

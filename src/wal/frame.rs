@@ -121,6 +121,102 @@ pub fn encode_epoch<'a>(epoch: u64, events: impl ExactSizeIterator<Item = &'a [u
     out
 }
 
+/// Events encoded for one append, already laid out as in an epoch payload (`length (4, LE) |
+/// event` each), so a request's events are written into one buffer and the writer only
+/// concatenates requests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Batch {
+    bytes: Vec<u8>,
+    count: u32,
+}
+
+impl Batch {
+    /// Starts an empty batch with room for about `bytes` bytes.
+    pub fn with_capacity(bytes: usize) -> Self {
+        Self {
+            bytes: Vec::with_capacity(bytes),
+            count: 0,
+        }
+    }
+
+    /// Adds one event, written by `write` straight into the batch.
+    pub fn push_with<E>(
+        &mut self,
+        write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let at = self.bytes.len();
+        self.bytes.extend_from_slice(&[0; 4]);
+        if let Err(err) = write(&mut self.bytes) {
+            self.bytes.truncate(at);
+            return Err(err);
+        }
+        let len = (self.bytes.len() - at - 4) as u32;
+        self.bytes[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Adds one encoded event.
+    pub fn push(&mut self, event: &[u8]) {
+        let _ = self.push_with(|bytes| {
+            bytes.extend_from_slice(event);
+            Ok::<_, ()>(())
+        });
+    }
+
+    /// Returns the number of events.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Returns whether the batch holds no event.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Returns the encoded size in bytes.
+    pub fn size(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Returns the events, in order.
+    pub fn events(&self) -> impl Iterator<Item = &[u8]> {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let len = u32::from_le_bytes(self.bytes.get(at..at + 4)?.try_into().ok()?) as usize;
+            let event = &self.bytes[at + 4..at + 4 + len];
+            at += 4 + len;
+            Some(event)
+        })
+    }
+}
+
+impl From<Vec<Vec<u8>>> for Batch {
+    fn from(events: Vec<Vec<u8>>) -> Self {
+        let mut batch = Batch::with_capacity(events.iter().map(|e| e.len() + 4).sum());
+        for event in &events {
+            batch.push(event);
+        }
+        batch
+    }
+}
+
+/// Builds an epoch payload from the batches of a group commit, in order.
+pub fn encode_epoch_batches<'a>(
+    epoch: u64,
+    batches: impl Iterator<Item = &'a Batch> + Clone,
+) -> Vec<u8> {
+    let count: u32 = batches.clone().map(|b| b.count).sum();
+    let size: usize = batches.clone().map(Batch::size).sum();
+    let mut out = Vec::with_capacity(12 + size);
+    out.extend_from_slice(&epoch.to_le_bytes());
+    out.extend_from_slice(&count.to_le_bytes());
+    for batch in batches {
+        out.extend_from_slice(&batch.bytes);
+    }
+    out
+}
+
 /// Splits an epoch payload into its number and its encoded events.
 pub fn decode_epoch(payload: &[u8]) -> Option<(u64, Vec<&[u8]>)> {
     let epoch = u64::from_le_bytes(payload.get(..8)?.try_into().ok()?);
@@ -134,6 +230,39 @@ pub fn decode_epoch(payload: &[u8]) -> Option<(u64, Vec<&[u8]>)> {
         at += len;
     }
     (at == payload.len()).then_some((epoch, events))
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+
+    #[test]
+    fn batches_concatenate_into_the_epoch_layout() {
+        let mut first = Batch::with_capacity(64);
+        first.push(b"{\"a\":1}");
+        first
+            .push_with(|out| serde_json::to_writer(out, &serde_json::json!({"b": 2})))
+            .unwrap();
+        // A failed write leaves nothing behind.
+        assert!(
+            first
+                .push_with(|out| {
+                    out.extend_from_slice(b"partial");
+                    Err::<(), _>("no")
+                })
+                .is_err()
+        );
+        let second = Batch::from(vec![b"{}".to_vec()]);
+        assert_eq!(first.len(), 2);
+        assert_eq!(
+            first.events().collect::<Vec<_>>(),
+            [&b"{\"a\":1}"[..], b"{\"b\":2}"]
+        );
+        let joined = encode_epoch_batches(7, [&first, &second].into_iter());
+        let events: Vec<&[u8]> = vec![b"{\"a\":1}", b"{\"b\":2}", b"{}"];
+        assert_eq!(joined, encode_epoch(7, events.iter().copied()));
+        assert_eq!(decode_epoch(&joined), Some((7, events)));
+    }
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ use crate::server::metrics::{
     WAL_BYTES_TOTAL, WAL_CORRUPT_RECORDS_TOTAL, WAL_EPOCHS_TOTAL, WAL_ERRORS_TOTAL,
     WAL_FSYNC_DURATION_SECONDS, WAL_QUEUE_DEPTH, WAL_TRUNCATED_BYTES_TOTAL,
 };
+pub use frame::Batch;
 use frame::{Format, Scan};
 use seal::Sealer;
 
@@ -115,7 +116,7 @@ pub struct Recovery {
 }
 
 struct Append {
-    events: Vec<Vec<u8>>,
+    events: Batch,
     done: oneshot::Sender<Result<Epoch, WalError>>,
 }
 
@@ -230,7 +231,8 @@ impl Wal {
 
     /// Appends encoded events as part of the next epoch; completes once they are durable.
     /// Fails at once with `Overloaded` when the queue is full, or `Stopped` after a failure.
-    pub async fn append(&self, events: Vec<Vec<u8>>) -> Result<Epoch, WalError> {
+    pub async fn append(&self, events: impl Into<Batch>) -> Result<Epoch, WalError> {
+        let events = events.into();
         if self.stopped.load(Ordering::Acquire) {
             return Err(WalError::Stopped);
         }
@@ -459,7 +461,7 @@ impl Writer {
             while let Some(message) = next.take() {
                 match message {
                     Message::Append(append) => {
-                        bytes += append.events.iter().map(Vec::len).sum::<usize>();
+                        bytes += append.events.size();
                         group.push(append);
                     }
                     Message::Rotate(done) => rotations.push(done),
@@ -494,14 +496,7 @@ impl Writer {
             clock.in_flight = true;
             epoch
         };
-        let payload = frame::encode_epoch(
-            epoch,
-            group
-                .iter()
-                .flat_map(|a| a.events.iter().map(Vec::as_slice))
-                .collect::<Vec<_>>()
-                .into_iter(),
-        );
+        let payload = frame::encode_epoch_batches(epoch, group.iter().map(|a| &a.events));
         frame.clear();
         match &self.options.sealer {
             Some(sealer) => {

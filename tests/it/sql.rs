@@ -708,7 +708,7 @@ async fn hostile_queries_are_refused_or_stopped_while_ingest_keeps_being_served(
         ("SELECT max(value) FROM generate_series(1, 1000000000000)".into(), 422, "query_timeout", "2s"),
         ("SELECT count(*) FROM events a, events b, events c, events d WHERE a.type = d.type".into(), 422, "query_", ""),
         // Wide groups fill the 32 MiB pool long before the timeout, even on a loaded machine.
-        ("SELECT value % 100000000 AS k, repeat(CAST(value % 100000000 AS VARCHAR), 40) AS pad, count(*) FROM generate_series(1, 1000000000) GROUP BY k, pad".into(), 422, "query_resources_exhausted", "memory"),
+        ("SELECT value % 100000000 AS k, repeat(CAST(value % 100000000 AS VARCHAR), 400) AS pad, count(*) FROM generate_series(1, 1000000000) GROUP BY k, pad".into(), 422, "query_resources_exhausted", "memory"),
         ("SELECT count(*) AS n FROM events WHERE regexp_like(CAST(type AS VARCHAR), '^(a+)+$')".into(), 200, "", ""),
         ("SELECT regexp_like('aaaa', repeat('(a|b|c)*', 200000)) AS m".into(), 422, "query_", ""),
     ];
