@@ -126,19 +126,14 @@ impl Dedup {
 
     /// Forgets `event` after it could not be stored, so that a retry is accepted.
     pub fn forget(&mut self, event: &Event) {
-        self.forget_keys(&event.event_id, event.device_id.as_deref(), event.seq);
-    }
-
-    /// Forgets an event by the fields dedup reads (see [`Dedup::forget`]).
-    pub fn forget_keys(&mut self, event_id: &str, device: Option<&str>, seq: Option<u64>) {
-        match (device, seq) {
+        match (&event.device_id, event.seq) {
             (Some(device), Some(seq)) => {
-                if let Some(state) = self.devices.get_mut(device) {
+                if let Some(state) = self.devices.get_mut(device.as_str()) {
                     state.gaps.insert(seq);
                 }
             }
             _ => {
-                self.ids.remove(&id_key(event_id));
+                self.ids.remove(&id_key(&event.event_id));
             }
         }
     }

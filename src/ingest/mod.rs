@@ -361,18 +361,12 @@ impl Ingestor {
                 .push_with(|out| serde_json::to_writer(out, event))
                 .expect("events serialize");
         }
-        // Freed here, on the thread that made them, not wherever the task resumes.
-        drop(new);
-        // Kept apart from the batch the log takes, for the rare failure.
-        let keys = batch.clone();
         match self.wal.append(batch).await {
-            Ok(Epoch(_)) => Ok(keys.len()),
+            Ok(Epoch(_)) => Ok(new.len()),
             Err(err) => {
                 let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
-                for stored in keys.events() {
-                    if let Some(k) = stored_keys::read(stored) {
-                        dedup.forget_keys(&k.event_id, k.device_id.as_deref(), k.seq);
-                    }
+                for event in &new {
+                    dedup.forget(event);
                 }
                 Err(err.into())
             }
