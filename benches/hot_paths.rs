@@ -152,6 +152,8 @@ fn wal_append(c: &mut Criterion) {
             segment_bytes: 64 << 20,
             queue: 4_096,
             group_bytes: 1 << 20,
+            commit_delay: std::time::Duration::ZERO,
+            commit_siblings: 1,
             sealer: Some(std::sync::Arc::new(sealer)),
         },
         |_, _| {},

@@ -4,6 +4,8 @@
 //! run's tag as its `app_version`, so a run's events can be found again (and counted) among
 //! everything else the server holds: `--verify` relies on it.
 
+use std::fmt::Write;
+
 /// Events in one app session: `session_started`, lessons of ten events, `session_ended`.
 const SESSION_EVENTS: u64 = 100;
 
@@ -35,50 +37,51 @@ impl Device {
         }
     }
 
-    /// The event with sequence number `seq` (from 1), happening at `at_ms` on the device clock.
-    /// Within each block of [`SESSION_EVENTS`] the app opens a session, plays lessons of ten
-    /// events, and ends the session with its duration.
-    pub fn event(&self, seq: u64, at_ms: i64) -> String {
+    /// Appends the event with sequence number `seq` (from 1), happening at `at_ms` on the
+    /// device clock, to `out`. Within each block of [`SESSION_EVENTS`] the app opens a session,
+    /// plays lessons of ten events, and ends the session with its duration. Written in place:
+    /// the generator shares the cores with the server it measures.
+    fn write_event(&self, out: &mut String, seq: u64, at_ms: i64) {
         let position = (seq - 1) % SESSION_EVENTS;
         let session = (seq - 1) / SESSION_EVENTS;
-        let lesson = format!("g-{}", (seq - 1) / 10 % 40);
-        let (kind, properties) = match position {
-            0 => ("session_started", String::new()),
-            p if p == SESSION_EVENTS - 1 => (
-                "session_ended",
-                format!(
-                    r#","properties":{{"duration_ms":{}}}"#,
-                    SESSION_EVENTS as i64 * EVENT_MS
-                ),
-            ),
-            p if p % 10 == 1 => (
-                "lesson_started",
-                format!(r#","properties":{{"lesson_id":"{lesson}"}}"#),
-            ),
-            p if p % 10 == 9 => (
-                "lesson_completed",
-                format!(
-                    r#","properties":{{"lesson_id":"{lesson}","duration_ms":{},"score":0.{}}}"#,
-                    10 * EVENT_MS,
-                    seq % 10
-                ),
-            ),
-            _ => (
-                "exercise_answered",
-                format!(
-                    r#","properties":{{"lesson_id":"{lesson}","exercise_id":"x-{position}","correct":{},"duration_ms":{EVENT_MS}}}"#,
-                    !seq.is_multiple_of(3)
-                ),
-            ),
+        let lesson = (seq - 1) / 10 % 40;
+        let kind = match position {
+            0 => "session_started",
+            p if p == SESSION_EVENTS - 1 => "session_ended",
+            p if p % 10 == 1 => "lesson_started",
+            p if p % 10 == 9 => "lesson_completed",
+            _ => "exercise_answered",
         };
-        format!(
-            r#"{{"event_id":"{id}-{seq}","device_id":"{id}","seq":{seq},"user_id":"{child}","session_id":"{id}-s{session}","type":"{kind}","timestamp":"{at}","context":{{"app_version":"{tag}","platform":"{platform}","locale":"fr-FR","country":"FR"}}{properties}}}"#,
+        let _ = write!(
+            out,
+            r#"{{"event_id":"{id}-{seq}","device_id":"{id}","seq":{seq},"user_id":"{child}","session_id":"{id}-s{session}","type":"{kind}","timestamp":"{at}","context":{{"app_version":"{tag}","platform":"{platform}","locale":"fr-FR","country":"FR"}}"#,
             id = self.id,
             child = self.child,
             at = crate::clock::rfc3339(at_ms),
             tag = self.tag,
             platform = self.platform,
-        )
+        );
+        let _ = match kind {
+            "session_started" => Ok(()),
+            "session_ended" => write!(
+                out,
+                r#","properties":{{"duration_ms":{}}}"#,
+                SESSION_EVENTS as i64 * EVENT_MS
+            ),
+            "lesson_started" => write!(out, r#","properties":{{"lesson_id":"g-{lesson}"}}"#),
+            "lesson_completed" => write!(
+                out,
+                r#","properties":{{"lesson_id":"g-{lesson}","duration_ms":{},"score":0.{}}}"#,
+                10 * EVENT_MS,
+                seq % 10
+            ),
+            _ => write!(
+                out,
+                r#","properties":{{"lesson_id":"g-{lesson}","exercise_id":"x-{position}","correct":{},"duration_ms":{EVENT_MS}}}"#,
+                !seq.is_multiple_of(3)
+            ),
+        };
+        out.push('}');
     }
 
     /// The events with sequence numbers `first..first + count`, as a JSON array's items.
@@ -88,7 +91,7 @@ impl Device {
             if seq > first {
                 out.push(',');
             }
-            out.push_str(&self.event(seq, at_ms(seq)));
+            self.write_event(&mut out, seq, at_ms(seq));
         }
         out
     }
@@ -103,7 +106,7 @@ mod tests {
         let device = Device::new("run-1", "live", 4, 3);
         assert_eq!(device.child, "child-1");
         let events: Vec<serde_json::Value> = (1..=SESSION_EVENTS + 1)
-            .map(|seq| serde_json::from_str(&device.event(seq, 1_795_166_043_120)).unwrap())
+            .map(|seq| serde_json::from_str(&device.events(seq, 1, |_| 1_795_166_043_120)).unwrap())
             .collect();
         let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
         assert_eq!(kinds[0], "session_started");

@@ -245,6 +245,12 @@ section! {
         pub wal_queue: usize = 4096,
         /// Most bytes one group commit gathers.
         pub wal_group_size: ByteSize = ByteSize::mib(8),
+        /// How long a group commit waits for more requests before its fsync when the
+        /// previous one held at least `wal_commit_siblings` requests: fewer, fuller fsyncs
+        /// under load; a lone client never waits. `0s` turns it off.
+        pub wal_commit_delay: Duration = Duration::from_millis(1),
+        /// Requests in the previous group commit that make the next one wait.
+        pub wal_commit_siblings: usize = 8,
         /// Declared event types (JSON); `none` uses the reading app's schema.
         pub schema_file: Option<PathBuf> = None,
     }

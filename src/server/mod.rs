@@ -423,6 +423,8 @@ fn open_ingest(
             segment_bytes: ingest.wal_segment_size.0,
             queue: ingest.wal_queue,
             group_bytes: ingest.wal_group_size.as_usize(),
+            commit_delay: ingest.wal_commit_delay,
+            commit_siblings: ingest.wal_commit_siblings,
             sealer,
         },
         dedup_ids: ingest.dedup_event_ids,

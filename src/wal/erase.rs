@@ -181,6 +181,8 @@ mod tests {
                 segment_bytes: 1024,
                 queue: 64,
                 group_bytes: 1 << 20,
+                commit_delay: std::time::Duration::ZERO,
+                commit_siblings: 1,
                 sealer: sealer.clone(),
             };
             let (wal, _) = Wal::open(options.clone(), |_, _| {}).unwrap();

@@ -22,7 +22,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -95,6 +95,13 @@ pub struct WalOptions {
     pub queue: usize,
     /// The most bytes one group commit gathers.
     pub group_bytes: usize,
+    /// How long a group commit waits for more appends before it syncs, when the previous
+    /// group held at least `commit_siblings` appends (many writers: the wait fills the
+    /// group, one sync acknowledges more of them and the CPU a sync costs is shared); a
+    /// lone writer never waits. Zero turns it off.
+    pub commit_delay: Duration,
+    /// Appends in the previous group that make the next one wait `commit_delay`.
+    pub commit_siblings: usize,
     /// Seals new records at rest (AES-256-GCM) and opens sealed ones; `None` writes them
     /// in clear (sealed records of an earlier run then cannot be read).
     pub sealer: Option<Arc<Sealer>>,
@@ -455,21 +462,37 @@ impl Writer {
         let mut group: Vec<Append> = Vec::new();
         let mut frame = Vec::new();
         let mut rotations = Vec::new();
+        let mut previous_group = 0;
         while let Some(first) = rx.blocking_recv() {
             let mut bytes = 0;
             let mut next = Some(first);
-            while let Some(message) = next.take() {
-                match message {
-                    Message::Append(append) => {
-                        bytes += append.events.size();
-                        group.push(append);
+            let mut waited = false;
+            loop {
+                while let Some(message) = next.take() {
+                    match message {
+                        Message::Append(append) => {
+                            bytes += append.events.size();
+                            group.push(append);
+                        }
+                        Message::Rotate(done) => rotations.push(done),
                     }
-                    Message::Rotate(done) => rotations.push(done),
+                    if bytes < self.options.group_bytes {
+                        next = rx.try_recv().ok();
+                    }
                 }
-                if bytes < self.options.group_bytes {
-                    next = rx.try_recv().ok();
+                let busy = previous_group >= self.options.commit_siblings.max(1);
+                if waited
+                    || !busy
+                    || self.options.commit_delay.is_zero()
+                    || bytes >= self.options.group_bytes
+                {
+                    break;
                 }
+                std::thread::sleep(self.options.commit_delay);
+                waited = true;
+                next = rx.try_recv().ok();
             }
+            previous_group = group.len();
             if !group.is_empty() {
                 self.commit(&mut group, &mut frame);
             }
@@ -723,6 +746,8 @@ mod tests {
             segment_bytes: 4096,
             queue: 64,
             group_bytes: 1 << 20,
+            commit_delay: Duration::ZERO,
+            commit_siblings: 1,
             sealer: None,
         }
     }
@@ -903,5 +928,32 @@ mod tests {
         let records = read(dir.path());
         let events: usize = records.iter().map(|r| r.1.len()).sum();
         assert_eq!(events, 40);
+    }
+
+    #[tokio::test]
+    async fn a_busy_log_waits_for_more_appends_before_it_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = WalOptions {
+            commit_delay: Duration::from_secs(1),
+            commit_siblings: 1,
+            ..options(dir.path())
+        };
+        let (wal, _) = Wal::open(options, |_, _| {}).unwrap();
+        let append = |name: &str| {
+            let wal = wal.clone();
+            let event = format!("{{\"name\":\"{name}\"}}").into_bytes();
+            tokio::spawn(async move { wal.append(vec![event]).await.unwrap() })
+        };
+        // The first group follows no other: it is written at once.
+        let first = append("first").await.unwrap();
+        // The next one follows a group: it waits, and an append made meanwhile joins it.
+        let second = append("second");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let third = append("third");
+        let (second, third) = (second.await.unwrap(), third.await.unwrap());
+        assert!(second > first);
+        assert_eq!(second, third, "one group commit for both");
+        let sizes: Vec<usize> = read(dir.path()).iter().map(|r| r.1.len()).collect();
+        assert_eq!(sizes, vec![1, 2]);
     }
 }

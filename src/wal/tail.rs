@@ -263,6 +263,8 @@ mod tests {
             segment_bytes: 2048,
             queue: 64,
             group_bytes: 1 << 20,
+            commit_delay: std::time::Duration::ZERO,
+            commit_siblings: 1,
             sealer: None,
         }
     }
