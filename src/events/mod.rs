@@ -13,4 +13,4 @@ pub mod validate;
 
 pub use raw::RawEvent;
 pub use schema::Schema;
-pub use validate::{Event, Limits, RejectReason, Rejection, Validated, validate};
+pub use validate::{Event, Limits, Properties, RejectReason, Rejection, Validated, validate};

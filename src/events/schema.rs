@@ -31,6 +31,19 @@ impl PropertyKind {
         }
     }
 
+    /// Returns whether `json`, the text of one JSON value, has this type; a number must also
+    /// be one every reader of stored events can decode (finite, an integer within 64 bits).
+    pub fn admits_json(self, json: &str) -> bool {
+        match self {
+            PropertyKind::String => json.starts_with('"'),
+            PropertyKind::Boolean => json == "true" || json == "false",
+            // Decoding a number allocates nothing.
+            PropertyKind::Integer | PropertyKind::Number => {
+                serde_json::from_str::<Value>(json).is_ok_and(|value| self.admits(&value))
+            }
+        }
+    }
+
     /// Returns the JSON Schema type name.
     pub fn json_type(self) -> &'static str {
         match self {
@@ -233,5 +246,28 @@ mod tests {
         );
         assert!(Schema::parse(r#"{"types": {"x": {"propertys": {}}}}"#).is_err());
         assert!(Schema::parse(r#"{"types": {"": {}}}"#).is_err());
+    }
+
+    #[test]
+    fn property_types_are_checked_on_the_json_text() {
+        use PropertyKind::*;
+        let cases = [
+            (String, r#""g-14""#, true),
+            (String, "14", false),
+            (Boolean, "true", true),
+            (Boolean, "1", false),
+            (Integer, "-41000", true),
+            (Integer, "18446744073709551615", true),
+            (Integer, "18446744073709551616", false),
+            (Integer, "1.0", false),
+            (Integer, "1e3", false),
+            (Number, "1e3", true),
+            (Number, "-0.25", true),
+            (Number, "1e400", false),
+            (Number, r#""1""#, false),
+        ];
+        for (kind, json, admitted) in cases {
+            assert_eq!(kind.admits_json(json), admitted, "{kind:?} {json}");
+        }
     }
 }

@@ -6,32 +6,35 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
 
 use super::raw::{Members, RawEvent, is_null, json_string};
 use super::schema::{CONTEXT_KEYS, Schema};
 use super::time::{Corrected, Millis, correct, parse_rfc3339};
 
-/// An event as stored: validated, time-corrected, pseudonymous.
+/// An event as stored: validated, time-corrected, pseudonymous. Its text fields borrow from
+/// the request it came in (or the record it is read from) unless they held escapes, so that
+/// accepting an event costs few allocations.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Event {
+pub struct Event<'a> {
     /// Client-generated unique id.
-    pub event_id: String,
+    #[serde(borrow)]
+    pub event_id: Cow<'a, str>,
     /// The installation.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub device_id: Option<String>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<Cow<'a, str>>,
     /// Monotonic per device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
     /// The subject's pseudonym (never the raw user id).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subject: Option<String>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Cow<'a, str>>,
     /// The app session.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub session_id: Option<String>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<Cow<'a, str>>,
     /// The declared event type.
-    #[serde(rename = "type")]
-    pub event_type: String,
+    #[serde(borrow, rename = "type")]
+    pub event_type: Cow<'a, str>,
     /// Corrected event time, ms since the Unix epoch.
     pub event_time: Millis,
     /// The device's own timestamp, ms.
@@ -44,10 +47,105 @@ pub struct Event {
     /// Declared context keys (app version, platform, locale, country, school, class); the
     /// keys are the schema's own names (no copy per event) when built by [`validate`].
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub context: BTreeMap<Cow<'static, str>, String>,
+    pub context: BTreeMap<Cow<'static, str>, Cow<'a, str>>,
     /// Declared properties of its type.
-    #[serde(default, skip_serializing_if = "Map::is_empty")]
-    pub properties: Map<String, Value>,
+    #[serde(borrow, default, skip_serializing_if = "Properties::is_empty")]
+    pub properties: Properties<'a>,
+}
+
+impl Event<'_> {
+    /// Returns a copy that borrows nothing.
+    pub fn into_owned(self) -> Event<'static> {
+        let owned = |text: Cow<'_, str>| Cow::Owned(text.into_owned());
+        Event {
+            event_id: owned(self.event_id),
+            device_id: self.device_id.map(owned),
+            seq: self.seq,
+            subject: self.subject.map(owned),
+            session_id: self.session_id.map(owned),
+            event_type: owned(self.event_type),
+            event_time: self.event_time,
+            device_time: self.device_time,
+            sent_at: self.sent_at,
+            received_at: self.received_at,
+            context: (self.context.into_iter())
+                .map(|(key, value)| (key, owned(value)))
+                .collect(),
+            properties: Properties(
+                (self.properties.0.into_iter())
+                    .map(|(key, value)| (owned(key), Cow::Owned(value.into_owned())))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// An event's declared properties, by name, each value the JSON text sent (checked against
+/// its declared type). Read back from a stored record with a borrowing reader
+/// (`serde_json::from_slice` or `from_str`).
+#[derive(Debug, Clone, Default)]
+pub struct Properties<'a>(Vec<(Cow<'a, str>, Cow<'a, RawValue>)>);
+
+impl<'a> Properties<'a> {
+    /// Returns whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Returns the JSON text of property `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.get())
+    }
+
+    /// Returns whether property `name` is present.
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Sets property `name` to a string, replacing any value it had.
+    pub fn insert_str(&mut self, name: &'a str, value: &str) {
+        let json = serde_json::to_string(value).expect("strings serialize");
+        let raw = RawValue::from_string(json).expect("a serialized string is JSON");
+        self.0.retain(|(key, _)| key != name);
+        self.0.push((Cow::Borrowed(name), Cow::Owned(raw)));
+        self.0.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    }
+}
+
+impl PartialEq for Properties<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len()
+            && self
+                .0
+                .iter()
+                .zip(&other.0)
+                .all(|(a, b)| a.0 == b.0 && a.1.get() == b.1.get())
+    }
+}
+
+impl Serialize for Properties<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (key, value) in &self.0 {
+            map.serialize_entry(key, value)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Properties<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let members = Members::deserialize(deserializer)?;
+        let mut properties: Vec<_> = (members.0.into_iter())
+            .map(|(key, value)| (key, Cow::Borrowed(value)))
+            .collect();
+        properties.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Ok(Self(properties))
+    }
 }
 
 /// Why an event was not accepted.
@@ -137,11 +235,11 @@ pub struct Limits {
 
 /// A valid event, its raw user id (for the privacy gate), and what validation did.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Validated {
+pub struct Validated<'a> {
     /// The event, with `subject` still empty.
-    pub event: Event,
+    pub event: Event<'a>,
     /// The raw user id, to be pseudonymized and dropped.
-    pub user_id: Option<String>,
+    pub user_id: Option<Cow<'a, str>>,
     /// Properties, context keys and top-level fields dropped as undeclared.
     pub dropped: usize,
     /// The clock-skew correction.
@@ -201,17 +299,16 @@ fn object_field<'a>(
 
 /// Validates one event received at `received_at`; `batch_sent_at` applies when the event
 /// carries no `sent_at` of its own.
-pub fn validate(
-    raw: &RawEvent<'_>,
+pub fn validate<'a>(
+    raw: &RawEvent<'a>,
     batch_sent_at: Option<Millis>,
     received_at: Millis,
     schema: &Schema,
     limits: &Limits,
-) -> Result<Validated, Rejection> {
+) -> Result<Validated<'a>, Rejection> {
     let mut dropped = raw.unknown_fields();
-    let owned = |text: Option<Cow<'_, str>>| text.map(Cow::into_owned);
-    let event_id = owned(text_field(raw, "event_id", 128, true)?).expect("required");
-    let device_id = owned(text_field(raw, "device_id", 128, false)?);
+    let event_id = text_field(raw, "event_id", 128, true)?.expect("required");
+    let device_id = text_field(raw, "device_id", 128, false)?;
     let seq = match raw.field("seq").filter(|v| !is_null(v)) {
         None => None,
         Some(value) => match value.get().parse::<u64>() {
@@ -230,9 +327,9 @@ pub fn validate(
             "seq needs device_id",
         ));
     }
-    let user_id = owned(text_field(raw, "user_id", 256, false)?);
-    let session_id = owned(text_field(raw, "session_id", 128, false)?);
-    let event_type = owned(text_field(raw, "type", 64, true)?).expect("required");
+    let user_id = text_field(raw, "user_id", 256, false)?;
+    let session_id = text_field(raw, "session_id", 128, false)?;
+    let event_type = text_field(raw, "type", 64, true)?.expect("required");
     let declared = schema.get(&event_type).ok_or_else(|| {
         Rejection::new(
             RejectReason::UnknownType,
@@ -251,7 +348,7 @@ pub fn validate(
         };
         match json_string(value) {
             Some(s) if s.len() <= 128 => {
-                context.insert(Cow::Borrowed(*name), s.into_owned());
+                context.insert(Cow::Borrowed(*name), s);
             }
             Some(_) => {
                 return Err(Rejection::new(
@@ -268,7 +365,7 @@ pub fn validate(
         }
     }
 
-    let mut properties = Map::new();
+    let mut properties = Vec::new();
     for (name, raw_value) in object_field(raw, "properties")?.unwrap_or_default().0 {
         let Some(property) = declared.properties.get(name.as_ref()) else {
             dropped += 1;
@@ -277,23 +374,21 @@ pub fn validate(
         if is_null(raw_value) {
             continue;
         }
-        // Declared properties are scalars: decoding one costs at most its string.
-        match serde_json::from_str::<Value>(raw_value.get()) {
-            Ok(value) if property.kind.admits(&value) => {
-                properties.insert(name.into_owned(), value);
-            }
-            _ => {
-                return Err(Rejection::new(
-                    RejectReason::WrongType,
-                    format!("properties.{name} must be {}", property.kind.json_type()),
-                ));
-            }
+        // Declared properties are scalars, kept as the JSON text sent once checked.
+        if !property.kind.admits_json(raw_value.get()) {
+            return Err(Rejection::new(
+                RejectReason::WrongType,
+                format!("properties.{name} must be {}", property.kind.json_type()),
+            ));
         }
+        properties.push((name, Cow::Borrowed(raw_value)));
     }
+    properties.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let properties = Properties(properties);
     if let Some((name, _)) = declared
         .properties
         .iter()
-        .find(|(name, p)| p.required && !properties.contains_key(*name))
+        .find(|(name, p)| p.required && !properties.contains_key(name))
     {
         return Err(Rejection::new(
             RejectReason::MissingField,
@@ -332,7 +427,7 @@ pub fn validate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     const NOW: Millis = 1_795_500_000_000;
     const LIMITS: Limits = Limits {
@@ -340,9 +435,10 @@ mod tests {
         future_tolerance: 60_000,
     };
 
-    fn check(event: Value) -> Result<Validated, Rejection> {
-        let text = event.to_string();
-        RawEvent::parse(&text)
+    fn check(event: Value) -> Result<Validated<'static>, Rejection> {
+        // Leaked: the validated event borrows from the text, as it does from a request.
+        let text: &'static str = event.to_string().leak();
+        RawEvent::parse(text)
             .and_then(|raw| validate(&raw, None, NOW, &Schema::reading_app(), &LIMITS))
     }
 
@@ -443,5 +539,42 @@ mod tests {
             check(json!({"event_id": "e", "type": "app_opened", "timestamp": future})).unwrap();
         assert!(valid.correction.clamped);
         assert_eq!(valid.event.event_time, NOW);
+    }
+
+    #[test]
+    fn properties_are_kept_as_sent_once_their_type_is_checked() {
+        let text = r#"{"event_id": "e-1", "type": "lesson_completed", "timestamp": "2026-11-20T09:14:03.120Z",
+            "properties": {"score": 8E-1, "lesson_id": "g-\u00e9\"14\"", "duration_ms": 41000}}"#;
+        let raw = RawEvent::parse(text).unwrap();
+        let valid = validate(&raw, None, NOW, &Schema::reading_app(), &LIMITS).unwrap();
+        let properties = &valid.event.properties;
+        assert_eq!(properties.get("lesson_id"), Some(r#""g-\u00e9\"14\"""#));
+        assert_eq!(properties.get("duration_ms"), Some("41000"));
+        // A number is stored as the device wrote it, in its own notation.
+        assert_eq!(properties.get("score"), Some("8E-1"));
+        // Stored, then read back the way every consumer reads it: the same event.
+        let stored = serde_json::to_vec(&valid.event).unwrap();
+        let back: Event<'_> = serde_json::from_slice(&stored).unwrap();
+        assert_eq!(back, valid.event);
+        assert_eq!(back.clone().into_owned(), valid.event);
+        let decoded: Value = serde_json::from_slice(&stored).unwrap();
+        assert_eq!(decoded["properties"]["lesson_id"], "g-é\"14\"");
+        assert_eq!(decoded["properties"]["score"], 0.8);
+        assert!(String::from_utf8(stored).unwrap().contains(
+            r#""properties":{"duration_ms":41000,"lesson_id":"g-\u00e9\"14\"","score":8E-1}"#
+        ));
+        // Values of the wrong kind, or numbers no reader could decode, are refused.
+        for bad in [
+            r#""duration_ms": 1.5"#,
+            r#""duration_ms": 18446744073709551616"#,
+            r#""duration_ms": "41000""#,
+            r#""score": 1e400"#,
+            r#""lesson_id": true"#,
+        ] {
+            let text = text.replace(r#""duration_ms": 41000"#, bad);
+            let raw = RawEvent::parse(&text).unwrap();
+            let rejection = validate(&raw, None, NOW, &Schema::reading_app(), &LIMITS).unwrap_err();
+            assert_eq!(rejection.reason, RejectReason::WrongType, "{bad}");
+        }
     }
 }

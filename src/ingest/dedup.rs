@@ -75,7 +75,7 @@ impl Dedup {
     }
 
     /// Records `event` and says whether it is new.
-    pub fn check(&mut self, event: &Event) -> Seen {
+    pub fn check(&mut self, event: &Event<'_>) -> Seen {
         self.check_keys(&event.event_id, event.device_id.as_deref(), event.seq)
     }
 
@@ -125,10 +125,10 @@ impl Dedup {
     }
 
     /// Forgets `event` after it could not be stored, so that a retry is accepted.
-    pub fn forget(&mut self, event: &Event) {
+    pub fn forget(&mut self, event: &Event<'_>) {
         match (&event.device_id, event.seq) {
             (Some(device), Some(seq)) => {
-                if let Some(state) = self.devices.get_mut(device.as_str()) {
+                if let Some(state) = self.devices.get_mut(device.as_ref()) {
                     state.gaps.insert(seq);
                 }
             }
@@ -229,7 +229,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn event(device: Option<&str>, seq: Option<u64>, id: &str) -> Event {
+    fn event<'a>(device: Option<&'a str>, seq: Option<u64>, id: &'a str) -> Event<'a> {
         Event {
             event_id: id.into(),
             device_id: device.map(Into::into),

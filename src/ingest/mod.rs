@@ -11,16 +11,16 @@ pub mod rate;
 pub mod snapshot;
 pub mod stored_keys;
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::events::RejectReason;
 use crate::events::schema::EXPOSURE_TYPE;
 use crate::events::time::Millis;
-use crate::events::{Event, Limits, RawEvent, Rejection, Schema, validate};
+use crate::events::{Event, Limits, Properties, RawEvent, Rejection, Schema, validate};
 use crate::flags::exposure::Exposure;
 use crate::privacy::erasure::Suppressions;
 use crate::privacy::{ConsentLedger, ConsentScope, Pepper};
@@ -207,9 +207,9 @@ impl Ingestor {
     /// Per-device sequence marks stay: a device may be shared by several children, and its
     /// marks say nothing about one of them (a resend of an erased event is refused by the
     /// suppression list instead).
-    pub fn forget_erased(&self, events: &[Event]) {
+    pub fn forget_erased(&self, events: &[Event<'_>]) {
         let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
-        let by_id: Vec<&Event> = events
+        let by_id: Vec<&Event<'_>> = events
             .iter()
             .filter(|e| e.device_id.is_none() || e.seq.is_none())
             .collect();
@@ -261,8 +261,8 @@ impl Ingestor {
         metrics::histogram!(INGEST_BATCH_EVENTS, "transport" => transport.as_str())
             .record(events.len() as f64);
         let mut outcomes = Vec::with_capacity(events.len());
-        let mut accepted: Vec<Event> = Vec::new();
-        let mut last_subject: Option<(String, String)> = None;
+        let mut accepted: Vec<Event<'_>> = Vec::new();
+        let mut last_subject: Option<(Cow<'_, str>, String)> = None;
         // Metric handles looked up once a request, not once an event.
         let skew = metrics::histogram!(INGEST_CLOCK_SKEW_SECONDS);
         let lateness = metrics::histogram!(INGEST_LATENESS_SECONDS);
@@ -309,7 +309,7 @@ impl Ingestor {
                                 continue;
                             }
                         }
-                        event.subject = Some(subject);
+                        event.subject = Some(Cow::Owned(subject));
                     }
                     outcomes.push(Outcome::Ok);
                     accepted.push(event);
@@ -336,7 +336,7 @@ impl Ingestor {
     /// appends the new ones; returns how many were stored.
     async fn store(
         &self,
-        accepted: Vec<Event>,
+        accepted: Vec<Event<'_>>,
         outcomes: &mut [Outcome],
     ) -> Result<usize, IngestError> {
         let mut new = Vec::with_capacity(accepted.len());
@@ -375,7 +375,7 @@ impl Ingestor {
 
     /// Builds the stored form of a server-side exposure: a `$exposure` event whose id is
     /// derived from (flag, variant, subject, day), so a replay never counts it twice.
-    pub fn exposure_event(&self, exposure: &Exposure) -> Event {
+    pub fn exposure_event(&self, exposure: &Exposure) -> Event<'static> {
         let subject = self.pepper.pseudonymize(&exposure.subject).0;
         let day = exposure.at_ms.div_euclid(86_400_000);
         let key = format!(
@@ -383,16 +383,16 @@ impl Ingestor {
             exposure.flag.0, exposure.variant
         );
         let digest = murmur3::murmur3_x64_128(&mut key.as_bytes(), 0).unwrap_or(0);
-        let mut properties = serde_json::Map::new();
-        properties.insert("flag".into(), Value::String(exposure.flag.0.clone()));
-        properties.insert("variant".into(), Value::String(exposure.variant.clone()));
+        let mut properties = Properties::default();
+        properties.insert_str("flag", &exposure.flag.0);
+        properties.insert_str("variant", &exposure.variant);
         Event {
-            event_id: format!("exposure-{digest:032x}"),
+            event_id: format!("exposure-{digest:032x}").into(),
             device_id: None,
             seq: None,
-            subject: Some(subject),
+            subject: Some(subject.into()),
             session_id: None,
-            event_type: EXPOSURE_TYPE.to_owned(),
+            event_type: EXPOSURE_TYPE.into(),
             event_time: exposure.at_ms,
             device_time: exposure.at_ms,
             sent_at: None,
@@ -405,7 +405,7 @@ impl Ingestor {
     /// Stores already-built events (server-side exposures), deduplicated like any other.
     pub async fn store_internal(
         &self,
-        mut events: Vec<Event>,
+        mut events: Vec<Event<'_>>,
         transport: Transport,
     ) -> Result<usize, IngestError> {
         events.retain(|e| {
@@ -470,7 +470,7 @@ impl IngestExposureSink {
         tokio::spawn(async move {
             let mut batch = Vec::new();
             while rx.recv_many(&mut batch, 1024).await > 0 {
-                let events: Vec<Event> = batch
+                let events: Vec<Event<'_>> = batch
                     .drain(..)
                     .map(|e| ingestor.exposure_event(&e))
                     .collect();

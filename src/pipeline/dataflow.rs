@@ -23,7 +23,7 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::{Capability, Input, Operator, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
-use super::aggregate::{Aggregate, WindowDelta, WindowKey};
+use super::aggregate::{Aggregate, CohortHasher, WindowDelta, WindowKey};
 use super::cohort::{Assignments, CohortKey, epoch_order};
 use super::record::PipelineEvent;
 use super::state::AssignmentLog;
@@ -620,7 +620,7 @@ fn flush_cells(
 
 /// Groups a cell's window deltas by cohort, as the store applies them.
 fn cohort_updates(cell: u64, aggregate: &Aggregate) -> Vec<CohortUpdate> {
-    let mut by_cohort: HashMap<&CohortKey, CohortUpdate> = HashMap::new();
+    let mut by_cohort: HashMap<&CohortKey, CohortUpdate, CohortHasher> = HashMap::default();
     for (key, delta) in &aggregate.windows {
         by_cohort
             .entry(&key.cohort)

@@ -412,11 +412,11 @@ fn erase_everywhere(shop: &Workshop, request: &Request) -> Result<u64, String> {
         wal.sealer().map(|s| s.as_ref()),
         |stored| suppressions.hides_stored(stored),
         |stored| {
-            if let Ok(event) = serde_json::from_slice::<Event>(stored) {
+            if let Ok(event) = serde_json::from_slice::<Event<'_>>(stored) {
                 if let Some(subject) = &event.subject {
-                    names.insert(subject.clone());
+                    names.insert(subject.to_string());
                 }
-                removed_events.push(event);
+                removed_events.push(event.into_owned());
             }
         },
     )

@@ -39,11 +39,26 @@ impl Format {
 
 /// Appends one frame holding `payload` to `out`.
 pub fn encode_frame(out: &mut Vec<u8>, format: Format, payload: &[u8]) {
-    out.extend_from_slice(&MAGIC);
-    out.push(format as u8);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    let start = start_frame(out);
     out.extend_from_slice(payload);
+    finish_frame(out, start, format);
+}
+
+/// Starts a frame at the end of `out` whose payload is appended after it, in place; returns
+/// where it starts, for [`finish_frame`].
+pub fn start_frame(out: &mut Vec<u8>) -> usize {
+    let start = out.len();
+    out.resize(start + HEADER_LEN, 0);
+    start
+}
+
+/// Completes the frame started at `start`: its payload is everything after its header.
+pub fn finish_frame(out: &mut [u8], start: usize, format: Format) {
+    let (header, payload) = out[start..].split_at_mut(HEADER_LEN);
+    header[..4].copy_from_slice(&MAGIC);
+    header[4] = format as u8;
+    header[5..9].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    header[9..].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
 }
 
 /// What was found at a position of a segment.
@@ -192,15 +207,25 @@ pub fn encode_epoch_batches<'a>(
     epoch: u64,
     batches: impl Iterator<Item = &'a Batch> + Clone,
 ) -> Vec<u8> {
+    let mut out = Vec::new();
+    append_epoch_batches(&mut out, epoch, batches);
+    out
+}
+
+/// Appends the payload of [`encode_epoch_batches`] to `out`.
+pub fn append_epoch_batches<'a>(
+    out: &mut Vec<u8>,
+    epoch: u64,
+    batches: impl Iterator<Item = &'a Batch> + Clone,
+) {
     let count: u32 = batches.clone().map(|b| b.count).sum();
     let size: usize = batches.clone().map(Batch::size).sum();
-    let mut out = Vec::with_capacity(12 + size);
+    out.reserve(12 + size);
     out.extend_from_slice(&epoch.to_le_bytes());
     out.extend_from_slice(&count.to_le_bytes());
     for batch in batches {
         out.extend_from_slice(&batch.bytes);
     }
-    out
 }
 
 /// Splits an epoch payload into its number and its encoded events.

@@ -519,13 +519,21 @@ impl Writer {
             clock.in_flight = true;
             epoch
         };
-        let payload = frame::encode_epoch_batches(epoch, group.iter().map(|a| &a.events));
+        // Framed, and sealed, in place in one buffer kept from group to group.
         frame.clear();
+        let start = frame::start_frame(frame);
+        let events = group.iter().map(|a| &a.events);
         match &self.options.sealer {
             Some(sealer) => {
-                frame::encode_frame(frame, Format::Sealed, &sealer.seal(epoch, &payload))
+                let sealed = Sealer::start(frame);
+                frame::append_epoch_batches(frame, epoch, events);
+                sealer.finish(epoch, frame, sealed);
+                frame::finish_frame(frame, start, Format::Sealed);
             }
-            None => frame::encode_frame(frame, Format::Plain, &payload),
+            None => {
+                frame::append_epoch_batches(frame, epoch, events);
+                frame::finish_frame(frame, start, Format::Plain);
+            }
         }
         let written = self.write(epoch, frame);
         {

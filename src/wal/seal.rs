@@ -59,10 +59,28 @@ impl Sealer {
 
     /// Seals the payload of `epoch` with the newest key.
     pub fn seal(&self, epoch: u64, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER + payload.len() + AES_256_GCM.tag_len());
+        let start = Self::start(&mut out);
+        out.extend_from_slice(payload);
+        self.finish(epoch, &mut out, start);
+        out
+    }
+
+    /// Starts a sealed payload at the end of `out`, its plaintext appended after it in place;
+    /// returns where it starts, for [`Sealer::finish`].
+    pub fn start(out: &mut Vec<u8>) -> usize {
+        let start = out.len();
+        out.resize(start + HEADER, 0);
+        start
+    }
+
+    /// Seals, in place, the payload of `epoch` started at `start` (everything after its
+    /// header) with the newest key.
+    pub fn finish(&self, epoch: u64, out: &mut Vec<u8>, start: usize) {
         let mut nonce = [0u8; NONCE_LEN];
         nonce[..4].copy_from_slice(&self.prefix);
         nonce[4..].copy_from_slice(&epoch.to_le_bytes());
-        self.seal_with(nonce, payload)
+        self.seal_at(nonce, out, start);
     }
 
     /// Seals a rewritten payload with the newest key under a wholly random nonce: the epoch
@@ -71,25 +89,23 @@ impl Sealer {
     pub fn reseal(&self, payload: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).expect("the system has randomness");
-        self.seal_with(nonce, payload)
+        let mut out = Vec::with_capacity(HEADER + payload.len() + AES_256_GCM.tag_len());
+        let start = Self::start(&mut out);
+        out.extend_from_slice(payload);
+        self.seal_at(nonce, &mut out, start);
+        out
     }
 
-    fn seal_with(&self, nonce: [u8; NONCE_LEN], payload: &[u8]) -> Vec<u8> {
+    fn seal_at(&self, nonce: [u8; NONCE_LEN], out: &mut Vec<u8>, start: usize) {
         let keys = self.keys();
         let (version, key) = keys.last().expect("a ring holds a key");
-        let mut out = Vec::with_capacity(HEADER + payload.len() + AES_256_GCM.tag_len());
-        out.extend_from_slice(&version.to_le_bytes());
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(payload);
-        let mut body = out.split_off(HEADER);
-        key.seal_in_place_append_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(AAD),
-            &mut body,
-        )
-        .expect("payloads fit AES-GCM");
-        out.extend_from_slice(&body);
-        out
+        let (header, body) = out[start..].split_at_mut(HEADER);
+        header[..4].copy_from_slice(&version.to_le_bytes());
+        header[4..].copy_from_slice(&nonce);
+        let tag = key
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(AAD), body)
+            .expect("payloads fit AES-GCM");
+        out.extend_from_slice(tag.as_ref());
     }
 
     /// Opens a sealed payload into `scratch` and returns the plaintext; `None` when its key
