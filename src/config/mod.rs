@@ -851,6 +851,18 @@ impl Config {
                 "must be at least 100ms".into(),
             );
         }
+        if ingest.wal_commit_delay > Duration::from_millis(100) {
+            problem(
+                "ingest.wal_commit_delay",
+                "must be at most 100ms: every acknowledgement under load waits for it".into(),
+            );
+        }
+        if ingest.wal_commit_siblings == 0 {
+            problem(
+                "ingest.wal_commit_siblings",
+                "must be at least 1 (a lone client never waits)".into(),
+            );
+        }
         if ingest.wal_segment_size < ByteSize::mib(1) {
             problem("ingest.wal_segment_size", "must be at least 1MiB".into());
         }
@@ -1057,6 +1069,28 @@ mod tests {
             assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
         }
         assert_eq!(err.problems.len(), 7, "{text}");
+    }
+
+    #[test]
+    fn a_group_commit_wait_that_would_stall_every_ack_is_refused() {
+        let err = load(
+            r#"
+            [ingest]
+            wal_commit_delay = "1s"
+            wal_commit_siblings = 0
+            "#,
+            &[],
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for expected in [
+            "ingest.wal_commit_delay: must be at most 100ms",
+            "ingest.wal_commit_siblings: must be at least 1",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+        }
+        let config = load("[ingest]\nwal_commit_delay = \"0s\"\n", &[]).unwrap();
+        assert!(config.ingest.wal_commit_delay.is_zero(), "0s turns it off");
     }
 
     #[test]

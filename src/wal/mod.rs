@@ -465,32 +465,16 @@ impl Writer {
         let mut previous_group = 0;
         while let Some(first) = rx.blocking_recv() {
             let mut bytes = 0;
-            let mut next = Some(first);
-            let mut waited = false;
-            loop {
-                while let Some(message) = next.take() {
-                    match message {
-                        Message::Append(append) => {
-                            bytes += append.events.size();
-                            group.push(append);
-                        }
-                        Message::Rotate(done) => rotations.push(done),
-                    }
-                    if bytes < self.options.group_bytes {
-                        next = rx.try_recv().ok();
-                    }
-                }
-                let busy = previous_group >= self.options.commit_siblings.max(1);
-                if waited
-                    || !busy
-                    || self.options.commit_delay.is_zero()
-                    || bytes >= self.options.group_bytes
-                {
-                    break;
-                }
+            self.gather(Some(first), &mut rx, &mut group, &mut rotations, &mut bytes);
+            // Many writers a moment ago: more are on their way, so wait for them and let one
+            // sync acknowledge them all.
+            if previous_group >= self.options.commit_siblings.max(1)
+                && !self.options.commit_delay.is_zero()
+                && bytes < self.options.group_bytes
+            {
                 std::thread::sleep(self.options.commit_delay);
-                waited = true;
-                next = rx.try_recv().ok();
+                let next = rx.try_recv().ok();
+                self.gather(next, &mut rx, &mut group, &mut rotations, &mut bytes);
             }
             previous_group = group.len();
             if !group.is_empty() {
@@ -501,6 +485,29 @@ impl Writer {
                 self.segment = None;
                 self.committed.clear();
                 let _ = done.send(());
+            }
+        }
+    }
+
+    /// Takes `next` and whatever else is queued into the group, up to `group_bytes`.
+    fn gather(
+        &self,
+        mut next: Option<Message>,
+        rx: &mut mpsc::Receiver<Message>,
+        group: &mut Vec<Append>,
+        rotations: &mut Vec<oneshot::Sender<()>>,
+        bytes: &mut usize,
+    ) {
+        while let Some(message) = next.take() {
+            match message {
+                Message::Append(append) => {
+                    *bytes += append.events.size();
+                    group.push(append);
+                }
+                Message::Rotate(done) => rotations.push(done),
+            }
+            if *bytes < self.options.group_bytes {
+                next = rx.try_recv().ok();
             }
         }
     }
