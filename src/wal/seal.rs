@@ -59,11 +59,7 @@ impl Sealer {
 
     /// Seals the payload of `epoch` with the newest key.
     pub fn seal(&self, epoch: u64, payload: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER + payload.len() + AES_256_GCM.tag_len());
-        let start = Self::start(&mut out);
-        out.extend_from_slice(payload);
-        self.finish(epoch, &mut out, start);
-        out
+        self.sealed(self.epoch_nonce(epoch), payload)
     }
 
     /// Starts a sealed payload at the end of `out`, its plaintext appended after it in place;
@@ -77,10 +73,15 @@ impl Sealer {
     /// Seals, in place, the payload of `epoch` started at `start` (everything after its
     /// header) with the newest key.
     pub fn finish(&self, epoch: u64, out: &mut Vec<u8>, start: usize) {
+        self.seal_at(self.epoch_nonce(epoch), out, start);
+    }
+
+    /// The nonce of an epoch's first sealing: this process's prefix and the epoch.
+    fn epoch_nonce(&self, epoch: u64) -> [u8; NONCE_LEN] {
         let mut nonce = [0u8; NONCE_LEN];
         nonce[..4].copy_from_slice(&self.prefix);
         nonce[4..].copy_from_slice(&epoch.to_le_bytes());
-        self.seal_at(nonce, out, start);
+        nonce
     }
 
     /// Seals a rewritten payload with the newest key under a wholly random nonce: the epoch
@@ -89,6 +90,10 @@ impl Sealer {
     pub fn reseal(&self, payload: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).expect("the system has randomness");
+        self.sealed(nonce, payload)
+    }
+
+    fn sealed(&self, nonce: [u8; NONCE_LEN], payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER + payload.len() + AES_256_GCM.tag_len());
         let start = Self::start(&mut out);
         out.extend_from_slice(payload);
