@@ -1,23 +1,27 @@
 //! flagstream: a streaming analytics and feature-flag edge service.
 //!
-//! The modules follow the data flow of `DESIGN.md`: events arrive through `ingest`, pass the
-//! `privacy` gate, become durable in the `wal`, feed the timely `pipeline` that keeps
+//! The modules follow the data flow of ARCHITECTURE.md: events arrive through `ingest`, pass
+//! the `privacy` gate, become durable in the `wal`, feed the timely `pipeline` that keeps
 //! `counters`, and are queried through `sql` and `experiments`. Apps read `flags` at launch.
-//! `server` wires them to HTTP; `config` holds every setting.
+//! The shell around them: `http` (router, handlers, errors, serving), `jobs` (background
+//! tasks under one supervisor), `telemetry` (logs and the metrics recorder) and `config`
+//! (every setting). Nothing below `http` imports it.
 
 pub mod config;
 pub mod counters;
 pub mod events;
 pub mod experiments;
 pub mod flags;
+pub mod http;
 pub mod ingest;
+pub mod jobs;
 pub mod pipeline;
 pub mod privacy;
-pub mod server;
 pub mod sql;
+pub mod telemetry;
 pub mod wal;
 
-pub use server::{Listeners, RunError, run};
+pub use http::{Listeners, RunError, run};
 
 /// Lowers the calling thread's scheduling priority (nice 10), so that work the write-ahead log
 /// buffers (the SQL window, the dedup snapshots) or that analysts wait for (queries) yields the

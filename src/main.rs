@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use flagstream::config::{Config, ConfigError, Overrides, TokenHash, render_markdown};
-use flagstream::server::{Listeners, check, run, telemetry};
+use flagstream::http::{Listeners, check, run};
 use flagstream::sql::client::{ClientError, Output, Server, render_table};
+use flagstream::telemetry;
 
 /// Streaming analytics and feature-flag edge service.
 #[derive(Debug, Parser)]
@@ -202,7 +203,7 @@ fn hash_token(token: Option<String>) -> ExitCode {
 }
 
 fn serve(config: Config) -> ExitCode {
-    telemetry::init(&config.telemetry);
+    telemetry::logs::init(&config.telemetry);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {

@@ -9,6 +9,7 @@
 mod embedded;
 pub mod hll;
 pub mod keys;
+pub mod metrics;
 mod redis_store;
 
 use std::collections::BTreeMap;

@@ -7,10 +7,10 @@ use tokio::sync::OnceCell;
 
 use std::collections::{BTreeMap, HashSet};
 
+use super::metrics::REDIS_COMMANDS_TOTAL;
 use super::{CohortUpdate, CounterError, CounterWriter, Retention, WindowCounts, keys};
 use crate::config::RedisUrl;
 use crate::pipeline::{CohortKey, Window, WindowStart};
-use crate::server::metrics::REDIS_COMMANDS_TOTAL;
 
 /// Why Redis could not be used.
 #[derive(Debug, thiserror::Error)]

@@ -1,4 +1,4 @@
-//! Events: the envelope apps send (DESIGN.md), its validation against the declared schema,
+//! Events: the envelope apps send (ARCHITECTURE.md), its validation against the declared schema,
 //! and clock-skew correction.
 //!
 //! Input: each event as a [`RawEvent`] (its fields as sent, borrowed from the request) from

@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 
 use super::validate::{RejectReason, Rejection};
 
-/// The top-level fields of the envelope (DESIGN.md), in the order [`RawEvent`] keeps them.
+/// The top-level fields of the envelope (ARCHITECTURE.md), in the order [`RawEvent`] keeps them.
 pub const KNOWN_FIELDS: [&str; 10] = [
     "event_id",
     "device_id",

@@ -1,5 +1,5 @@
 //! Timestamps: RFC 3339 parsing to milliseconds since the Unix epoch, and the clock-skew
-//! correction of DESIGN.md. Pure: the receive time is always passed in.
+//! correction of ARCHITECTURE.md. Pure: the receive time is always passed in.
 
 /// Milliseconds since the Unix epoch.
 pub type Millis = i64;

@@ -6,6 +6,7 @@
 //! error would be of the same size as the lifts being measured. The statistics live in the
 //! pure [`stats`] module; [`results`] turns counts into an answer.
 
+pub mod metrics;
 pub mod query;
 pub mod results;
 pub mod stats;
@@ -18,6 +19,9 @@ use crate::flags::Flag;
 use crate::flags::definition::Targeting;
 use crate::flags::logic::Rule;
 use crate::flags::snapshot::Snapshot;
+use crate::sql::metrics::QueryKind;
+use crate::sql::{SqlEngine, SqlError};
+use results::{Results, analyze};
 
 /// An experiment as the flag definitions declare it.
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
@@ -63,6 +67,25 @@ impl Experiment {
 /// Every experiment in `snapshot`, ordered by key.
 pub fn catalog(snapshot: &Snapshot) -> Vec<Experiment> {
     snapshot.flags().filter_map(Experiment::of).collect()
+}
+
+/// Counts `experiment`'s variants over `[from, to)` with one SQL query and analyzes them.
+pub async fn compute(
+    sql: &SqlEngine,
+    experiment: &Experiment,
+    from: i64,
+    to: i64,
+    kind: QueryKind,
+) -> Result<Results, SqlError> {
+    let goals = experiment.goals.len();
+    let text = query::sql(goals);
+    let params = query::params(&experiment.key, &experiment.goals, from, to);
+    let (_, counts) = sql
+        .run_counted(kind, &text, &params, None, |result| {
+            query::counts(result, goals).map_err(SqlError::Internal)
+        })
+        .await?;
+    Ok(analyze(experiment, from, to, &counts))
 }
 
 /// The shares of a targeting that is one constant `fractional` split.

@@ -12,6 +12,7 @@ pub mod evaluate;
 pub mod exposure;
 pub mod files;
 pub mod logic;
+pub mod metrics;
 pub mod semver;
 pub mod snapshot;
 pub mod store;

@@ -1,16 +1,18 @@
-//! The flag store: the snapshot in force, swapped atomically on reload, and a watcher thread
-//! that reloads the directory when it changes. Readers never wait for a reload.
+//! The flag store: the snapshot in force, swapped atomically on reload. Readers never wait
+//! for a reload; the job that watches the directory (`jobs::flags`) calls
+//! `reload_if_changed`, and listeners registered with `on_change` hear of every applied one.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
 
 use super::files::{self, Signature};
+use super::metrics;
 use super::snapshot::Snapshot;
-use crate::server::metrics::{FLAG_PROBLEMS, FLAG_RELOADS_TOTAL, FLAGS_LOADED};
+
+/// Hears the content hash of every snapshot put in force.
+type Listener = Box<dyn Fn(u64) + Send + Sync>;
 
 /// What a reload did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,7 +29,7 @@ pub enum ReloadOutcome {
 pub struct FlagStore {
     dir: PathBuf,
     current: ArcSwap<Snapshot>,
-    changes: watch::Sender<u64>,
+    listeners: Mutex<Vec<Listener>>,
     signature: Mutex<Signature>,
 }
 
@@ -40,11 +42,10 @@ impl FlagStore {
             Err(problem) => Snapshot::build(vec![(problem.file.clone(), Err(vec![problem]))], None),
         };
         report(&snapshot);
-        let (changes, _) = watch::channel(snapshot.content_hash);
         Arc::new(Self {
             dir,
             current: ArcSwap::from_pointee(snapshot),
-            changes,
+            listeners: Mutex::new(Vec::new()),
             signature: Mutex::new(signature),
         })
     }
@@ -54,9 +55,12 @@ impl FlagStore {
         self.current.load_full()
     }
 
-    /// Notifies on every applied reload with the new content hash.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changes.subscribe()
+    /// Calls `listener` with the new content hash on every applied reload.
+    pub fn on_change(&self, listener: impl Fn(u64) + Send + Sync + 'static) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::new(listener));
     }
 
     /// Reads the directory again and applies what changed.
@@ -66,26 +70,33 @@ impl FlagStore {
             Ok(contents) => contents,
             Err(problem) => {
                 tracing::error!(%problem, "flag directory unreadable; keeping the flags in force");
-                metrics::counter!(FLAG_RELOADS_TOTAL, "outcome" => "failed").increment(1);
+                metrics::reloaded(ReloadOutcome::Failed);
                 return ReloadOutcome::Failed;
             }
         };
         let next = Snapshot::build(contents, Some(&previous));
         report(&next);
         if next.content_hash == previous.content_hash && next.problems == previous.problems {
-            metrics::counter!(FLAG_RELOADS_TOTAL, "outcome" => "unchanged").increment(1);
+            metrics::reloaded(ReloadOutcome::Unchanged);
             return ReloadOutcome::Unchanged;
         }
         let hash = next.content_hash;
         tracing::info!(flags = next.len(), version = next.version, "flags reloaded");
         self.current.store(Arc::new(next));
-        self.changes.send_replace(hash);
-        metrics::counter!(FLAG_RELOADS_TOTAL, "outcome" => "applied").increment(1);
+        for listener in self
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            listener(hash);
+        }
+        metrics::reloaded(ReloadOutcome::Applied);
         ReloadOutcome::Applied
     }
 
     /// Reloads when the directory's signature changed since the last look.
-    fn reload_if_changed(&self) {
+    pub fn reload_if_changed(&self) {
         let now = files::signature(&self.dir);
         let changed = {
             let mut last = self.signature.lock().unwrap_or_else(|p| p.into_inner());
@@ -97,30 +108,11 @@ impl FlagStore {
             self.reload();
         }
     }
-
-    /// Watches the directory every `interval` on its own thread, which ends once the store
-    /// is dropped.
-    pub fn watch(self: &Arc<Self>, interval: Duration) -> std::io::Result<()> {
-        let store: Weak<Self> = Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name("flag-watcher".into())
-            .spawn(move || {
-                loop {
-                    std::thread::sleep(interval);
-                    match store.upgrade() {
-                        Some(store) => store.reload_if_changed(),
-                        None => break,
-                    }
-                }
-            })
-            .map(drop)
-    }
 }
 
 fn report(snapshot: &Snapshot) {
     for problem in &snapshot.problems {
         tracing::error!(%problem, "flag definition rejected");
     }
-    metrics::gauge!(FLAG_PROBLEMS).set(snapshot.problems.len() as f64);
-    metrics::gauge!(FLAGS_LOADED).set(snapshot.len() as f64);
+    metrics::loaded(snapshot.len(), snapshot.problems.len());
 }

@@ -7,15 +7,15 @@
 
 pub mod decode;
 pub mod dedup;
+pub mod exposure;
+pub mod metrics;
 pub mod rate;
 pub mod snapshot;
 pub mod stored_keys;
 
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
-
-use tokio::sync::mpsc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::events::RejectReason;
 use crate::events::schema::EXPOSURE_TYPE;
@@ -24,13 +24,21 @@ use crate::events::{Event, Limits, Properties, RawEvent, Rejection, Schema, vali
 use crate::flags::exposure::Exposure;
 use crate::privacy::erasure::Suppressions;
 use crate::privacy::{ConsentLedger, ConsentScope, Pepper};
-use crate::server::metrics::{
-    DEDUP_DEVICES, DEDUP_EVENT_IDS, EVENTS_TOTAL, EXPOSURES_TOTAL, FIELDS_DROPPED_TOTAL,
+use crate::wal::{Batch, Epoch, Recovery, Wal, WalError, WalOptions};
+use dedup::{Dedup, Seen};
+use metrics::{
+    DEDUP_DEVICES, DEDUP_EVENT_IDS, ExposureOutcome, FIELDS_DROPPED_TOTAL,
     INGEST_ACK_DURATION_SECONDS, INGEST_BATCH_EVENTS, INGEST_CLOCK_SKEW_SECONDS,
     INGEST_LATENESS_SECONDS, TIMESTAMPS_CLAMPED_TOTAL,
 };
-use crate::wal::{Batch, Epoch, Recovery, Wal, WalError, WalOptions};
-use dedup::{Dedup, Seen};
+
+/// Milliseconds since the Unix epoch, now: the receive clock, and every job's "now".
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
 
 /// What happened to one event of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,14 +266,14 @@ impl Ingestor {
             .consent_policy
             .requires(project)
             .then_some(&self.consent);
-        metrics::histogram!(INGEST_BATCH_EVENTS, "transport" => transport.as_str())
+        ::metrics::histogram!(INGEST_BATCH_EVENTS, "transport" => transport.as_str())
             .record(events.len() as f64);
         let mut outcomes = Vec::with_capacity(events.len());
         let mut accepted: Vec<Event<'_>> = Vec::new();
         let mut last_subject: Option<(Cow<'_, str>, String)> = None;
         // Metric handles looked up once a request, not once an event.
-        let skew = metrics::histogram!(INGEST_CLOCK_SKEW_SECONDS);
-        let lateness = metrics::histogram!(INGEST_LATENESS_SECONDS);
+        let skew = ::metrics::histogram!(INGEST_CLOCK_SKEW_SECONDS);
+        let lateness = ::metrics::histogram!(INGEST_LATENESS_SECONDS);
         let (mut dropped, mut clamped) = (0u64, 0u64);
         for raw in events {
             let checked = raw.and_then(|raw| {
@@ -318,15 +326,15 @@ impl Ingestor {
             }
         }
         if dropped > 0 {
-            metrics::counter!(FIELDS_DROPPED_TOTAL).increment(dropped);
+            ::metrics::counter!(FIELDS_DROPPED_TOTAL).increment(dropped);
         }
         if clamped > 0 {
-            metrics::counter!(TIMESTAMPS_CLAMPED_TOTAL).increment(clamped);
+            ::metrics::counter!(TIMESTAMPS_CLAMPED_TOTAL).increment(clamped);
         }
         let stored = self.store(accepted, &mut outcomes).await?;
         count_outcomes(&outcomes, transport);
         if stored > 0 {
-            metrics::histogram!(INGEST_ACK_DURATION_SECONDS, "transport" => transport.as_str())
+            ::metrics::histogram!(INGEST_ACK_DURATION_SECONDS, "transport" => transport.as_str())
                 .record(started.elapsed().as_secs_f64());
         }
         Ok(outcomes)
@@ -414,7 +422,7 @@ impl Ingestor {
                 .as_deref()
                 .is_some_and(|s| self.suppressions.hides(s, e.event_time));
             if hidden {
-                metrics::counter!(EXPOSURES_TOTAL, "outcome" => "erased").increment(1);
+                metrics::exposures(ExposureOutcome::Erased, 1);
             }
             !hidden
         });
@@ -426,8 +434,8 @@ impl Ingestor {
 }
 
 fn publish_dedup(dedup: &Dedup) {
-    metrics::gauge!(DEDUP_DEVICES).set(dedup.devices() as f64);
-    metrics::gauge!(DEDUP_EVENT_IDS).set(dedup.ids() as f64);
+    ::metrics::gauge!(DEDUP_DEVICES).set(dedup.devices() as f64);
+    ::metrics::gauge!(DEDUP_EVENT_IDS).set(dedup.ids() as f64);
 }
 
 fn count_outcomes(outcomes: &[Outcome], transport: Transport) {
@@ -437,63 +445,8 @@ fn count_outcomes(outcomes: &[Outcome], transport: Transport) {
         match outcome {
             Outcome::Ok => ok += 1,
             Outcome::Duplicate => duplicate += 1,
-            Outcome::Rejected(rejection) => {
-                metrics::counter!(EVENTS_TOTAL, "transport" => transport.as_str(), "outcome" => "rejected", "reason" => rejection.reason.as_str())
-                    .increment(1);
-            }
+            Outcome::Rejected(rejection) => metrics::event_rejected(transport, rejection.reason),
         }
     }
-    for (outcome, count) in [("ok", ok), ("duplicate", duplicate)] {
-        if count > 0 {
-            metrics::counter!(EVENTS_TOTAL, "transport" => transport.as_str(), "outcome" => outcome, "reason" => "")
-                .increment(count);
-        }
-    }
-}
-
-/// Where server-side exposure records go.
-pub trait ExposureSink: Send + Sync + 'static {
-    /// Takes one exposure (already deduplicated per subject, flag and variant per day).
-    fn submit(&self, exposure: Exposure);
-}
-
-/// Hands exposures to a task that stores them through the ingest path, in batches. When the
-/// queue is full, exposures are dropped and counted rather than slowing flag evaluation.
-pub struct IngestExposureSink {
-    tx: mpsc::Sender<Exposure>,
-}
-
-impl IngestExposureSink {
-    /// Starts the storing task on the current runtime.
-    pub fn start(ingestor: Arc<Ingestor>, queue: usize) -> Self {
-        let (tx, mut rx) = mpsc::channel::<Exposure>(queue.max(1));
-        tokio::spawn(async move {
-            let mut batch = Vec::new();
-            while rx.recv_many(&mut batch, 1024).await > 0 {
-                let events: Vec<Event<'_>> = batch
-                    .drain(..)
-                    .map(|e| ingestor.exposure_event(&e))
-                    .collect();
-                let count = events.len() as u64;
-                match ingestor.store_internal(events, Transport::Exposure).await {
-                    Ok(_) => {
-                        metrics::counter!(EXPOSURES_TOTAL, "outcome" => "stored").increment(count)
-                    }
-                    Err(err) => {
-                        tracing::warn!(error = %err, count, "exposures not stored");
-                        metrics::counter!(EXPOSURES_TOTAL, "outcome" => "failed").increment(count);
-                    }
-                }
-            }
-        });
-        Self { tx }
-    }
-}
-
-impl ExposureSink for IngestExposureSink {
-    fn submit(&self, exposure: Exposure) {
-        if self.tx.try_send(exposure).is_err() {
-            metrics::counter!(EXPOSURES_TOTAL, "outcome" => "dropped").increment(1);
-        }
-    }
+    metrics::events_accepted(transport, ok, duplicate);
 }

@@ -1,6 +1,9 @@
-//! A token bucket per client key, counting events. Pure: the time is passed in.
+//! Per-key event rate limits: a token bucket per client key, counting events. The bucket
+//! is pure (the time is passed in); the limiter keeps one per key.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// One key's bucket.
 #[derive(Debug, Clone, Copy)]
@@ -38,6 +41,39 @@ impl Bucket {
             let missing = needed - self.tokens;
             Err(Duration::from_secs_f64(missing / rate.max(1) as f64))
         }
+    }
+}
+
+/// Per-key event rate limits.
+pub struct RateLimiter {
+    rate: usize,
+    burst: usize,
+    origin: Instant,
+    buckets: Mutex<HashMap<Arc<str>, Bucket>>,
+}
+
+impl RateLimiter {
+    /// Limits each key to `rate` events a second with bursts of `burst`; a rate of 0 is no limit.
+    pub fn new(rate: usize, burst: usize) -> Self {
+        Self {
+            rate,
+            burst,
+            origin: Instant::now(),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes `events` from `key`'s bucket, or says how long to wait.
+    pub fn admit(&self, key: &Arc<str>, events: usize) -> Result<(), Duration> {
+        if self.rate == 0 {
+            return Ok(());
+        }
+        let now = self.origin.elapsed();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let bucket = buckets
+            .entry(key.clone())
+            .or_insert_with(|| Bucket::full(self.burst, now));
+        bucket.take(events, self.rate, self.burst, now)
     }
 }
 

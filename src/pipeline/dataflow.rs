@@ -25,15 +25,15 @@ use timely::dataflow::{InputHandle, ProbeHandle};
 
 use super::aggregate::{Aggregate, CohortHasher, WindowDelta, WindowKey};
 use super::cohort::{Assignments, CohortKey, epoch_order};
+use super::metrics::{
+    PIPELINE_ASSIGNED_SUBJECTS, PIPELINE_CHECKPOINT_EPOCH, PIPELINE_EVENTS_TOTAL,
+    PIPELINE_FLUSH_LAG_SECONDS, PIPELINE_LAG_SECONDS, PIPELINE_PENDING_EPOCHS,
+    PIPELINE_RESTARTS_TOTAL, PIPELINE_RUNNING, PIPELINE_UNREADABLE_EVENTS_TOTAL,
+};
 use super::record::PipelineEvent;
 use super::state::AssignmentLog;
+use crate::counters::metrics::{self as counters_metrics, WriteFailure};
 use crate::counters::{CohortUpdate, CounterStore, CounterWriter};
-use crate::server::metrics::{
-    COUNTER_ERRORS_TOTAL, PIPELINE_ASSIGNED_SUBJECTS, PIPELINE_CHECKPOINT_EPOCH,
-    PIPELINE_EVENTS_TOTAL, PIPELINE_FLUSH_LAG_SECONDS, PIPELINE_LAG_SECONDS,
-    PIPELINE_PENDING_EPOCHS, PIPELINE_RESTARTS_TOTAL, PIPELINE_RUNNING,
-    PIPELINE_UNREADABLE_EVENTS_TOTAL,
-};
 use crate::wal::tail::Tail;
 use crate::wal::{Checkpoints, Epoch, Wal, WalError, unix_millis};
 
@@ -647,13 +647,12 @@ fn write_until_stored(writer: &mut dyn CounterWriter, updates: &[CohortUpdate], 
         match writer.apply(updates) {
             Ok(()) => return,
             Err(err) => {
-                let kind = if err.is_retryable() {
-                    "retryable"
+                let failure = if err.is_retryable() {
+                    WriteFailure::Retryable
                 } else {
-                    "permanent"
+                    WriteFailure::Permanent
                 };
-                metrics::counter!(COUNTER_ERRORS_TOTAL, "store" => shared.store.kind(), "kind" => kind)
-                    .increment(1);
+                counters_metrics::write_failed(shared.store.kind(), failure);
                 if logged.elapsed() >= Duration::from_secs(10) {
                     tracing::warn!(error = %err, "counter store write failed; retrying (the log keeps the events)");
                     logged = Instant::now();

@@ -7,6 +7,7 @@
 pub mod aggregate;
 pub mod cohort;
 mod dataflow;
+pub mod metrics;
 pub mod record;
 pub mod state;
 pub mod window;

@@ -4,13 +4,16 @@
 //! Sits between event validation and the write-ahead log: nothing reaches storage with a raw
 //! user id, and nothing from a subject without granted consent (where the project requires it).
 
+pub mod audit;
 pub mod consent;
 pub mod erasure;
 pub mod journal;
 pub mod keys;
 pub mod ledger;
+pub mod metrics;
 pub mod pseudonym;
 pub mod requests;
+pub mod retention;
 
 pub use consent::ConsentScope;
 pub use keys::{KeyError, KeyRing};

@@ -27,11 +27,11 @@ use tokio::sync::Semaphore;
 
 use super::SqlError;
 use super::counters_table::CountersTable;
+use super::metrics::{self, QueryKind, SQL_QUERIES_RUNNING};
 use super::saved::SavedQuery;
 use super::scope::Scope;
 use super::table::{EventsTable, RecentEvents};
 use crate::counters::{CounterStore, Retention};
-use crate::server::metrics::SQL_QUERIES_RUNNING;
 
 /// The limits of the engine.
 #[derive(Debug, Clone)]
@@ -164,8 +164,32 @@ impl SqlEngine {
         Ok(names)
     }
 
+    /// Runs a query and `finish` on its answer, recording the query's duration and outcome
+    /// under `kind` in the SQL metrics.
+    pub async fn run_counted<T>(
+        &self,
+        kind: QueryKind,
+        sql: &str,
+        params: &BTreeMap<String, String>,
+        scope: Option<&Scope>,
+        finish: impl FnOnce(&QueryResult) -> Result<T, SqlError>,
+    ) -> Result<(QueryResult, T), SqlError> {
+        let started = Instant::now();
+        let result = self
+            .run(sql, params, scope)
+            .await
+            .and_then(|result| finish(&result).map(|done| (result, done)));
+        let outcome = match &result {
+            Ok((result, _)) if result.truncated => "truncated",
+            Ok(_) => "ok",
+            Err(err) => err.outcome(),
+        };
+        metrics::query_finished(kind, outcome, started.elapsed());
+        result
+    }
+
     /// Runs `sql` with `params` bound to its `$name` placeholders, over every event or, for
-    /// a scoped token, over its `scope` (see [`Scope`]).
+    /// a scoped token, over its `scope` (see [`Scope`]); uncounted (see `run_counted`).
     pub async fn run(
         &self,
         sql: &str,
@@ -392,14 +416,14 @@ struct Running(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
 
 impl Running {
     fn start(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
-        metrics::gauge!(SQL_QUERIES_RUNNING).increment(1.0);
+        ::metrics::gauge!(SQL_QUERIES_RUNNING).increment(1.0);
         Self(permit)
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        metrics::gauge!(SQL_QUERIES_RUNNING).decrement(1.0);
+        ::metrics::gauge!(SQL_QUERIES_RUNNING).decrement(1.0);
     }
 }
 

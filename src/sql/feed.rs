@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::segments;
-use super::table::RecentEvents;
-use crate::server::metrics::{
+use super::metrics::{
     SQL_MEMORY_BYTES, SQL_MEMORY_EVENTS, SQL_ROLL_ERRORS_TOTAL, SQL_SEGMENTS,
     SQL_UNREADABLE_EVENTS_TOTAL,
 };
+use super::segments;
+use super::table::RecentEvents;
 use crate::wal::tail::{Follower, Tail};
 use crate::wal::{Checkpoints, Epoch, Wal, WalError, unix_millis};
 

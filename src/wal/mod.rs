@@ -14,6 +14,7 @@
 
 pub mod erase;
 pub mod frame;
+pub mod metrics;
 pub mod seal;
 pub mod tail;
 
@@ -26,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::server::metrics::{
+use self::metrics::{
     WAL_BYTES_TOTAL, WAL_CORRUPT_RECORDS_TOTAL, WAL_EPOCHS_TOTAL, WAL_ERRORS_TOTAL,
     WAL_FSYNC_DURATION_SECONDS, WAL_QUEUE_DEPTH, WAL_TRUNCATED_BYTES_TOTAL,
 };
@@ -244,7 +245,7 @@ impl Wal {
             return Err(WalError::Stopped);
         }
         let (done, result) = oneshot::channel();
-        metrics::gauge!(WAL_QUEUE_DEPTH).set(self.queued() as f64);
+        ::metrics::gauge!(WAL_QUEUE_DEPTH).set(self.queued() as f64);
         self.tx
             .try_send(Message::Append(Append { events, done }))
             .map_err(|err| match err {
@@ -553,14 +554,14 @@ impl Writer {
         }
         match written {
             Ok(()) => {
-                metrics::counter!(WAL_EPOCHS_TOTAL).increment(1);
-                metrics::counter!(WAL_BYTES_TOTAL).increment(frame.len() as u64);
+                ::metrics::counter!(WAL_EPOCHS_TOTAL).increment(1);
+                ::metrics::counter!(WAL_BYTES_TOTAL).increment(frame.len() as u64);
                 for append in group.drain(..) {
                     let _ = append.done.send(Ok(Epoch(epoch)));
                 }
             }
             Err(failure) => {
-                metrics::counter!(WAL_ERRORS_TOTAL).increment(1);
+                ::metrics::counter!(WAL_ERRORS_TOTAL).increment(1);
                 let err = match failure {
                     // The partial record was cut off: the log is as it was, and the next
                     // group may succeed (a full disk that gets space again).
@@ -612,7 +613,7 @@ impl Writer {
         // After a failed sync the state of the file is unknown (the kernel may have dropped
         // the pages): never retried.
         segment.file.sync_data().map_err(WriteFailure::Unknown)?;
-        metrics::histogram!(WAL_FSYNC_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
+        ::metrics::histogram!(WAL_FSYNC_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
         segment.len += frame.len() as u64;
         // Before the epoch is published as durable: a reader told to read through it finds
         // its bytes committed.
@@ -694,7 +695,7 @@ pub fn recover(
                             report
                                 .damaged
                                 .push(format!("{}@{at} (undecodable record)", path.display()));
-                            metrics::counter!(WAL_CORRUPT_RECORDS_TOTAL).increment(1);
+                            ::metrics::counter!(WAL_CORRUPT_RECORDS_TOTAL).increment(1);
                         }
                     }
                     at = next;
@@ -707,7 +708,7 @@ pub fn recover(
                             path.display(),
                             next - at
                         ));
-                        metrics::counter!(WAL_CORRUPT_RECORDS_TOTAL).increment(1);
+                        ::metrics::counter!(WAL_CORRUPT_RECORDS_TOTAL).increment(1);
                         tracing::error!(segment = %path.display(), offset = at, bytes = next - at, "damaged write-ahead log record skipped");
                         at = next;
                     }
@@ -720,14 +721,14 @@ pub fn recover(
                                 let file = OpenOptions::new().write(true).open(path)?;
                                 file.set_len(at as u64)?;
                                 file.sync_all()?;
-                                metrics::counter!(WAL_TRUNCATED_BYTES_TOTAL).increment(torn);
+                                ::metrics::counter!(WAL_TRUNCATED_BYTES_TOTAL).increment(torn);
                                 tracing::warn!(segment = %path.display(), bytes = torn, "torn write-ahead log tail truncated");
                             }
                         } else {
                             report
                                 .damaged
                                 .push(format!("{}@{at} ({torn} bytes)", path.display()));
-                            metrics::counter!(WAL_CORRUPT_RECORDS_TOTAL).increment(1);
+                            ::metrics::counter!(WAL_CORRUPT_RECORDS_TOTAL).increment(1);
                         }
                         break;
                     }

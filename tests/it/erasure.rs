@@ -9,8 +9,9 @@ use flagstream::events::time::{format_rfc3339, parse_rfc3339};
 use flagstream::pipeline::record::subject_hash;
 use serde_json::{Value, json};
 
+use crate::harness::client::{count, files, post_batch, send};
+use crate::harness::wait::{eventually, eventually_every, now_ms};
 use crate::harness::{Redis, Service, role_tokens, stored_events, test_config};
-use crate::privacy::{count, files, now_ms, post_batch, send};
 
 const ERASED: &str = "child-erased-4471";
 const KEPT: &str = "child-kept-5582";
@@ -87,14 +88,17 @@ fn readable_files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
 
 /// Waits until some file under `dir` satisfies `found`.
 async fn wait_for_file(dir: &std::path::Path, what: &str, found: impl Fn(&str, &[u8]) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !readable_files(dir)
-        .iter()
-        .any(|(name, bytes)| found(name, bytes))
-    {
-        assert!(Instant::now() < deadline, "never written: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let written = || async {
+        readable_files(dir)
+            .iter()
+            .any(|(name, bytes)| found(name, bytes))
+    };
+    eventually(
+        Duration::from_secs(30),
+        &format!("written: {what}"),
+        written,
+    )
+    .await;
 }
 
 fn contains(bytes: &[u8], needle: &str) -> bool {
@@ -296,15 +300,6 @@ fn retention_config(data: &std::path::Path) -> flagstream::config::Config {
     config
 }
 
-/// Waits until `done` holds, retrying `what` for up to 30 seconds.
-async fn eventually<F: std::future::Future<Output = bool>>(what: &str, done: impl Fn() -> F) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !done().await {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_deletes_each_kind_of_data_on_its_own_clock_and_says_so() {
     // The embedded counter store: the pipeline never checkpoints (it replays the log at
@@ -374,13 +369,19 @@ async fn retention_deletes_each_kind_of_data_on_its_own_clock_and_says_so() {
         assert!(results.iter().all(|r| r.0 == "ok"), "{results:?}");
     }
     assert!(wal_segments(data.path()) >= 2, "the log rotated");
-    eventually("old log segments deleted", || async {
-        wal_segments(data.path()) == 1
-    })
+    eventually_every(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        "old log segments deleted",
+        || async { wal_segments(data.path()) == 1 },
+    )
     .await;
-    eventually("lapsed consent records deleted", || async {
-        history("child-lapsed").await == 0
-    })
+    eventually_every(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        "lapsed consent records deleted",
+        || async { history("child-lapsed").await == 0 },
+    )
     .await;
     assert_eq!(history("child-granted").await, 1, "a grant in force stays");
     let metrics = service.get_text("/metrics").await;
@@ -407,10 +408,15 @@ async fn retention_deletes_each_kind_of_data_on_its_own_clock_and_says_so() {
     let results = post(&service, &exposures).await;
     assert!(results.iter().all(|r| r.0 == "ok"), "{results:?}");
     // Written, then deleted (the counter moves only when lines were deleted).
-    eventually("the assignment deleted", || async {
-        let metrics = service.get_text("/metrics").await;
-        metrics.contains("flagstream_retention_deleted_total{data=\"exposures\"} 1")
-            && assignment_lines(data.path()) == 0
-    })
+    eventually_every(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        "the assignment deleted",
+        || async {
+            let metrics = service.get_text("/metrics").await;
+            metrics.contains("flagstream_retention_deleted_total{data=\"exposures\"} 1")
+                && assignment_lines(data.path()) == 0
+        },
+    )
     .await;
 }

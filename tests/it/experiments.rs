@@ -5,11 +5,12 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use flagstream::events::time::format_rfc3339;
 use serde_json::{Value, json};
 
+use crate::harness::wait::now_ms;
 use crate::harness::{Service, client_and_analyst_tokens};
 
 const MINUTE: i64 = 60_000;
@@ -42,13 +43,6 @@ const FLAGS: &str = r#"{"flags": {
   "kill-switch": {"state": "ENABLED", "variants": {"on": true, "off": false},
     "defaultVariant": "on"}
 }}"#;
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
 
 /// A small deterministic generator (SplitMix64), so the data and the verdicts are the same on
 /// every run.

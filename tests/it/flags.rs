@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use flagstream::config::TokenConfig;
 use serde_json::{Value, json};
 
+use crate::harness::wait::eventually_every;
 use crate::harness::{Service, client_and_analyst_tokens};
 
 const FLAGS: &str = r#"{
@@ -348,11 +349,13 @@ async fn hot_reload_applies_changes_and_rejects_broken_files_while_serving_the_l
         "app.json",
         &FLAGS.replace("\"fast\": 1.0", "\"fast\": 2.0"),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while value_of("pacing").await != json!(2.0) {
-        assert!(Instant::now() < deadline, "the change was not applied");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    eventually_every(
+        Duration::from_secs(10),
+        Duration::from_millis(25),
+        "the change was not applied",
+        || async { value_of("pacing").await == json!(2.0) },
+    )
+    .await;
 
     // A broken file is rejected: the last good flags keep serving and the problem is visible.
     write_flags(dir.path(), "app.json", "{ \"flags\": { \"pacing\": ");
@@ -386,9 +389,11 @@ async fn hot_reload_applies_changes_and_rejects_broken_files_while_serving_the_l
         "extra.yaml",
         "flags:\n  kill-switch:\n    state: ENABLED\n    variants:\n      enabled: true\n      disabled: false\n    defaultVariant: disabled\n",
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while value_of("kill-switch").await != json!(false) {
-        assert!(Instant::now() < deadline, "the YAML file was not loaded");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    eventually_every(
+        Duration::from_secs(10),
+        Duration::from_millis(25),
+        "the YAML file was not loaded",
+        || async { value_of("kill-switch").await == json!(false) },
+    )
+    .await;
 }

@@ -3,19 +3,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use flagstream::events::time::format_rfc3339;
 use serde_json::{Value, json};
 
+use crate::harness::wait::now_ms;
 use crate::harness::{Process, Service, client_and_analyst_tokens, stored_events};
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
 
 fn event(id: &str, user: &str, at: i64) -> Value {
     json!({

@@ -8,6 +8,7 @@ mod experiments;
 mod flags;
 mod harness;
 mod ingest;
+mod layering;
 mod ops;
 mod peers;
 mod pipeline;

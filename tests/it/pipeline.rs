@@ -4,23 +4,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use flagstream::events::time::format_rfc3339;
 use serde_json::{Value, json};
 
+use crate::harness::wait::now_ms;
 use crate::harness::{Process, Redis, Service};
 use crate::sql::sql;
 
 const EXPERIMENT: &str = "reward-animation";
 const DAY: i64 = 86_400_000;
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
 
 /// A generated workload: batches to send, and what the counters must say afterwards.
 struct Workload {

@@ -2,38 +2,14 @@
 //! restart; consent requests are checked; no raw id reaches the data dir.
 
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use flagstream::events::time::format_rfc3339;
 use serde_json::{Value, json};
 
+use crate::harness::client::{count, files, post_batch, send};
+use crate::harness::wait::{eventually_every, now_ms};
 use crate::harness::{Service, role_tokens, test_config};
-
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-pub(crate) async fn send(
-    service: &Service,
-    token: &str,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut request = service
-        .http
-        .request(method, service.url(path))
-        .bearer_auth(token);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.expect("request");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
 
 async fn consent(service: &Service, user: &str, scope: &str, granted: bool) -> Value {
     let body = json!({"subject": user, "scope": scope, "granted": granted, "guardian_id": "guardian-of-" .to_owned() + user});
@@ -74,65 +50,12 @@ async fn ingest(service: &Service, events: &[(Option<&str>, &str)]) -> Vec<(Stri
     post_batch(service, batch).await
 }
 
-/// Posts a batch with the client key; returns each event's status and reason.
-pub(crate) async fn post_batch(service: &Service, batch: Vec<Value>) -> Vec<(String, String)> {
-    let (status, answer) = send(
-        service,
-        "client-key",
-        reqwest::Method::POST,
-        "/v1/batch",
-        Some(json!({"batch": batch})),
-    )
-    .await;
-    assert_eq!(status, 200, "{answer}");
-    answer["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["status"].as_str().unwrap().to_owned(),
-                r["reason"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect()
-}
-
 fn ok() -> (String, String) {
     ("ok".into(), String::new())
 }
 
 fn no_consent() -> (String, String) {
     ("rejected".into(), "no_consent".into())
-}
-
-pub(crate) async fn count(service: &Service, sql: &str) -> i64 {
-    let (status, answer) = send(
-        service,
-        "analyst-key",
-        reqwest::Method::POST,
-        "/v1/sql",
-        Some(json!({"sql": sql})),
-    )
-    .await;
-    assert_eq!(status, 200, "{sql}: {answer}");
-    answer["rows"][0]["n"]
-        .as_i64()
-        .unwrap_or_else(|| panic!("{answer}"))
-}
-
-/// Every file under `dir`, as bytes.
-pub(crate) fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(files(&path));
-        } else {
-            out.push((path.display().to_string(), std::fs::read(&path).unwrap()));
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1259,11 +1182,13 @@ async fn a_data_key_added_to_the_file_is_used_without_a_restart() {
         format!("{}\n2 {}\n", first.trim(), "6b".repeat(32)),
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while gauge(&service).await != Some(2.0) {
-        assert!(Instant::now() < deadline, "the new key was never taken");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_every(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        "the new key was never taken",
+        || async { gauge(&service).await == Some(2.0) },
+    )
+    .await;
     let results = ingest(&service, &[(Some("child-rot"), "app_opened"); 5]).await;
     assert!(results.iter().all(|r| r.0 == "ok"));
     assert_eq!(
@@ -1280,10 +1205,13 @@ async fn a_data_key_added_to_the_file_is_used_without_a_restart() {
             })
             .unwrap_or(false)
     };
-    while !segment_of_2() {
-        assert!(Instant::now() < deadline, "no segment sealed with key 2");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_every(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        "no segment sealed with key 2",
+        || async { segment_of_2() },
+    )
+    .await;
     assert_eq!(
         count(&service, "SELECT count(*) AS n FROM events").await,
         10
@@ -1296,10 +1224,13 @@ async fn a_data_key_added_to_the_file_is_used_without_a_restart() {
     )
     .unwrap();
     let refused = "flagstream_data_key_reloads_total{outcome=\"refused\"}";
-    while !service.get_text("/metrics").await.contains(refused) {
-        assert!(Instant::now() < deadline, "a changed key was not refused");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_every(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        "a changed key was not refused",
+        || async { service.get_text("/metrics").await.contains(refused) },
+    )
+    .await;
     let results = ingest(&service, &[(Some("child-rot"), "app_opened")]).await;
     assert!(results.iter().all(|r| r.0 == "ok"));
     assert_eq!(

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 use flagstream::config::{Role, TokenConfig, TokenHash};
 use serde_json::{Value, json};
 
+use crate::harness::client::{post_batch, send};
+use crate::harness::wait::now_ms;
 use crate::harness::{Service, role_tokens, test_config};
-use crate::privacy::{now_ms, post_batch, send};
 
 fn teacher(name: &str, key: &str, scope: &str) -> TokenConfig {
     TokenConfig {

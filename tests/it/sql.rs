@@ -4,23 +4,17 @@
 //! cannot be read without the key.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use flagstream::events::time::{format_rfc3339, parse_rfc3339};
 use serde_json::{Value, json};
 
+use crate::harness::wait::{eventually_every, now_ms};
 use crate::harness::{Service, client_and_analyst_tokens, test_config};
 
 const EXPERIMENT: &str = "reward-animation";
 const HOUR: i64 = 3_600_000;
 const DAY: i64 = 24 * HOUR;
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
 
 /// One generated event, kept in the form the recount needs.
 #[derive(Debug, Clone)]
@@ -911,11 +905,13 @@ async fn the_window_rolls_into_encrypted_segments_that_survive_a_restart_and_exp
     // Past retention, segments are deleted.
     config.sql.retention = config.sql.memory_window;
     let service = Service::start_config(config).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !segments().is_empty() {
-        assert!(Instant::now() < deadline, "expired segments were kept");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_every(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        "expired segments were kept",
+        || async { !segments().is_empty() },
+    )
+    .await;
     let (_, answer) = sql(&service, count).await;
     assert_eq!(answer["rows"][0]["n"], 0, "{answer}");
     service.stop().await.expect("clean stop");

@@ -1,6 +1,6 @@
 //! Live ingest over `/v1/stream` with a real WebSocket client.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use flagstream::events::time::format_rfc3339;
 use futures_util::{SinkExt, StreamExt};
@@ -9,17 +9,11 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
+use crate::harness::wait::now_ms;
 use crate::harness::{Service, client_and_analyst_tokens, stored_events};
 
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
 
 fn event(id: &str) -> Value {
     json!({"event_id": id, "user_id": "child-ws", "type": "app_opened", "timestamp": format_rfc3339(now_ms())})

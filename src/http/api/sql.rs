@@ -2,7 +2,6 @@
 //! analysts. The format follows `Accept` (or `format=`); every failure is the JSON error body.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -12,14 +11,15 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use super::auth::{Analyst, Authorized, Principal};
-use super::error::{ApiError, ErrorBody, ErrorCode};
-use super::metrics::{SQL_QUERIES_TOTAL, SQL_QUERY_DURATION_SECONDS};
-use super::{AppState, audit};
+use crate::http::audit::Audited;
+use crate::http::auth::{Analyst, Authorized, Principal};
+use crate::http::error::{ApiError, ErrorBody, ErrorCode};
+use crate::http::{AppState, audit};
+use crate::sql::SqlError;
+use crate::sql::metrics::QueryKind;
 use crate::sql::output::{Format, encode};
 use crate::sql::saved::Param;
 use crate::sql::scope::Scope;
-use crate::sql::{QueryResult, SqlError};
 
 /// The body of `POST /v1/sql`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -91,7 +91,7 @@ pub async fn sql(
         let scope = scope_of(&state, &caller.principal);
         answer(
             &state,
-            "adhoc",
+            QueryKind::Adhoc,
             &request.sql,
             &request.params,
             format,
@@ -186,7 +186,7 @@ async fn run_saved(
     let params = saved
         .bind(&params)
         .map_err(|text| ApiError::new(ErrorCode::InvalidRequest, text))?;
-    answer(state, "saved", &saved.sql, &params, format, scope).await
+    answer(state, QueryKind::Saved, &saved.sql, &params, format, scope).await
 }
 
 /// The view of a scoped token (school staff), if the caller's token is one.
@@ -233,16 +233,16 @@ fn pick_format(headers: &HeaderMap, name: &Option<String>) -> Result<Format, Api
 
 async fn answer(
     state: &AppState,
-    kind: &'static str,
+    kind: QueryKind,
     sql: &str,
     params: &BTreeMap<String, String>,
     format: Format,
     scope: Option<&Scope>,
 ) -> Result<Response, ApiError> {
-    let result = run_counted(state, kind, sql, params, scope, |result| {
-        encode(result, format)
-    })
-    .await;
+    let result = state
+        .sql
+        .run_counted(kind, sql, params, scope, |result| encode(result, format))
+        .await;
     let (result, body) = result.map_err(api_error)?;
     let mut response = (
         [(
@@ -259,38 +259,6 @@ async fn answer(
     headers.insert("x-complete", HeaderValue::from_static(complete));
     headers.insert("x-row-count", HeaderValue::from(result.rows));
     Ok(response)
-}
-
-/// Runs a query and `finish` on its answer, recording the query's duration and outcome under
-/// `kind` in the SQL metrics.
-pub(super) async fn run_counted<T>(
-    state: &AppState,
-    kind: &'static str,
-    sql: &str,
-    params: &BTreeMap<String, String>,
-    scope: Option<&Scope>,
-    finish: impl FnOnce(&QueryResult) -> Result<T, SqlError>,
-) -> Result<(QueryResult, T), SqlError> {
-    let started = Instant::now();
-    let result = state
-        .sql
-        .run(sql, params, scope)
-        .await
-        .and_then(|result| finish(&result).map(|done| (result, done)));
-    metrics::histogram!(SQL_QUERY_DURATION_SECONDS, "kind" => kind)
-        .record(started.elapsed().as_secs_f64());
-    let outcome = match &result {
-        Ok((
-            QueryResult {
-                truncated: true, ..
-            },
-            _,
-        )) => "truncated",
-        Ok(_) => "ok",
-        Err(err) => err.outcome(),
-    };
-    metrics::counter!(SQL_QUERIES_TOTAL, "kind" => kind, "outcome" => outcome).increment(1);
-    result
 }
 
 /// The API error of a failed query.

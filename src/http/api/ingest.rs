@@ -1,9 +1,7 @@
 //! Event intake over HTTP: `POST /v1/batch` (JSON or NDJSON, gzip or zstd) and the published
 //! event schema at `GET /v1/schema`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -14,48 +12,13 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::AppState;
-use super::auth::{Authorized, Client};
-use super::error::{ApiError, ErrorBody, ErrorCode};
-use super::metrics::RATE_LIMITED_TOTAL;
 use crate::config::IngestConfig;
+use crate::http::AppState;
+use crate::http::auth::{Authorized, Client};
+use crate::http::error::{ApiError, ErrorBody, ErrorCode};
 use crate::ingest::decode::{self, BodyFormat, DecodeError, DecodeLimits, Encoding};
-use crate::ingest::rate::Bucket;
-use crate::ingest::{IngestError, Outcome, Transport};
+use crate::ingest::{IngestError, Outcome, Transport, now_ms};
 use crate::wal::WalError;
-
-/// Per-key event rate limits.
-pub struct RateLimiter {
-    rate: usize,
-    burst: usize,
-    origin: Instant,
-    buckets: Mutex<HashMap<Arc<str>, Bucket>>,
-}
-
-impl RateLimiter {
-    /// Limits each key to `rate` events a second with bursts of `burst`; a rate of 0 is no limit.
-    pub fn new(rate: usize, burst: usize) -> Self {
-        Self {
-            rate,
-            burst,
-            origin: Instant::now(),
-            buckets: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Takes `events` from `key`'s bucket, or says how long to wait.
-    pub fn admit(&self, key: &Arc<str>, events: usize) -> Result<(), Duration> {
-        if self.rate == 0 {
-            return Ok(());
-        }
-        let now = self.origin.elapsed();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let bucket = buckets
-            .entry(key.clone())
-            .or_insert_with(|| Bucket::full(self.burst, now));
-        bucket.take(events, self.rate, self.burst, now)
-    }
-}
 
 /// The decode limits of the configuration.
 pub fn decode_limits(config: &IngestConfig) -> DecodeLimits {
@@ -146,14 +109,6 @@ pub fn event_ids(
         .collect()
 }
 
-/// Milliseconds since the Unix epoch, now.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// Maps a failure to store into the HTTP answer: never a false acknowledgement.
 pub fn store_error(err: IngestError) -> ApiError {
     match err {
@@ -228,7 +183,7 @@ pub async fn batch(
         .rate
         .admit(&caller.principal.name, decoded.events.len().max(1))
     {
-        metrics::counter!(RATE_LIMITED_TOTAL).increment(1);
+        crate::ingest::metrics::rate_limited();
         return Err(ApiError::new(
             ErrorCode::RateLimited,
             "this key sends more events than its rate limit",

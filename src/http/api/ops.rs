@@ -10,11 +10,12 @@ use axum::response::IntoResponse;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::AppState;
-use super::auth::{Admin, Authorized};
-use super::error::ErrorBody;
-use super::metrics::READY;
 use crate::counters::CounterStore;
+use crate::http::AppState;
+use crate::http::audit::Audited;
+use crate::http::auth::{Admin, Authorized};
+use crate::http::error::ErrorBody;
+use crate::http::metrics::READY;
 
 /// The answer of `/healthz`.
 #[derive(Debug, Serialize, ToSchema)]

@@ -19,14 +19,15 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::AppState;
-use super::auth::Principal;
-use super::error::{ApiError, ErrorBody, ErrorCode};
-use super::ingest_api::{EventResult, answer, decode_limits, event_ids, now_ms, store_error};
-use super::metrics::{RATE_LIMITED_TOTAL, STREAM_MESSAGES_TOTAL, STREAM_SESSIONS};
+use super::ingest::{EventResult, answer, decode_limits, event_ids, store_error};
 use crate::config::Role;
+use crate::http::AppState;
+use crate::http::auth::Principal;
+use crate::http::error::{ApiError, ErrorBody, ErrorCode};
+use crate::http::metrics::{STREAM_MESSAGES_TOTAL, STREAM_SESSIONS};
 use crate::ingest::Transport;
 use crate::ingest::decode::{StreamMessage, decode_message};
+use crate::ingest::now_ms;
 
 /// The subprotocol a browser names, with its key as `key.<client key>`.
 const PROTOCOL: &str = "flagstream";
@@ -59,7 +60,7 @@ pub async fn stream(
                 .find_map(|p| p.strip_prefix("key."))
         })
         .map(|key| format!("Bearer {key}"));
-    let from_header = super::auth::presented_key(&headers);
+    let from_header = crate::http::auth::presented_key(&headers);
     let presented = from_header.as_deref().or(from_protocol.as_deref());
     let caller = state.tokens.authorize(presented, Role::Client)?;
     // A browser page may open a session only from an allowed origin, so another site cannot
@@ -98,7 +99,7 @@ async fn session(mut socket: WebSocket, state: AppState, caller: Principal) {
     SESSIONS.fetch_add(1, Ordering::Relaxed);
     metrics::gauge!(STREAM_SESSIONS).increment(1.0);
     let limits = state.config.stream.clone();
-    let mut changes = state.flags.subscribe();
+    let mut changes = state.flag_changes.clone();
     let mut ping = tokio::time::interval(limits.ping_interval);
     ping.tick().await;
     let mut last_heard = Instant::now();
@@ -181,7 +182,7 @@ async fn reply(state: &AppState, caller: &Principal, bytes: &[u8]) -> Result<Ack
         .map_err(|err| error_reply(err.seq, err.code, err.description))?;
     let seq = Some(seq_number);
     if let Err(wait) = state.rate.admit(&caller.name, events.len().max(1)) {
-        metrics::counter!(RATE_LIMITED_TOTAL).increment(1);
+        crate::ingest::metrics::rate_limited();
         let mut reply = error_reply(
             seq,
             "rate_limited",

@@ -9,12 +9,12 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
-use super::AppState;
-use super::auth::{Authorized, Privacy};
-use super::error::{ApiError, ErrorBody, ErrorCode};
-use super::ingest_api::now_ms;
-use super::metrics::{CONSENT_DECISIONS_TOTAL, CONSENT_SUBJECTS};
 use crate::events::time::{format_rfc3339, parse_rfc3339};
+use crate::http::AppState;
+use crate::http::audit::Audited;
+use crate::http::auth::{Authorized, Privacy};
+use crate::http::error::{ApiError, ErrorBody, ErrorCode};
+use crate::ingest::now_ms;
 use crate::privacy::ConsentScope;
 use crate::privacy::consent::ConsentRecord;
 use crate::privacy::ledger::Decision;
@@ -129,7 +129,7 @@ pub async fn record(
             (
                 format!(
                     "{} {} {decision} seq {}",
-                    super::requests_api::as_reference(&entry.subject),
+                    super::requests::as_reference(&entry.subject),
                     entry.scope,
                     entry.seq
                 ),
@@ -186,10 +186,11 @@ async fn record_decision(
             )
             .retry_after(std::time::Duration::from_secs(5))
         })?;
-    let decision = if record.granted { "grant" } else { "revoke" };
-    metrics::counter!(CONSENT_DECISIONS_TOTAL, "scope" => record.scope.as_str(), "decision" => decision)
-        .increment(1);
-    metrics::gauge!(CONSENT_SUBJECTS).set(state.consent.subjects() as f64);
+    crate::privacy::metrics::consent_decided(
+        record.scope,
+        record.granted,
+        state.consent.subjects(),
+    );
     Ok((StatusCode::CREATED, Json(record.into())))
 }
 
@@ -219,7 +220,7 @@ pub async fn show(
     state.audit.record(
         &caller.principal,
         "consent.read",
-        &super::requests_api::as_reference(&found.subject),
+        &super::requests::as_reference(&found.subject),
         200,
     );
     let mut consents = Consents::default();

@@ -1,9 +1,6 @@
 //! `POST /v1/privacy/requests`, `GET /v1/privacy/requests/{id}` and its export: data-subject
 //! requests for the privacy role, and the worker that carries them out in the background.
 
-use std::collections::HashSet;
-use std::sync::Arc;
-
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -11,22 +8,16 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
 
-use super::auth::{Authorized, Privacy};
-use super::error::{ApiError, ErrorBody, ErrorCode};
-use super::ingest_api::now_ms;
-use super::metrics::PRIVACY_REQUESTS_TOTAL;
-use super::{AppState, audit};
-use crate::events::Event;
 use crate::events::time::format_rfc3339;
-use crate::ingest::Ingestor;
-use crate::pipeline::Forgetter;
-use crate::pipeline::record::subject_hash;
-use crate::privacy::ConsentLedger;
+use crate::http::audit::Audited;
+use crate::http::auth::{Authorized, Privacy};
+use crate::http::error::{ApiError, ErrorBody, ErrorCode};
+use crate::http::{AppState, audit};
+use crate::ingest::now_ms;
 use crate::privacy::erasure::{is_reference, reference};
-use crate::privacy::requests::{Request, RequestKind, Requests, Status, write_access_export};
-use crate::sql::table::RecentEvents;
+use crate::privacy::metrics::{self as privacy_metrics, RequestOutcome};
+use crate::privacy::requests::{Request, RequestKind, Status};
 
 /// The largest body of `POST /v1/privacy/requests`.
 pub const MAX_BODY: usize = 16 * 1024;
@@ -157,7 +148,7 @@ async fn receive(
             format!("the body must be {{\"type\": \"access\" | \"erasure\", \"subject\"}}: {e}"),
         )
     })?;
-    super::consent_api::check_id("subject", &request.subject)?;
+    super::consent::check_id("subject", &request.subject)?;
     let requests = state.requests.clone();
     let received = tokio::task::spawn_blocking(move || {
         requests.submit(request.kind, &request.subject, now_ms())
@@ -181,8 +172,7 @@ async fn receive(
                 .suppress(reference, received.received_at);
         }
     }
-    metrics::counter!(PRIVACY_REQUESTS_TOTAL, "type" => received.kind.as_str(), "outcome" => "received")
-        .increment(1);
+    privacy_metrics::request(received.kind, RequestOutcome::Received);
     state.request_worker.notify_one();
     Ok((StatusCode::ACCEPTED, Json(RequestView::of(state, received))))
 }
@@ -290,162 +280,6 @@ fn find(state: &AppState, id: &str) -> Result<Request, ApiError> {
 
 fn not_found() -> ApiError {
     ApiError::new(ErrorCode::NotFound, "no data-subject request of that id")
-}
-
-/// What carrying out requests needs.
-pub struct Workshop {
-    /// The journal.
-    pub requests: Arc<Requests>,
-    /// The consent ledger (access exports show the history).
-    pub consent: Arc<ConsentLedger>,
-    /// The ingest path: its log, dedup state and suppression list.
-    pub ingest: Arc<Ingestor>,
-    /// The SQL window and segments.
-    pub events: Arc<RecentEvents>,
-    /// The pipeline's experiment assignments.
-    pub pipeline: Forgetter,
-}
-
-/// Carries out unfinished requests: those found at start, then each one as it arrives
-/// (`wake` is notified). Runs until the process ends.
-pub async fn work(shop: Workshop, wake: Arc<Notify>) {
-    let shop = Arc::new(shop);
-    // At start, failed requests are retried too; after that, each new one once.
-    let mut batch = shop.requests.unfinished();
-    loop {
-        for request in batch {
-            let kind = request.kind;
-            let outcome = match kind {
-                RequestKind::Access => access(&shop, request).await,
-                RequestKind::Erasure => erasure(&shop, request).await,
-            };
-            let outcome = match outcome {
-                Ok(outcome) => outcome,
-                Err(err) => {
-                    tracing::error!(error = %err, "data-subject request state not recorded");
-                    "failed"
-                }
-            };
-            metrics::counter!(PRIVACY_REQUESTS_TOTAL, "type" => kind.as_str(), "outcome" => outcome)
-                .increment(1);
-        }
-        wake.notified().await;
-        batch = shop.requests.pending();
-    }
-}
-
-async fn access(shop: &Arc<Workshop>, request: Request) -> Result<&'static str, String> {
-    let shop = shop.clone();
-    tokio::task::spawn_blocking(move || {
-        let out = shop.requests.export_path(&request.id);
-        let now = now_ms();
-        let wal = shop.ingest.wal();
-        match write_access_export(&request, wal, &shop.consent, &out, now) {
-            Ok(events) => shop
-                .requests
-                .complete(&request.id, events, now_ms())
-                .map(|()| "completed"),
-            Err(err) => {
-                tracing::warn!(id = %request.id, error = %err, "access export failed");
-                shop.requests
-                    .fail(&request.id, err.to_string(), now_ms())
-                    .map(|()| "failed")
-            }
-        }
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())
-}
-
-async fn erasure(shop: &Arc<Workshop>, request: Request) -> Result<&'static str, String> {
-    // Hidden since it was received (or since the start, from the journal); the segment
-    // being written is closed so that every one can be rewritten.
-    let rotated = shop.ingest.wal().rotate().await;
-    let job = shop.clone();
-    let id = request.id.clone();
-    let erased = tokio::task::spawn_blocking(move || {
-        rotated.map_err(|e| e.to_string())?;
-        erase_everywhere(&job, &request)
-    })
-    .await
-    .map_err(|e| e.to_string())?;
-    let now = now_ms();
-    match erased {
-        Ok(events) => {
-            shop.requests
-                .complete(&id, events, now)
-                .map_err(|e| e.to_string())?;
-            if let Some(request) = shop.requests.get(&id) {
-                for reference in &request.subjects {
-                    shop.ingest
-                        .suppressions()
-                        .settle(reference, request.received_at);
-                }
-            }
-            tracing::info!(id = %id, events, "erasure carried out");
-            Ok("completed")
-        }
-        Err(reason) => {
-            tracing::error!(id = %id, error = %reason, "erasure failed; the child stays hidden and it is retried at the next start");
-            shop.requests
-                .fail(&id, reason, now)
-                .map_err(|e| e.to_string())?;
-            Ok("failed")
-        }
-    }
-}
-
-/// Removes what the suppression list hides from every store; returns the events removed
-/// from the write-ahead log (which holds everything stored). Blocks on the disk.
-fn erase_everywhere(shop: &Workshop, request: &Request) -> Result<u64, String> {
-    let suppressions = shop.ingest.suppressions().clone();
-    let wal = shop.ingest.wal();
-    let mut removed_events = Vec::new();
-    let mut names: HashSet<String> = shop
-        .requests
-        .pseudonyms_of(&request.id)
-        .into_iter()
-        .collect();
-    let erased = crate::wal::erase::rewrite(
-        wal.dir(),
-        wal.sealer().map(|s| s.as_ref()),
-        |stored| suppressions.hides_stored(stored),
-        |stored| {
-            if let Ok(event) = serde_json::from_slice::<Event<'_>>(stored) {
-                if let Some(subject) = &event.subject {
-                    names.insert(subject.to_string());
-                }
-                removed_events.push(event.into_owned());
-            }
-        },
-    )
-    .map_err(|e| format!("write-ahead log: {e}"))?;
-    shop.ingest.forget_erased(&removed_events);
-    let rows = shop
-        .events
-        .erase()
-        .map_err(|e| format!("sql window: {e}"))?;
-    let hashes: Vec<u64> = names.iter().map(|n| subject_hash(n)).collect();
-    let lines = shop
-        .pipeline
-        .forget(&hashes)
-        .map_err(|e| format!("experiment assignments: {e}"))?;
-    let references: HashSet<String> = request.subjects.iter().cloned().collect();
-    let requests = shop
-        .requests
-        .forget(&references)
-        .map_err(|e| format!("requests journal: {e}"))?;
-    tracing::info!(
-        id = %request.id,
-        log_events = erased.events,
-        log_segments = erased.segments,
-        sql_rows = rows,
-        assignments = lines,
-        access_requests = requests,
-        "erased"
-    );
-    Ok(erased.events)
 }
 
 /// A subject as the audit log names it: by reference, never by pseudonym.

@@ -8,12 +8,11 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use serde::Serialize;
 
-use super::AppState;
-use super::auth::{Analyst, Authorized};
-use super::error::{ApiError, ErrorBody, ErrorCode};
-use super::metrics::{EXPERIMENT_EVENTS_TODAY, EXPERIMENT_SUBJECTS_TODAY};
 use crate::counters::{CounterStore, WindowCounts};
 use crate::events::time::{format_rfc3339, parse_rfc3339};
+use crate::http::AppState;
+use crate::http::auth::{Analyst, Authorized};
+use crate::http::error::{ApiError, ErrorBody, ErrorCode};
 use crate::pipeline::aggregate::{SESSIONS_FIELD, TIME_SPENT_FIELD};
 use crate::pipeline::{CohortKey, Window, WindowStart};
 
@@ -150,7 +149,7 @@ pub async fn cohorts(
             .ok_or_else(|| invalid(format!("window must be 1m, 1h or 1d, not {name:?}")))?,
     };
     let time = |name: &str| time_param(name, params.get(name));
-    let to = time("to")?.unwrap_or_else(super::ingest_api::now_ms);
+    let to = time("to")?.unwrap_or_else(crate::ingest::now_ms);
     let first = window.start_of(time("from")?.unwrap_or(to - 24 * window.millis()));
     let last = window.start_of(to - 1);
     if last.0 < first.0 {
@@ -272,41 +271,4 @@ fn unavailable(err: crate::counters::CounterError) -> ApiError {
         "the counter store is unavailable; try again shortly",
     )
     .retry_after(std::time::Duration::from_secs(5))
-}
-
-/// Publishes today's per-variant gauges, for at most `cap` experiment variants.
-pub async fn publish_gauges(store: &CounterStore, cap: usize) {
-    let Ok(cohorts) = store.cohorts().await else {
-        return;
-    };
-    let today = [Window::Day.start_of(super::ingest_api::now_ms())];
-    for cohort in cohorts
-        .into_iter()
-        .filter(|c| matches!(c, CohortKey::Variant { .. }))
-        .take(cap)
-    {
-        let CohortKey::Variant {
-            experiment,
-            variant,
-        } = &cohort
-        else {
-            continue;
-        };
-        let Ok(counts) = store.read(&cohort, Window::Day, &today).await else {
-            return;
-        };
-        let counts = counts.into_iter().next().unwrap_or_default();
-        let events: i64 = counts
-            .counts
-            .iter()
-            .filter(|(f, _)| f.starts_with("events:"))
-            .map(|(_, v)| v)
-            .sum();
-        let labels = [
-            ("experiment", experiment.clone()),
-            ("variant", variant.clone()),
-        ];
-        metrics::gauge!(EXPERIMENT_SUBJECTS_TODAY, &labels).set(counts.subjects as f64);
-        metrics::gauge!(EXPERIMENT_EVENTS_TODAY, &labels).set(events as f64);
-    }
 }

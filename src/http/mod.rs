@@ -1,25 +1,18 @@
-//! The server: wires every component to HTTP and runs until shutdown.
+//! The HTTP layer: the router ([`routes`]), the handlers ([`api`]), the error model
+//! ([`error`]), authentication ([`auth`]), auditing, serving and TLS; and [`run`], which
+//! opens every component, starts the background jobs under their supervisor and serves until
+//! shutdown. Nothing below this layer imports it (ARCHITECTURE.md).
 //!
 //! `run(config, listeners, shutdown)` takes listeners that are already bound, so tests serve
 //! on `127.0.0.1:0` through the very same code as production.
 
+pub mod api;
 pub mod audit;
 pub mod auth;
-pub mod cohorts_api;
-pub mod consent_api;
 pub mod error;
-pub mod experiments_api;
-pub mod flags_api;
-pub mod ingest_api;
 pub mod metrics;
-pub mod ops;
-pub mod requests_api;
-pub mod retention;
 mod routes;
 mod serve;
-pub mod sql_api;
-pub mod stream_api;
-pub mod telemetry;
 pub mod tls;
 
 use std::future::Future;
@@ -38,7 +31,10 @@ use crate::config::Config;
 use crate::counters::{CounterStore, RedisError, Retention};
 use crate::events::{Limits, Schema};
 use crate::flags::{FlagStore, Snapshot};
-use crate::ingest::{ConsentPolicy, IngestExposureSink, IngestOptions, Ingestor};
+use crate::ingest::exposure::{Exposures, IngestExposureSink};
+use crate::ingest::rate::RateLimiter;
+use crate::ingest::{ConsentPolicy, IngestOptions, Ingestor};
+use crate::jobs::Supervisor;
 use crate::pipeline::{Pipeline, PipelineOptions};
 use crate::privacy::erasure::Suppressions;
 use crate::privacy::{ConsentLedger, KeyRing, Pepper};
@@ -142,11 +138,13 @@ pub struct AppState {
     /// The flags in force.
     pub flags: Arc<FlagStore>,
     /// Experiment exposures on their way to ingest.
-    pub exposures: Arc<flags_api::Exposures>,
+    pub exposures: Arc<Exposures>,
+    /// The content hash of the flags in force, changed on every applied reload.
+    pub flag_changes: watch::Receiver<u64>,
     /// The ingest path.
     pub ingest: Arc<Ingestor>,
     /// Per-key event rate limits.
-    pub rate: Arc<ingest_api::RateLimiter>,
+    pub rate: Arc<RateLimiter>,
     /// SQL over the recent window.
     pub sql: Arc<SqlEngine>,
     /// Guardians' consents.
@@ -164,7 +162,7 @@ impl AppState {
     /// reads the flag directory. Runs inside the runtime (it starts background tasks).
     pub fn new(config: &Config) -> Result<Self, RunError> {
         // First, so that what recovery and the first flag load record is kept.
-        let metrics = metrics::install()?;
+        let metrics = crate::telemetry::install()?;
         let audit_dir = config.storage.data_dir.join("audit");
         let audit = audit::AuditLog::open(&audit_dir).map_err(|source| RunError::Audit {
             path: audit_dir.display().to_string(),
@@ -187,7 +185,7 @@ impl AppState {
             .then(|| Arc::new(Sealer::new(&data_keys)));
         let suppressions = Arc::new(Suppressions::from_requests(
             &requests.all(),
-            ingest_api::now_ms(),
+            crate::ingest::now_ms(),
             config.ingest.late_horizon.as_millis() as i64,
         ));
         let ingest = Arc::new(open_ingest(
@@ -198,7 +196,11 @@ impl AppState {
             suppressions.clone(),
         )?);
         let flags = FlagStore::load(config.flags.dir.clone());
-        let exposures = flags_api::Exposures::new(
+        let (changed, flag_changes) = watch::channel(flags.snapshot().content_hash);
+        flags.on_change(move |hash| {
+            changed.send_replace(hash);
+        });
+        let exposures = Exposures::new(
             config.flags.exposure_dedup_capacity,
             Arc::new(IngestExposureSink::start(ingest.clone(), 65_536)),
             consent.clone(),
@@ -216,8 +218,9 @@ impl AppState {
             counters,
             flags,
             exposures: Arc::new(exposures),
+            flag_changes,
             ingest,
-            rate: Arc::new(ingest_api::RateLimiter::new(
+            rate: Arc::new(RateLimiter::new(
                 config.ingest.rate_limit,
                 config.ingest.rate_burst,
             )),
@@ -310,63 +313,6 @@ fn data_key_file(config: &Config) -> std::path::PathBuf {
         .data_key_file
         .clone()
         .unwrap_or_else(|| config.storage.data_dir.join("keys").join("data"))
-}
-
-/// Reads the data key file every `privacy.key_reload_interval` and puts a rotation in force:
-/// the write-ahead log's sealer and the SQL segments use the newest key from then on. A file
-/// that does not parse, or changes a known version's key, is refused and the ring in force
-/// stays.
-async fn watch_data_keys(state: AppState, mut ring: KeyRing, mut stop: watch::Receiver<bool>) {
-    let every = state.config.privacy.key_reload_interval;
-    if every.is_zero() || state.config.privacy.data_key.is_some() {
-        return;
-    }
-    let file = data_key_file(&state.config);
-    ::metrics::gauge!(metrics::DATA_KEY_VERSION).set(f64::from(ring.newest().0));
-    let mut tick = tokio::time::interval(every);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|stopped| *stopped) => return,
-        }
-        let Ok(text) = tokio::fs::read_to_string(&file).await else {
-            continue;
-        };
-        let refuse = |why: String| {
-            ::metrics::counter!(metrics::DATA_KEY_RELOADS_TOTAL, "outcome" => "refused")
-                .increment(1);
-            tracing::error!(file = %file.display(), "data key file not taken: {why}; the keys in force stay");
-        };
-        let Ok(read) = KeyRing::parse(&text) else {
-            refuse("it is not `<version> <64 hex>` lines".into());
-            continue;
-        };
-        match ring.extended_with(&read) {
-            Err(version) => refuse(format!(
-                "it changes the key of version {version}, whose data would no longer open"
-            )),
-            Ok((_, false)) => {}
-            Ok((rotated, true)) => {
-                let missing = rotated.missing_from(&read);
-                if !missing.is_empty() {
-                    tracing::warn!(versions = ?missing, "data key versions left out of the file are kept in memory; data sealed with them will not open after a restart");
-                }
-                if let Some(sealer) = state.ingest.wal().sealer() {
-                    sealer.rotate(&rotated);
-                }
-                state.sql.events().rotate_keys(rotated.clone());
-                ring = rotated;
-                let newest = ring.newest().0;
-                ::metrics::gauge!(metrics::DATA_KEY_VERSION).set(f64::from(newest));
-                ::metrics::counter!(metrics::DATA_KEY_RELOADS_TOTAL, "outcome" => "rotated")
-                    .increment(1);
-                tracing::info!(
-                    version = newest,
-                    "data key rotated: new records and segments use it"
-                );
-            }
-        }
-    }
 }
 
 /// The data keys, from the configuration or the data dir.
@@ -477,7 +423,6 @@ pub async fn run(
         _ => None,
     };
     let state = AppState::new(&config)?;
-    state.flags.watch(config.flags.reload_interval)?;
     let checkpoints = Arc::new(
         Checkpoints::load(state.ingest.wal().dir())
             .map_err(|e| RunError::Pipeline(crate::pipeline::PipelineError::Wal(e)))?,
@@ -491,77 +436,12 @@ pub async fn run(
     let serve_metrics_on_api = listeners.metrics.is_none();
     let app = router(state.clone(), serve_metrics_on_api);
 
+    let jobs = start_jobs(&config, &state, &pipeline);
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    // Histograms hold their samples until upkeep drains them: without it, a node nobody
-    // scrapes would grow without bound.
-    let handle = state.metrics.clone();
-    let mut stopping = stop_rx.clone();
-    let counters = state.counters.clone();
-    let audit = state.audit.clone();
-    let audit_at_stop = state.audit.clone();
-    let requests = state.requests.clone();
-    let export_retention = config.privacy.export_retention;
-    let gauge_cap = config.pipeline.experiment_gauges;
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
-        loop {
-            let stop = tokio::select! {
-                _ = tick.tick() => false,
-                _ = stopping.wait_for(|stopped| *stopped) => true,
-            };
-            if stop {
-                break;
-            }
-            handle.run_upkeep();
-            let (audit, requests) = (audit.clone(), requests.clone());
-            let horizon = ingest_api::now_ms() - export_retention.as_millis() as i64;
-            let _ = tokio::task::spawn_blocking(move || {
-                audit.sync();
-                requests.expire_exports(horizon);
-            })
-            .await;
-            if let CounterStore::Embedded(store) = &counters {
-                store.expire(ingest_api::now_ms());
-            }
-            cohorts_api::publish_gauges(&counters, gauge_cap).await;
-        }
-    });
-    tokio::spawn(requests_api::work(
-        requests_api::Workshop {
-            requests: state.requests.clone(),
-            consent: state.consent.clone(),
-            ingest: state.ingest.clone(),
-            events: state.sql.events().clone(),
-            pipeline: pipeline.forgetter(),
-        },
-        state.request_worker.clone(),
-    ));
-    tokio::spawn(watch_data_keys(
-        state.clone(),
-        state.sql.events().keys(),
-        stop_rx.clone(),
-    ));
-    tokio::spawn(
-        retention::Enforcer {
-            config: state.config.clone(),
-            ingest: state.ingest.clone(),
-            consent: state.consent.clone(),
-            assignments: config.storage.data_dir.join("pipeline"),
-        }
-        .run(stop_rx.clone()),
-    );
-    if !config.experiments.refresh.is_zero() {
-        tokio::spawn(experiments_api::publish_results(
-            state.clone(),
-            config.experiments.refresh,
-            config.pipeline.experiment_gauges,
-            stop_rx.clone(),
-        ));
-    }
     let limits = serve::Limits {
         header_read_timeout: config.server.header_read_timeout,
         shutdown_grace: config.server.shutdown_grace,
@@ -579,18 +459,80 @@ pub async fn run(
         }
         None => api.await?,
     }
-    // Requests are done: write what the pipeline read and checkpoint it.
+    // Requests are done: the jobs end (the upkeep syncs the audit log a last time), then
+    // the pipeline writes what it read and checkpoints it.
+    jobs.shutdown().await;
     let _ = tokio::task::spawn_blocking(move || {
         pipeline.stop();
         feeder.stop();
         if let Some(snapshots) = dedup_snapshots {
             snapshots.stop();
         }
-        audit_at_stop.sync();
     })
     .await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Starts every background job under one supervisor.
+fn start_jobs(config: &Config, state: &AppState, pipeline: &Pipeline) -> Supervisor {
+    use crate::jobs::{flags, gauges, keys, privacy_requests, retention, upkeep};
+    let mut jobs = Supervisor::new();
+    let upkeep = upkeep::Upkeep {
+        metrics: state.metrics.clone(),
+        audit: state.audit.clone(),
+        requests: state.requests.clone(),
+        export_retention: config.privacy.export_retention,
+        counters: state.counters.clone(),
+    };
+    jobs.start("upkeep", |stop| upkeep.run(stop));
+    let (store, cap) = (state.counters.clone(), config.pipeline.experiment_gauges);
+    jobs.start("variant gauges", move |stop| {
+        gauges::variants_today(store, cap, stop)
+    });
+    if !config.experiments.refresh.is_zero() {
+        let results = gauges::ExperimentResults {
+            flags: state.flags.clone(),
+            sql: state.sql.clone(),
+            retention: config.sql.retention,
+            every: config.experiments.refresh,
+            cap,
+        };
+        jobs.start("experiment gauges", |stop| results.run(stop));
+    }
+    let (store, every) = (state.flags.clone(), config.flags.reload_interval);
+    jobs.start("flag watcher", move |stop| flags::watch(store, every, stop));
+    let data_keys = keys::DataKeys {
+        file: data_key_file(config),
+        // Keys given in the configuration are not read from a file.
+        every: match config.privacy.data_key {
+            Some(_) => std::time::Duration::ZERO,
+            None => config.privacy.key_reload_interval,
+        },
+        sealer: state.ingest.wal().sealer().cloned(),
+        events: state.sql.events().clone(),
+    };
+    let ring = state.sql.events().keys();
+    jobs.start("data keys", move |stop| keys::watch(data_keys, ring, stop));
+    let enforcer = retention::Enforcer {
+        config: state.config.clone(),
+        ingest: state.ingest.clone(),
+        consent: state.consent.clone(),
+        assignments: config.storage.data_dir.join("pipeline"),
+    };
+    jobs.start("retention", |stop| enforcer.run(stop));
+    let shop = privacy_requests::Workshop {
+        requests: state.requests.clone(),
+        consent: state.consent.clone(),
+        ingest: state.ingest.clone(),
+        events: state.sql.events().clone(),
+        pipeline: pipeline.forgetter(),
+    };
+    let wake = state.request_worker.clone();
+    jobs.start("privacy requests", move |stop| {
+        privacy_requests::work(shop, wake, stop)
+    });
+    jobs
 }
 
 /// Starts the dataflow from the write-ahead log to the counter store.

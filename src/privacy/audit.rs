@@ -1,5 +1,5 @@
 //! The audit log: who did what, when, for every SQL, experiment-result, privacy and admin
-//! action. One JSON line per action in `<data_dir>/audit/audit.log`, appended as the action is
+//! action (the HTTP layer's `http::audit` records them). One JSON line per action in `<data_dir>/audit/audit.log`, appended as the action is
 //! answered and fsynced by the upkeep task (every few seconds) and at shutdown.
 //!
 //! Entries name callers by their token's configured name and subjects by pseudonym only; SQL
@@ -12,11 +12,10 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use super::auth::Principal;
-use super::error::ApiError;
-use super::ingest_api::now_ms;
 use super::metrics::AUDIT_WRITE_ERRORS_TOTAL;
+use crate::config::Role;
 use crate::events::time::format_rfc3339;
+use crate::ingest::now_ms;
 
 /// The longest detail kept per entry, in bytes.
 const MAX_DETAIL: usize = 4096;
@@ -57,12 +56,12 @@ impl AuditLog {
 
     /// Records that `who` did `action` (with `detail`), answered with `status`. A failed
     /// write is logged and counted; it does not fail the action.
-    pub fn record(&self, who: &Principal, action: &str, detail: &str, status: u16) {
+    pub fn append(&self, who: &str, role: Role, action: &str, detail: &str, status: u16) {
         let detail = crate::privacy::erasure::redact(detail);
         let entry = Entry {
             at: format_rfc3339(now_ms()),
-            who: &who.name,
-            role: who.role.as_str(),
+            who,
+            role: role.as_str(),
             action,
             detail: cap(&detail),
             status,
@@ -95,14 +94,6 @@ impl AuditLog {
     }
 }
 
-/// The status a handler's result answers with.
-pub fn status_of<T>(result: &Result<T, ApiError>) -> u16 {
-    match result {
-        Ok(_) => 200,
-        Err(err) => err.code().status().as_u16(),
-    }
-}
-
 /// `text` cut to at most [`MAX_DETAIL`] bytes, on a character boundary.
 fn cap(text: &str) -> &str {
     if text.len() <= MAX_DETAIL {
@@ -118,20 +109,13 @@ fn cap(text: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Role;
 
     #[test]
     fn entries_are_json_lines_with_who_what_and_when() {
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::open(dir.path()).unwrap();
-        let who = Principal {
-            name: "team".into(),
-            role: Role::Analyst,
-            scope: None,
-            project: None,
-        };
-        log.record(&who, "sql.adhoc", "SELECT 1", 200);
-        log.record(&who, "sql.adhoc", &"é".repeat(5000), 400);
+        log.append("team", Role::Analyst, "sql.adhoc", "SELECT 1", 200);
+        log.append("team", Role::Analyst, "sql.adhoc", &"é".repeat(5000), 400);
         log.sync();
         let text = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
         let lines: Vec<serde_json::Value> = text

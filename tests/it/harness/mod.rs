@@ -1,4 +1,8 @@
-//! Test harness: a real `redis-server` and the real service, both on loopback.
+//! Test harness: a real `redis-server` and the real service, both on loopback; requests
+//! as clients send them ([`client`]); the clock and waiting on conditions ([`wait`]).
+
+pub mod client;
+pub mod wait;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -239,7 +243,7 @@ impl Service {
             problems.is_empty(),
             "invalid test configuration: {problems:?}"
         );
-        flagstream::server::telemetry::init(&config.telemetry);
+        flagstream::telemetry::logs::init(&config.telemetry);
         let listeners = Listeners::bind(&config).await.expect("bind loopback");
         let addr = listeners.api_addr().expect("api address");
         let metrics_addr = listeners.metrics.as_ref().map(|l| l.local_addr().unwrap());

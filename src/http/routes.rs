@@ -23,11 +23,11 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::error::{self, ApiError, ErrorCode};
-use super::{
-    AppState, cohorts_api, consent_api, experiments_api, flags_api, ingest_api, metrics, ops,
-    requests_api, retention, sql_api, stream_api,
+use super::api::{
+    cohorts, consent, experiments, flags, ingest, ops, requests, retention, sql, stream,
 };
+use super::error::{self, ApiError, ErrorCode};
+use super::{AppState, metrics};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -67,38 +67,38 @@ fn table(
     sql_body: usize,
 ) -> OpenApiRouter<AppState> {
     let ingest = OpenApiRouter::new()
-        .routes(routes!(ingest_api::batch))
+        .routes(routes!(ingest::batch))
         .layer(DefaultBodyLimit::max(batch_body));
     let flags = OpenApiRouter::new()
-        .routes(routes!(flags_api::ofrep_flag))
-        .routes(routes!(flags_api::ofrep_bulk))
-        .routes(routes!(flags_api::config_get, flags_api::config_post))
+        .routes(routes!(flags::ofrep_flag))
+        .routes(routes!(flags::ofrep_bulk))
+        .routes(routes!(flags::config_get, flags::config_post))
         .layer(DefaultBodyLimit::max(flag_body));
     let sql = OpenApiRouter::new()
-        .routes(routes!(sql_api::sql))
+        .routes(routes!(sql::sql))
         .layer(DefaultBodyLimit::max(sql_body));
     // A consent decision is a few short fields.
     let consent = OpenApiRouter::new()
-        .routes(routes!(consent_api::record))
-        .layer(DefaultBodyLimit::max(consent_api::MAX_BODY));
+        .routes(routes!(consent::record))
+        .layer(DefaultBodyLimit::max(consent::MAX_BODY));
     let requests = OpenApiRouter::new()
-        .routes(routes!(requests_api::submit))
-        .layer(DefaultBodyLimit::max(requests_api::MAX_BODY));
+        .routes(routes!(requests::submit))
+        .layer(DefaultBodyLimit::max(requests::MAX_BODY));
     let table = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::admin_config))
-        .routes(routes!(ingest_api::schema))
-        .routes(routes!(stream_api::stream))
-        .routes(routes!(cohorts_api::cohorts))
-        .routes(routes!(experiments_api::list))
-        .routes(routes!(consent_api::show))
-        .routes(routes!(requests_api::show))
-        .routes(routes!(requests_api::export))
+        .routes(routes!(ingest::schema))
+        .routes(routes!(stream::stream))
+        .routes(routes!(cohorts::cohorts))
+        .routes(routes!(experiments::list))
+        .routes(routes!(consent::show))
+        .routes(routes!(requests::show))
+        .routes(routes!(requests::export))
         .routes(routes!(retention::retention_policy))
-        .routes(routes!(experiments_api::results))
-        .routes(routes!(sql_api::list))
-        .routes(routes!(sql_api::saved))
+        .routes(routes!(experiments::results))
+        .routes(routes!(sql::list))
+        .routes(routes!(sql::saved))
         .merge(sql)
         .merge(consent)
         .merge(requests)

@@ -1,30 +1,20 @@
-//! Retention: the background task that deletes what is past its retention, and
-//! `GET /v1/privacy/retention-policy`, which says in plain words how long each kind of data is
-//! kept.
+//! Retention: how long each kind of data is kept, in plain words, as the configuration sets
+//! it (`GET /v1/privacy/retention-policy` answers it). The job that deletes what is past its
+//! time is `jobs::retention`.
 //!
 //! Each kind has its own clock, its setting and its enforcer:
-//! raw events (`sql.retention`: SQL segments by the feeder, log segments here), exposure
-//! assignments (`privacy.exposure_retention`, here), counters (`counters.*_retention`:
-//! `EXPIREAT` in Redis, the upkeep for the embedded store), consent records
-//! (`privacy.consent_retention`, here), access exports (`privacy.export_retention`, the
-//! upkeep) and erasure suppressions (`ingest.late_horizon`, here).
+//! raw events (`sql.retention`: SQL segments by the feeder, log segments by the retention
+//! job), exposure assignments (`privacy.exposure_retention`, the retention job), counters
+//! (`counters.*_retention`: `EXPIREAT` in Redis, the upkeep job for the embedded store),
+//! consent records (`privacy.consent_retention`, the retention job), access exports
+//! (`privacy.export_retention`, the upkeep job) and erasure suppressions
+//! (`ingest.late_horizon`, the retention job).
 
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
-use axum::extract::State;
 use serde::Serialize;
-use tokio::sync::watch;
 
-use super::AppState;
-use super::ingest_api::now_ms;
-use super::metrics::{RETENTION_DELETED_TOTAL, RETENTION_RUNS_TOTAL};
 use crate::config::Config;
-use crate::ingest::Ingestor;
-use crate::pipeline::state::AssignmentLog;
-use crate::privacy::ConsentLedger;
 
 /// One kind of data and how long it is kept.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -148,110 +138,6 @@ pub fn policy(config: &Config) -> RetentionPolicy {
         ],
         enforced_every_seconds: privacy.retention_check.as_secs().max(1),
         note: "An erasure removes a child's events and assignments at once, whatever their retention; counts per group remain, as they identify no one.",
-    }
-}
-
-/// How long each kind of data is kept, in plain words. Public: families and schools may read
-/// it without a token.
-#[utoipa::path(get, path = "/v1/privacy/retention-policy", tag = "privacy",
-    responses((status = 200, description = "The retention policy.", body = RetentionPolicy)))]
-pub async fn retention_policy(State(state): State<AppState>) -> Json<RetentionPolicy> {
-    Json(policy(&state.config))
-}
-
-/// What one run deleted.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Deleted {
-    /// Write-ahead log segments.
-    pub log_segments: usize,
-    /// Assignment records.
-    pub assignments: usize,
-    /// Subjects whose consent records lapsed.
-    pub consent_subjects: usize,
-}
-
-/// What the retention task works on.
-pub struct Enforcer {
-    /// The effective configuration.
-    pub config: Arc<Config>,
-    /// The write-ahead log and the suppression list.
-    pub ingest: Arc<Ingestor>,
-    /// The consent ledger.
-    pub consent: Arc<ConsentLedger>,
-    /// The pipeline's assignment logs.
-    pub assignments: PathBuf,
-}
-
-impl Enforcer {
-    /// Deletes what is past its retention at `now` (ms). Blocks on the disk.
-    pub fn run_once(&self, now: i64) -> std::io::Result<Deleted> {
-        let ago = |d: Duration| now.saturating_sub(d.as_millis() as i64).max(0);
-        let privacy = &self.config.privacy;
-        self.ingest
-            .suppressions()
-            .expire(ago(self.config.ingest.late_horizon));
-        let log_segments = crate::wal::expire(
-            self.ingest.wal().dir(),
-            ago(self.config.sql.retention) as u64,
-        )?;
-        let assignments =
-            AssignmentLog::expire(&self.assignments, ago(privacy.exposure_retention) as u64)?;
-        let consent_subjects = self
-            .consent
-            .expire(ago(privacy.consent_retention))
-            .map_err(std::io::Error::other)?;
-        for (data, count) in [
-            ("raw_events", log_segments),
-            ("exposures", assignments),
-            ("consent_records", consent_subjects),
-        ] {
-            if count > 0 {
-                metrics::counter!(RETENTION_DELETED_TOTAL, "data" => data).increment(count as u64);
-            }
-        }
-        Ok(Deleted {
-            log_segments,
-            assignments,
-            consent_subjects,
-        })
-    }
-
-    /// Runs at start, then every `privacy.retention_check`, until `stop`.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let enforcer = Arc::new(self);
-        let mut tick = tokio::time::interval(enforcer.config.privacy.retention_check);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.wait_for(|stopped| *stopped) => return,
-            }
-            let job = enforcer.clone();
-            let outcome = tokio::task::spawn_blocking(move || job.run_once(now_ms())).await;
-            let outcome = match outcome {
-                Ok(Ok(deleted)) => {
-                    if deleted != Deleted::default() {
-                        tracing::info!(
-                            log_segments = deleted.log_segments,
-                            assignments = deleted.assignments,
-                            consent_subjects = deleted.consent_subjects,
-                            "retention: deleted what was past its time"
-                        );
-                    }
-                    "ok"
-                }
-                Ok(Err(err)) => {
-                    tracing::error!(error = %err, "retention run failed; retried at the next check");
-                    "failed"
-                }
-                // The runtime is shutting down.
-                Err(err) if err.is_cancelled() => return,
-                Err(err) => {
-                    tracing::error!(error = %err, "retention run panicked");
-                    "failed"
-                }
-            };
-            metrics::counter!(RETENTION_RUNS_TOTAL, "outcome" => outcome).increment(1);
-        }
     }
 }
 

@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::body::Bytes;
@@ -18,78 +17,12 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use super::AppState;
-use super::auth::{Authorized, Client};
-use super::error::{ApiError, ErrorBody, ErrorCode as ApiCode};
-use super::ingest_api::now_ms;
-use super::metrics::{EXPOSURES_TOTAL, FLAG_EVALUATION_DURATION_SECONDS, FLAG_EVALUATIONS_TOTAL};
-use crate::flags::exposure::{DailyDedup, Exposure};
-use crate::flags::{ErrorCode, Flag, Reason, Resolution, Snapshot, Variant, evaluate};
-use crate::ingest::{ConsentPolicy, ExposureSink};
-use crate::privacy::{ConsentLedger, ConsentScope};
-
-/// Deduplicates experiment exposures and hands them to ingest.
-pub struct Exposures {
-    dedup: Mutex<DailyDedup>,
-    sink: Arc<dyn ExposureSink>,
-    consent: Arc<ConsentLedger>,
-    policy: ConsentPolicy,
-}
-
-impl Exposures {
-    /// Remembers up to `capacity` exposures a day and submits first ones to `sink`; for the
-    /// projects whose `policy` requires consent, only those of subjects with an
-    /// `experiments` grant in force.
-    pub fn new(
-        capacity: usize,
-        sink: Arc<dyn ExposureSink>,
-        consent: Arc<ConsentLedger>,
-        policy: ConsentPolicy,
-    ) -> Self {
-        Self {
-            dedup: Mutex::new(DailyDedup::new(capacity)),
-            sink,
-            consent,
-            policy,
-        }
-    }
-
-    fn record(
-        &self,
-        flag: &Flag,
-        variant: &Variant,
-        context: &Value,
-        now_ms: i64,
-        project: Option<&str>,
-    ) {
-        if flag.experiment.is_none() {
-            return;
-        }
-        let Some(subject) = context.get("targetingKey").and_then(Value::as_str) else {
-            return;
-        };
-        if self.policy.requires(project)
-            && !self.consent.allows_user(subject, ConsentScope::Experiments)
-        {
-            metrics::counter!(EXPOSURES_TOTAL, "outcome" => "no_consent").increment(1);
-            return;
-        }
-        let exposure = Exposure {
-            flag: flag.key.clone(),
-            variant: variant.name.clone(),
-            subject: subject.to_owned(),
-            at_ms: now_ms,
-        };
-        let first = self
-            .dedup
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .first_today(&exposure);
-        if first {
-            self.sink.submit(exposure);
-        }
-    }
-}
+use crate::flags::metrics::{self as flag_metrics, Endpoint};
+use crate::flags::{ErrorCode, Flag, Reason, Resolution, Snapshot, evaluate};
+use crate::http::AppState;
+use crate::http::auth::{Authorized, Client};
+use crate::http::error::{ApiError, ErrorBody, ErrorCode as ApiCode};
+use crate::ingest::now_ms;
 
 /// The body of an evaluation request.
 #[derive(Debug, ToSchema)]
@@ -202,12 +135,6 @@ impl IntoResponse for OfrepError {
     }
 }
 
-/// Returns now as (seconds, milliseconds) since the Unix epoch.
-fn now() -> (i64, i64) {
-    let millis = now_ms();
-    (millis.div_euclid(1000), millis)
-}
-
 /// Reads `{"context": {...}}`; an empty body or a missing context is an empty context.
 fn context_from_body(body: &[u8]) -> Result<Value, String> {
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -280,43 +207,80 @@ fn json_response(
     response
 }
 
-/// Counts evaluations by reason, once per request.
-#[derive(Default)]
-struct Tally([u64; 6]);
+/// One request's evaluations: each flag evaluated for the context, counted by reason and,
+/// for experiments, recorded as an exposure; the metrics are written once, at the end.
+struct Evaluations<'a> {
+    state: &'a AppState,
+    context: &'a Value,
+    project: Option<&'a str>,
+    endpoint: Endpoint,
+    started: Instant,
+    seconds: i64,
+    millis: i64,
+    by_reason: [u64; 6],
+}
 
-impl Tally {
-    fn add(&mut self, resolution: &Resolution<'_>) {
-        let slot = match resolution {
+impl<'a> Evaluations<'a> {
+    const REASONS: [&'static str; 6] = [
+        "STATIC",
+        "TARGETING_MATCH",
+        "DEFAULT",
+        "DISABLED",
+        "ERROR",
+        "FLAG_NOT_FOUND",
+    ];
+
+    fn new(
+        state: &'a AppState,
+        context: &'a Value,
+        project: Option<&'a str>,
+        endpoint: Endpoint,
+    ) -> Self {
+        let millis = now_ms();
+        Self {
+            state,
+            context,
+            project,
+            endpoint,
+            started: Instant::now(),
+            seconds: millis.div_euclid(1000),
+            millis,
+            by_reason: [0; 6],
+        }
+    }
+
+    /// Evaluates `flag`, counts the answer and records the exposure of an experiment.
+    fn evaluate<'f>(&mut self, flag: &'f Flag) -> Resolution<'f> {
+        let resolution = evaluate(flag, self.context, self.seconds);
+        let slot = match &resolution {
             Resolution::Variant(_, Reason::Static) => 0,
             Resolution::Variant(_, Reason::TargetingMatch) => 1,
             Resolution::Variant(_, _) | Resolution::CodeDefault(Reason::Default) => 2,
             Resolution::CodeDefault(_) => 3,
             Resolution::Error(_, _) => 4,
         };
-        self.0[slot] += 1;
+        self.by_reason[slot] += 1;
+        if let Resolution::Variant(variant, _) = &resolution {
+            self.state
+                .exposures
+                .record(flag, variant, self.context, self.millis, self.project);
+        }
+        resolution
     }
 
     fn not_found(&mut self) {
-        self.0[5] += 1;
+        self.by_reason[5] += 1;
     }
+}
 
-    fn record(&self, endpoint: &'static str, started: Instant) {
-        const REASONS: [&str; 6] = [
-            "STATIC",
-            "TARGETING_MATCH",
-            "DEFAULT",
-            "DISABLED",
-            "ERROR",
-            "FLAG_NOT_FOUND",
-        ];
-        for (reason, &count) in REASONS.iter().zip(&self.0) {
-            if count > 0 {
-                metrics::counter!(FLAG_EVALUATIONS_TOTAL, "endpoint" => endpoint, "reason" => *reason)
-                    .increment(count);
-            }
+impl Drop for Evaluations<'_> {
+    fn drop(&mut self) {
+        let mut by_reason = [("", 0); 6];
+        for (slot, (reason, count)) in by_reason.iter_mut().enumerate() {
+            *reason = Self::REASONS[slot];
+            *count = self.by_reason[slot];
         }
-        metrics::histogram!(FLAG_EVALUATION_DURATION_SECONDS, "endpoint" => endpoint)
-            .record(started.elapsed().as_secs_f64());
+        flag_metrics::evaluated(self.endpoint, &by_reason, self.started.elapsed());
     }
 }
 
@@ -377,12 +341,10 @@ pub async fn ofrep_flag(
     let body = body.map_err(OfrepError::from)?;
     let context = context_from_body(&body)
         .map_err(|details| OfrepError::invalid_context(Some(&key), details))?;
-    let started = Instant::now();
     let snapshot = state.flags.snapshot();
-    let mut tally = Tally::default();
+    let mut evaluations = Evaluations::new(&state, &context, project, Endpoint::Ofrep);
     let Some(flag) = snapshot.get(&key) else {
-        tally.not_found();
-        tally.record("ofrep", started);
+        evaluations.not_found();
         return Err(OfrepError {
             status: StatusCode::NOT_FOUND,
             key: Some(key.clone()),
@@ -390,17 +352,9 @@ pub async fn ofrep_flag(
             details: format!("flag {key:?} was not found"),
         });
     };
-    let (seconds, millis) = now();
-    let resolution = evaluate(flag, &context, seconds);
-    tally.add(&resolution);
-    if let Resolution::Variant(variant, _) = &resolution {
-        state
-            .exposures
-            .record(flag, variant, &context, millis, project);
-    }
+    let resolution = evaluations.evaluate(flag);
     let mut out = String::with_capacity(256);
     let failed = write_evaluation(&mut out, flag, &resolution);
-    tally.record("ofrep", started);
     let status = if failed {
         StatusCode::BAD_REQUEST
     } else {
@@ -437,26 +391,18 @@ pub async fn ofrep_bulk(
     if matches_etag(&headers, &etag) {
         return Ok(not_modified(&etag));
     }
-    let started = Instant::now();
-    let (seconds, millis) = now();
-    let mut tally = Tally::default();
+    let mut evaluations = Evaluations::new(&state, &context, project, Endpoint::OfrepBulk);
     let mut out = String::with_capacity(128 + snapshot.len() * 160);
     out.push_str("{\"flags\":[");
     for (i, flag) in snapshot.flags().enumerate() {
         if i > 0 {
             out.push(',');
         }
-        let resolution = evaluate(flag, &context, seconds);
-        tally.add(&resolution);
-        if let Resolution::Variant(variant, _) = &resolution {
-            state
-                .exposures
-                .record(flag, variant, &context, millis, project);
-        }
+        let resolution = evaluations.evaluate(flag);
         write_evaluation(&mut out, flag, &resolution);
     }
     out.push_str("]}");
-    tally.record("ofrep_bulk", started);
+    drop(evaluations);
     Ok(json_response(StatusCode::OK, out, &[(header::ETAG, etag)]))
 }
 
@@ -542,18 +488,11 @@ fn app_config(
         }
         return response;
     }
-    let started = Instant::now();
-    let (seconds, millis) = now();
-    let mut tally = Tally::default();
+    let mut evaluations = Evaluations::new(state, context, project, Endpoint::Config);
     let mut values = String::with_capacity(64 + snapshot.len() * 64);
     let mut variants = String::with_capacity(32 + snapshot.len() * 32);
     for flag in snapshot.flags() {
-        let resolution = evaluate(flag, context, seconds);
-        tally.add(&resolution);
-        if let Resolution::Variant(variant, _) = &resolution {
-            state
-                .exposures
-                .record(flag, variant, context, millis, project);
+        if let Resolution::Variant(variant, _) = evaluations.evaluate(flag) {
             for (out, item) in [
                 (&mut values, &variant.json),
                 (&mut variants, &variant.name_json),
@@ -571,7 +510,7 @@ fn app_config(
         }
         out.push('}');
     }
-    tally.record("config", started);
+    drop(evaluations);
     let body = format!("{{\"flags\":{values},\"variants\":{variants}}}");
     json_response(
         StatusCode::OK,

@@ -1,9 +1,7 @@
 //! `GET /v1/experiments` and `GET /v1/experiments/{key}/results`: the experiments of the
-//! flag definitions and their results, and the task that keeps the results' gauges fresh for
-//! the Experiments dashboard.
+//! flag definitions and their results.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
@@ -12,19 +10,16 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use super::auth::{Analyst, Authorized};
-use super::cohorts_api::time_param;
-use super::error::{ApiError, ErrorBody, ErrorCode};
-use super::ingest_api::now_ms;
-use super::metrics::{
-    EXPERIMENT_CONVERSION_RATE, EXPERIMENT_EXPOSED_SUBJECTS, EXPERIMENT_P_VALUE,
-    EXPERIMENT_REFRESHES_TOTAL, EXPERIMENT_RELATIVE_LIFT, EXPERIMENT_SRM_P_VALUE,
-};
-use super::sql_api::{api_error, run_counted};
-use super::{AppState, audit};
-use crate::experiments::results::{Results, analyze};
-use crate::experiments::{Experiment, catalog, query};
-use crate::sql::SqlError;
+use super::cohorts::time_param;
+use super::sql::api_error;
+use crate::experiments::results::Results;
+use crate::experiments::{Experiment, catalog, compute};
+use crate::http::audit::Audited;
+use crate::http::auth::{Analyst, Authorized};
+use crate::http::error::{ApiError, ErrorBody, ErrorCode};
+use crate::http::{AppState, audit};
+use crate::ingest::now_ms;
+use crate::sql::metrics::QueryKind;
 
 /// The answer of `GET /v1/experiments`.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -129,7 +124,7 @@ async fn answer_results(
             "no experiment of that key; GET /v1/experiments lists them",
         ));
     };
-    let results = compute(state, &experiment, from, to, "experiment")
+    let results = compute(&state.sql, &experiment, from, to, QueryKind::Experiment)
         .await
         .map_err(api_error)?;
     Ok(if csv {
@@ -178,101 +173,5 @@ fn wants_csv(headers: &HeaderMap, format: Option<&String>) -> Result<bool, ApiEr
             ErrorCode::NotAcceptable,
             "results are application/json or text/csv",
         ))
-    }
-}
-
-/// Counts `experiment`'s variants over `[from, to)` with one SQL query and analyzes them.
-async fn compute(
-    state: &AppState,
-    experiment: &Experiment,
-    from: i64,
-    to: i64,
-    kind: &'static str,
-) -> Result<Results, SqlError> {
-    let goals = experiment.goals.len();
-    let sql = query::sql(goals);
-    let params = query::params(&experiment.key, &experiment.goals, from, to);
-    let (_, counts) = run_counted(state, kind, &sql, &params, None, |result| {
-        query::counts(result, goals).map_err(SqlError::Internal)
-    })
-    .await?;
-    Ok(analyze(experiment, from, to, &counts))
-}
-
-/// Recomputes every running experiment's results every `every` over the SQL retention and
-/// publishes them as gauges, for at most `cap` experiment × variant pairs; ends when `stop`
-/// turns true.
-pub async fn publish_results(
-    state: AppState,
-    every: Duration,
-    cap: usize,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|stopped| *stopped) => return,
-        }
-        let mut published = 0;
-        for experiment in catalog(&state.flags.snapshot()) {
-            if experiment.status != "running" || published + experiment.variants.len() > cap {
-                continue;
-            }
-            let to = now_ms() + 1;
-            let from = to - state.config.sql.retention.as_millis() as i64;
-            let outcome = match compute(&state, &experiment, from, to, "experiment_gauges").await {
-                Ok(results) => {
-                    published += results.variants.len();
-                    set_gauges(&results);
-                    "ok"
-                }
-                Err(SqlError::Busy(_)) => "busy",
-                Err(err) => {
-                    tracing::warn!(experiment = %experiment.key, error = %err, "experiment results failed");
-                    "failed"
-                }
-            };
-            metrics::counter!(EXPERIMENT_REFRESHES_TOTAL, "outcome" => outcome).increment(1);
-        }
-    }
-}
-
-fn set_gauges(results: &Results) {
-    let experiment = results.experiment.clone();
-    if let Some(check) = &results.sample_ratio {
-        metrics::gauge!(EXPERIMENT_SRM_P_VALUE, "experiment" => experiment.clone())
-            .set(check.p_value);
-    }
-    for variant in &results.variants {
-        let labels = [
-            ("experiment", experiment.clone()),
-            ("variant", variant.variant.clone()),
-        ];
-        metrics::gauge!(EXPERIMENT_EXPOSED_SUBJECTS, &labels).set(variant.exposed_subjects as f64);
-        for goal in &variant.goals {
-            let labels = [
-                ("experiment", experiment.clone()),
-                ("variant", variant.variant.clone()),
-                ("goal", goal.goal.clone()),
-            ];
-            if let Some(rate) = goal.rate {
-                metrics::gauge!(EXPERIMENT_CONVERSION_RATE, &labels).set(rate);
-            }
-            let Some(lift) = &goal.lift else {
-                continue;
-            };
-            if let Some(p) = lift.p_value {
-                metrics::gauge!(EXPERIMENT_P_VALUE, &labels).set(p);
-            }
-            if let (Some(value), Some([low, high])) = (lift.relative, lift.relative_ci) {
-                for (bound, v) in [("estimate", value), ("low", low), ("high", high)] {
-                    let mut labels = labels.to_vec();
-                    labels.push(("bound", bound.to_owned()));
-                    metrics::gauge!(EXPERIMENT_RELATIVE_LIFT, &labels).set(v);
-                }
-            }
-        }
     }
 }
