@@ -53,8 +53,7 @@ fn flag_evaluation(c: &mut Criterion) {
 
 /// Sealing one group commit of the write-ahead log (AES-256-GCM), at two typical sizes.
 fn wal_seal(c: &mut Criterion) {
-    let sealer =
-        flagstream::wal::seal::Sealer::new(&flagstream::privacy::KeyRing::single(1, [7; 32]));
+    let sealer = flagstream::crypto::Sealer::new(&flagstream::crypto::KeyRing::single(1, [7; 32]));
     let mut group = c.benchmark_group("wal_seal");
     for size in [4 << 10, 256 << 10] {
         let payload = vec![b'x'; size];
@@ -144,8 +143,7 @@ fn wal_append(c: &mut Criterion) {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let sealer =
-        flagstream::wal::seal::Sealer::new(&flagstream::privacy::KeyRing::single(1, [7; 32]));
+    let sealer = flagstream::crypto::Sealer::new(&flagstream::crypto::KeyRing::single(1, [7; 32]));
     let (wal, _) = Wal::open(
         WalOptions {
             dir: dir.path().to_path_buf(),
@@ -181,7 +179,7 @@ fn wal_append(c: &mut Criterion) {
 /// The pipeline's per-event work: reading a stored event and counting it in its cohorts'
 /// minute, hour and day windows (all events, three segments, one experiment variant).
 fn window_aggregation(c: &mut Criterion) {
-    use flagstream::pipeline::CohortKey;
+    use flagstream::counters::CohortKey;
     use flagstream::pipeline::aggregate::Aggregate;
     use flagstream::pipeline::record::PipelineEvent;
     let segments: Vec<String> = ["platform", "app_version", "country"]

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use datafusion::arrow::array::{RecordBatch, TimestampMillisecondArray};
 use datafusion::arrow::compute::{max, min};
-use flagstream::privacy::KeyRing;
+use flagstream::crypto::KeyRing;
 use flagstream::sql::columns::{Span, schema};
 use flagstream::sql::segments::{self, Segment};
 use flagstream::sql::table::RecentEvents;

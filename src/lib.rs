@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod counters;
+pub mod crypto;
 pub mod events;
 pub mod experiments;
 pub mod flags;

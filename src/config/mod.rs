@@ -884,7 +884,7 @@ impl Config {
             ("privacy.data_key", &self.privacy.data_key),
         ] {
             if let Some(secret) = secret
-                && let Err(line) = crate::privacy::KeyRing::parse(secret.expose())
+                && let Err(line) = crate::crypto::KeyRing::parse(secret.expose())
             {
                 problem(
                     key,

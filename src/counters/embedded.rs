@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use super::hll::Hll;
+use super::{CohortKey, Window, WindowStart};
 use super::{CohortUpdate, CounterError, CounterWriter, Retention, WindowCounts};
-use crate::pipeline::{CohortKey, Window, WindowStart};
 
 #[derive(Default)]
 struct Counters {

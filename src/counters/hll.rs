@@ -121,7 +121,7 @@ mod tests {
     use super::*;
 
     fn hash(i: u64) -> u64 {
-        crate::pipeline::record::subject_hash(&format!("p1_{i:032x}"))
+        crate::counters::subject_hash(&format!("p1_{i:032x}"))
     }
 
     #[test]

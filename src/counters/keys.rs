@@ -3,7 +3,7 @@
 //! Every key of a cohort carries the cohort's tag as a hash tag (`{…}`), so all of them live in
 //! one Redis Cluster slot and one Lua script may touch them together.
 
-use crate::pipeline::{CohortKey, Window, WindowStart};
+use super::{CohortKey, Window, WindowStart};
 
 /// The set of every cohort tag ever written.
 pub const COHORTS: &str = "fs:cohorts";

@@ -6,22 +6,27 @@
 //! cohort remembers the last cell applied to it. A replay after a crash or an outage therefore
 //! leaves every counter equal to a recount.
 
+pub mod cell;
 mod embedded;
 pub mod hll;
 pub mod keys;
 pub mod metrics;
 mod redis_store;
+pub mod window;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use cell::{
+    CohortKey, SESSIONS_FIELD, SubjectHasher, SubjectSet, TIME_SPENT_FIELD, WindowDelta,
+    events_field, subject_hash,
+};
 pub use embedded::Embedded;
 pub use redis_store::{RedisError, RedisStore, RedisWriter};
+pub use window::{Window, WindowStart};
 
 use crate::config::CountersConfig;
-use crate::pipeline::aggregate::WindowDelta;
-use crate::pipeline::{CohortKey, Window, WindowStart};
 
 /// Everything one cell of the log adds to one cohort.
 #[derive(Debug, Clone)]

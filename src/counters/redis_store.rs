@@ -8,9 +8,9 @@ use tokio::sync::OnceCell;
 use std::collections::{BTreeMap, HashSet};
 
 use super::metrics::REDIS_COMMANDS_TOTAL;
+use super::{CohortKey, Window, WindowStart};
 use super::{CohortUpdate, CounterError, CounterWriter, Retention, WindowCounts, keys};
 use crate::config::RedisUrl;
-use crate::pipeline::{CohortKey, Window, WindowStart};
 
 /// Why Redis could not be used.
 #[derive(Debug, thiserror::Error)]

@@ -3,6 +3,7 @@
 
 use super::auth::Principal;
 use super::error::ApiError;
+use crate::ingest::now_ms;
 pub use crate::privacy::audit::AuditLog;
 
 /// Records audited actions under the caller's token name and role.
@@ -13,7 +14,7 @@ pub trait Audited {
 
 impl Audited for AuditLog {
     fn record(&self, who: &Principal, action: &str, detail: &str, status: u16) {
-        self.append(&who.name, who.role, action, detail, status);
+        self.append(now_ms(), &who.name, who.role, action, detail, status);
     }
 }
 

@@ -29,6 +29,8 @@ pub use routes::{api_doc, router};
 
 use crate::config::Config;
 use crate::counters::{CounterStore, RedisError, Retention};
+use crate::crypto::KeyRing;
+use crate::crypto::Sealer;
 use crate::events::{Limits, Schema};
 use crate::flags::{FlagStore, Snapshot};
 use crate::ingest::exposure::{Exposures, IngestExposureSink};
@@ -37,11 +39,10 @@ use crate::ingest::{ConsentPolicy, IngestOptions, Ingestor};
 use crate::jobs::Supervisor;
 use crate::pipeline::{Pipeline, PipelineOptions};
 use crate::privacy::erasure::Suppressions;
-use crate::privacy::{ConsentLedger, KeyRing, Pepper};
+use crate::privacy::{ConsentLedger, Pepper};
 use crate::sql::feed::{FeedOptions, Feeder};
 use crate::sql::table::RecentEvents;
 use crate::sql::{SqlEngine, SqlOptions};
-use crate::wal::seal::Sealer;
 use crate::wal::{Checkpoints, WalOptions};
 
 /// The listeners the service answers on, bound before `run` is called.
@@ -89,7 +90,7 @@ pub enum RunError {
     Counters(#[from] RedisError),
     /// The pseudonymization pepper or the data key could not be loaded.
     #[error(transparent)]
-    Key(#[from] crate::privacy::KeyError),
+    Key(#[from] crate::crypto::KeyError),
     /// The event schema file is invalid.
     #[error(transparent)]
     Schema(#[from] crate::events::schema::SchemaError),

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::dedup::Dedup;
-use crate::wal::seal::Sealer;
+use crate::crypto::Sealer;
 use crate::wal::tail::{Follower, Tail};
 use crate::wal::{Checkpoints, Epoch, Wal, WalError};
 
@@ -259,7 +259,7 @@ mod tests {
     #[test]
     fn with_an_encrypted_log_the_snapshot_is_sealed() {
         let dir = tempfile::tempdir().unwrap();
-        let sealer = Sealer::new(&crate::privacy::KeyRing::single(1, [9; 32]));
+        let sealer = Sealer::new(&crate::crypto::KeyRing::single(1, [9; 32]));
         let mut dedup = Dedup::new(100, 8);
         replay(
             &mut dedup,

@@ -6,12 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Stop;
-use crate::counters::CounterStore;
+use crate::counters::{CohortKey, CounterStore, Window};
 use crate::experiments::metrics::{self as experiment_metrics, Refresh};
 use crate::experiments::{catalog, compute};
 use crate::flags::FlagStore;
 use crate::ingest::now_ms;
-use crate::pipeline::{CohortKey, Window};
 use crate::sql::metrics::QueryKind;
 use crate::sql::{SqlEngine, SqlError};
 

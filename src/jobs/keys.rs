@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Stop;
-use crate::privacy::KeyRing;
+use crate::crypto::KeyRing;
+use crate::crypto::Sealer;
 use crate::privacy::metrics as privacy_metrics;
 use crate::sql::table::RecentEvents;
-use crate::wal::seal::Sealer;
 
 /// What a rotation changes, and where the keys come from.
 pub struct DataKeys {

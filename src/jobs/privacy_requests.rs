@@ -11,10 +11,10 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 use super::Stop;
+use crate::counters::subject_hash;
 use crate::events::Event;
 use crate::ingest::{Ingestor, now_ms};
 use crate::pipeline::Forgetter;
-use crate::pipeline::record::subject_hash;
 use crate::privacy::ConsentLedger;
 use crate::privacy::metrics::{self as privacy_metrics, RequestOutcome};
 use crate::privacy::requests::{Request, RequestKind, Requests, write_access_export};

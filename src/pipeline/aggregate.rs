@@ -4,63 +4,18 @@
 //! the counter store folds into HyperLogLog sketches. So the aggregate of a stretch of the log
 //! does not depend on how the stretch was cut into epochs or spread over workers.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::cohort::CohortKey;
 use super::record::PipelineEvent;
-use super::window::{Window, WindowStart};
+use crate::counters::{
+    CohortKey, SESSIONS_FIELD, SubjectSet, TIME_SPENT_FIELD, Window, WindowDelta, WindowStart,
+    events_field,
+};
 use crate::events::schema::{SESSION_ENDED_TYPE, SESSION_STARTED_TYPE};
 
-/// The counter field of events of a type.
-pub fn events_field(kind: &str) -> String {
-    format!("events:{kind}")
-}
-/// The counter field of sessions started.
-pub const SESSIONS_FIELD: &str = "sessions";
-/// The counter field of time spent, in milliseconds.
-pub const TIME_SPENT_FIELD: &str = "time_spent_ms";
-
-/// Hashes a subject hash by itself: it is already a uniform 64-bit hash, so hashing it again
-/// (SipHash, the default) only costs time, and an aggregate inserts each event's subject into
-/// a set for every cohort and window it counts in. Subjects are hashes of keyed pseudonyms
-/// (HMAC with the pepper), so no client can choose values that collide.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SubjectHasher(u64);
-
-impl Hasher for SubjectHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only u64s are hashed here; anything else is mixed in byte by byte (FNV-1a).
-        for byte in bytes {
-            self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-
-    fn write_u64(&mut self, value: u64) {
-        self.0 = value;
-    }
-}
-
-/// A set of subject hashes.
-pub type SubjectSet = HashSet<u64, BuildHasherDefault<SubjectHasher>>;
-
-/// What one window of one cohort gained.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WindowDelta {
-    /// Additive counters by field.
-    pub counts: BTreeMap<String, i64>,
-    /// Hashes of the subjects seen.
-    pub subjects: SubjectSet,
-    /// Hashes of the subjects seen per event type (an experiment's goals are event types).
-    pub converted: BTreeMap<String, SubjectSet>,
-}
-
+/// How an event adds to a cell of the counters.
 impl WindowDelta {
     /// Counts one event.
     pub fn add(&mut self, event: &PipelineEvent) {
@@ -94,17 +49,6 @@ impl WindowDelta {
                         .insert(event.kind.clone(), SubjectSet::from_iter([subject]));
                 }
             }
-        }
-    }
-
-    /// Adds everything `other` gained.
-    pub fn merge(&mut self, other: WindowDelta) {
-        for (field, value) in other.counts {
-            *self.counts.entry(field).or_default() += value;
-        }
-        self.subjects.extend(other.subjects);
-        for (kind, subjects) in other.converted {
-            self.converted.entry(kind).or_default().extend(subjects);
         }
     }
 }

@@ -6,108 +6,17 @@
 //! exposure applies to the events of its own epoch too (see [`Assignments::expose`]).
 
 use std::collections::HashMap;
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 use super::record::PipelineEvent;
-
-/// A group of subjects whose events are counted together.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum CohortKey {
-    /// Every event.
-    All,
-    /// Events whose context has this value for a declared segment dimension.
-    Segment {
-        /// The context key, such as `platform`.
-        dimension: String,
-        /// Its value, such as `ios`.
-        value: String,
-    },
-    /// Events of subjects assigned to this variant of an experiment.
-    Variant {
-        /// The experiment's flag key.
-        experiment: String,
-        /// The variant.
-        variant: String,
-    },
-}
-
-impl CohortKey {
-    /// Returns the cohort's name in keys and answers: `all`, `seg:<dimension>:<value>` or
-    /// `exp:<experiment>:<variant>`, with `%`, `:`, `{` and `}` percent-encoded inside parts
-    /// so that names never collide and never break a Redis hash tag.
-    pub fn tag(&self) -> String {
-        match self {
-            CohortKey::All => "all".into(),
-            CohortKey::Segment { dimension, value } => {
-                format!("seg:{}:{}", escape(dimension), escape(value))
-            }
-            CohortKey::Variant {
-                experiment,
-                variant,
-            } => format!("exp:{}:{}", escape(experiment), escape(variant)),
-        }
-    }
-
-    /// Reads a name made by [`CohortKey::tag`].
-    pub fn from_tag(tag: &str) -> Option<Self> {
-        if tag == "all" {
-            return Some(CohortKey::All);
-        }
-        let (kind, rest) = tag.split_once(':')?;
-        let (first, second) = rest.split_once(':')?;
-        let (first, second) = (unescape(first)?, unescape(second)?);
-        match kind {
-            "seg" => Some(CohortKey::Segment {
-                dimension: first,
-                value: second,
-            }),
-            "exp" => Some(CohortKey::Variant {
-                experiment: first,
-                variant: second,
-            }),
-            _ => None,
-        }
-    }
-}
+use crate::counters::CohortKey;
 
 impl CohortKey {
     /// Returns the key the dataflow exchanges a cohort's aggregates by.
     pub fn route(&self) -> u64 {
-        super::record::subject_hash(&self.tag())
+        crate::counters::subject_hash(&self.tag())
     }
-}
-
-impl fmt::Display for CohortKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.tag())
-    }
-}
-
-fn escape(part: &str) -> String {
-    let mut out = String::with_capacity(part.len());
-    for c in part.chars() {
-        match c {
-            '%' | ':' | '{' | '}' => out.push_str(&format!("%{:02X}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-fn unescape(part: &str) -> Option<String> {
-    let mut out = String::with_capacity(part.len());
-    let mut chars = part.chars();
-    while let Some(c) = chars.next() {
-        if c == '%' {
-            let hex: String = chars.by_ref().take(2).collect();
-            out.push(u8::from_str_radix(&hex, 16).ok()? as char);
-        } else {
-            out.push(c);
-        }
-    }
-    Some(out)
 }
 
 /// One assignment: a subject's variant of an experiment.
@@ -201,7 +110,6 @@ pub fn epoch_order(events: &mut [PipelineEvent]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
 
     fn event(subject: u64, kind: &str, exposure: Option<(&str, &str)>) -> PipelineEvent {
         PipelineEvent {
@@ -245,20 +153,5 @@ mod tests {
         ];
         epoch_order(&mut events);
         assert!(events[0].exposure.is_some());
-    }
-
-    proptest! {
-        #[test]
-        fn tags_read_back(kind in 0..3u8, a in ".{0,12}", b in ".{0,12}") {
-            let key = match kind {
-                0 => CohortKey::All,
-                1 => CohortKey::Segment { dimension: a, value: b },
-                _ => CohortKey::Variant { experiment: a, variant: b },
-            };
-            let tag = key.tag();
-            let braces = tag.contains('{') || tag.contains('}');
-            prop_assert!(!braces);
-            prop_assert_eq!(CohortKey::from_tag(&tag), Some(key));
-        }
     }
 }

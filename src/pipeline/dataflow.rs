@@ -23,8 +23,8 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::{Capability, Input, Operator, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
-use super::aggregate::{Aggregate, CohortHasher, WindowDelta, WindowKey};
-use super::cohort::{Assignments, CohortKey, epoch_order};
+use super::aggregate::{Aggregate, CohortHasher, WindowKey};
+use super::cohort::{Assignments, epoch_order};
 use super::metrics::{
     PIPELINE_ASSIGNED_SUBJECTS, PIPELINE_CHECKPOINT_EPOCH, PIPELINE_EVENTS_TOTAL,
     PIPELINE_FLUSH_LAG_SECONDS, PIPELINE_LAG_SECONDS, PIPELINE_PENDING_EPOCHS,
@@ -33,6 +33,7 @@ use super::metrics::{
 use super::record::PipelineEvent;
 use super::state::AssignmentLog;
 use crate::counters::metrics::{self as counters_metrics, WriteFailure};
+use crate::counters::{CohortKey, WindowDelta};
 use crate::counters::{CohortUpdate, CounterStore, CounterWriter};
 use crate::wal::tail::Tail;
 use crate::wal::{Checkpoints, Epoch, Wal, WalError, unix_millis};

@@ -10,8 +10,5 @@ mod dataflow;
 pub mod metrics;
 pub mod record;
 pub mod state;
-pub mod window;
 
-pub use cohort::CohortKey;
 pub use dataflow::{Forgetter, Pipeline, PipelineError, PipelineOptions};
-pub use window::{Window, WindowStart};

@@ -4,6 +4,7 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
+use crate::counters::subject_hash;
 use crate::events::raw::{Members, json_string};
 use crate::events::schema::EXPOSURE_TYPE;
 
@@ -47,11 +48,6 @@ struct Properties<'a> {
     flag: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     variant: Option<Cow<'a, str>>,
-}
-
-/// Returns the hash sketches and routing use for a subject pseudonym.
-pub fn subject_hash(subject: &str) -> u64 {
-    murmur3::murmur3_x64_128(&mut subject.as_bytes(), 0x5eed).unwrap_or(0) as u64
 }
 
 impl PipelineEvent {

@@ -15,7 +15,6 @@ use serde::Serialize;
 use super::metrics::AUDIT_WRITE_ERRORS_TOTAL;
 use crate::config::Role;
 use crate::events::time::format_rfc3339;
-use crate::ingest::now_ms;
 
 /// The longest detail kept per entry, in bytes.
 const MAX_DETAIL: usize = 4096;
@@ -54,12 +53,20 @@ impl AuditLog {
         })
     }
 
-    /// Records that `who` did `action` (with `detail`), answered with `status`. A failed
-    /// write is logged and counted; it does not fail the action.
-    pub fn append(&self, who: &str, role: Role, action: &str, detail: &str, status: u16) {
+    /// Records that `who` did `action` (with `detail`) at `at_ms`, answered with `status`. A
+    /// failed write is logged and counted; it does not fail the action.
+    pub fn append(
+        &self,
+        at_ms: i64,
+        who: &str,
+        role: Role,
+        action: &str,
+        detail: &str,
+        status: u16,
+    ) {
         let detail = crate::privacy::erasure::redact(detail);
         let entry = Entry {
-            at: format_rfc3339(now_ms()),
+            at: format_rfc3339(at_ms),
             who,
             role: role.as_str(),
             action,
@@ -114,8 +121,22 @@ mod tests {
     fn entries_are_json_lines_with_who_what_and_when() {
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::open(dir.path()).unwrap();
-        log.append("team", Role::Analyst, "sql.adhoc", "SELECT 1", 200);
-        log.append("team", Role::Analyst, "sql.adhoc", &"é".repeat(5000), 400);
+        log.append(
+            1_764_000_000_000,
+            "team",
+            Role::Analyst,
+            "sql.adhoc",
+            "SELECT 1",
+            200,
+        );
+        log.append(
+            1_764_000_000_000,
+            "team",
+            Role::Analyst,
+            "sql.adhoc",
+            &"é".repeat(5000),
+            400,
+        );
         log.sync();
         let text = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
         let lines: Vec<serde_json::Value> = text

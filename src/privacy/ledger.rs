@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use super::consent::{ConsentBook, ConsentRecord, ConsentScope};
 use super::journal::{Journal, JournalError};
-use super::keys::KeyRing;
 use super::pseudonym::Pepper;
+use crate::crypto::KeyRing;
 
 /// Why the ledger could not be read or written.
 pub type LedgerError = JournalError;
@@ -347,8 +347,8 @@ mod tests {
             .unwrap();
         let rotated = KeyRing::parse(&format!(
             "1 {}\n2 {}",
-            crate::privacy::keys::to_hex(&[3; 32]),
-            crate::privacy::keys::to_hex(&[4; 32])
+            crate::crypto::to_hex(&[3; 32]),
+            crate::crypto::to_hex(&[4; 32])
         ))
         .unwrap();
         let ledger = ConsentLedger::open(dir.path(), &rotated).unwrap();

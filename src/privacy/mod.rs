@@ -8,7 +8,6 @@ pub mod audit;
 pub mod consent;
 pub mod erasure;
 pub mod journal;
-pub mod keys;
 pub mod ledger;
 pub mod metrics;
 pub mod pseudonym;
@@ -16,7 +15,6 @@ pub mod requests;
 pub mod retention;
 
 pub use consent::ConsentScope;
-pub use keys::{KeyError, KeyRing};
 pub use ledger::{ConsentLedger, LedgerError};
 pub use pseudonym::Pepper;
 

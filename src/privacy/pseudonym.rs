@@ -8,7 +8,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::SubjectId;
-use super::keys::KeyRing;
+use crate::crypto::KeyRing;
 
 /// A secret key for pseudonyms, with its version. Never printed.
 #[derive(Clone)]

@@ -16,9 +16,9 @@ use serde_json::{Value, json};
 
 use super::erasure::{is_reference, reference};
 use super::journal::{Journal, JournalError};
-use super::keys::KeyRing;
 use super::ledger::{ConsentLedger, is_pseudonym};
 use super::pseudonym::Pepper;
+use crate::crypto::KeyRing;
 use crate::events::schema::EXPOSURE_TYPE;
 use crate::events::time::{format_rfc3339, parse_rfc3339};
 

@@ -25,8 +25,8 @@ use datafusion::logical_expr::{
 use datafusion::physical_plan::ExecutionPlan;
 
 use super::table::column_bounds;
+use crate::counters::{CohortKey, Window, WindowStart};
 use crate::counters::{CounterStore, Retention, WindowCounts};
-use crate::pipeline::{CohortKey, Window, WindowStart};
 use crate::wal::unix_millis;
 
 /// The most windows of one length a scan reads per cohort (as `/v1/cohorts` answers).

@@ -453,7 +453,7 @@ mod tests {
     use datafusion::arrow::datatypes::Int64Type;
 
     use super::*;
-    use crate::privacy::KeyRing;
+    use crate::crypto::KeyRing;
 
     fn options() -> SqlOptions {
         SqlOptions {

@@ -19,7 +19,7 @@ use datafusion::parquet::arrow::arrow_reader::{
 use datafusion::parquet::encryption::decrypt::FileDecryptionProperties;
 
 use super::segments::{self, Prepared, Segment, SegmentError};
-use crate::privacy::KeyRing;
+use crate::crypto::KeyRing;
 
 /// Which rows go: `(subject pseudonym, event time in ms)` → drop.
 pub type Hides<'a> = &'a (dyn Fn(&str, i64) -> bool + Sync);

@@ -18,7 +18,7 @@ use datafusion::parquet::errors::ParquetError;
 use datafusion::parquet::file::properties::WriterProperties;
 
 use super::columns::{Span, schema};
-use crate::privacy::KeyRing;
+use crate::crypto::KeyRing;
 
 /// Rows per Parquet row group: the unit time pruning skips.
 const ROW_GROUP_ROWS: usize = 128 * 1024;

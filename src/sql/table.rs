@@ -33,9 +33,9 @@ use datafusion::physical_plan::union::UnionExec;
 use super::columns::{EventColumns, Span, schema};
 use super::erase;
 use super::segments::{Segment, SegmentError};
-use crate::privacy::KeyRing;
+use crate::crypto::KeyRing;
+use crate::crypto::to_hex;
 use crate::privacy::erasure::Suppressions;
-use crate::privacy::keys::to_hex;
 
 /// A sealed record batch and the span of its rows.
 #[derive(Clone)]

@@ -14,8 +14,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::frame::{self, Format, Scan};
-use super::seal::Sealer;
 use super::{REWRITING, SEGMENT_FILES, WalError, read_epoch, segments};
+use crate::crypto::Sealer;
 
 /// What an erasure removed from the log.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -148,7 +148,7 @@ mod tests {
     use super::super::tail::Tail;
     use super::super::{Epoch, Wal, WalOptions, recover};
     use super::*;
-    use crate::privacy::KeyRing;
+    use crate::crypto::KeyRing;
     use std::sync::Arc;
 
     fn event(subject: &str, n: u32) -> Vec<u8> {

@@ -15,7 +15,6 @@
 pub mod erase;
 pub mod frame;
 pub mod metrics;
-pub mod seal;
 pub mod tail;
 
 use std::fs::{File, OpenOptions};
@@ -31,9 +30,9 @@ use self::metrics::{
     WAL_BYTES_TOTAL, WAL_CORRUPT_RECORDS_TOTAL, WAL_EPOCHS_TOTAL, WAL_ERRORS_TOTAL,
     WAL_FSYNC_DURATION_SECONDS, WAL_QUEUE_DEPTH, WAL_TRUNCATED_BYTES_TOTAL,
 };
+use crate::crypto::Sealer;
 pub use frame::Batch;
 use frame::{Format, Scan};
-use seal::Sealer;
 
 /// The number of a committed WAL batch; timely's timestamp in the pipeline.
 ///

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::frame::{self, Scan};
-use super::seal::Sealer;
 use super::{CommittedEnd, Epoch, first_epoch, segments};
+use crate::crypto::Sealer;
 
 /// Bytes read from a segment at a time, unless one frame needs more.
 const CHUNK: usize = 8 << 20;

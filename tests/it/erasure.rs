@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+use flagstream::counters::subject_hash;
 use flagstream::events::time::{format_rfc3339, parse_rfc3339};
-use flagstream::pipeline::record::subject_hash;
 use serde_json::{Value, json};
 
 use crate::harness::client::{count, files, post_batch, send};

@@ -8,13 +8,12 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use serde::Serialize;
 
+use crate::counters::{CohortKey, SESSIONS_FIELD, TIME_SPENT_FIELD, Window, WindowStart};
 use crate::counters::{CounterStore, WindowCounts};
 use crate::events::time::{format_rfc3339, parse_rfc3339};
 use crate::http::AppState;
 use crate::http::auth::{Analyst, Authorized};
 use crate::http::error::{ApiError, ErrorBody, ErrorCode};
-use crate::pipeline::aggregate::{SESSIONS_FIELD, TIME_SPENT_FIELD};
-use crate::pipeline::{CohortKey, Window, WindowStart};
 
 /// The most windows one answer may hold.
 const MAX_POINTS: i64 = 1440;

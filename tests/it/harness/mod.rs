@@ -430,9 +430,9 @@ impl Drop for Process {
 pub fn stored_events(data_dir: &Path) -> Vec<serde_json::Value> {
     let mut events = Vec::new();
     // The service's own data key (created in the data dir on first start) opens sealed records.
-    let keys = flagstream::privacy::KeyRing::load_or_create(&data_dir.join("keys").join("data"))
+    let keys = flagstream::crypto::KeyRing::load_or_create(&data_dir.join("keys").join("data"))
         .expect("the data key");
-    let sealer = flagstream::wal::seal::Sealer::new(&keys);
+    let sealer = flagstream::crypto::Sealer::new(&keys);
     flagstream::wal::recover(&data_dir.join("wal"), false, Some(&sealer), |_, records| {
         for bytes in records {
             events.push(serde_json::from_slice(bytes).expect("stored events are JSON"));

@@ -7,7 +7,7 @@
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 
-use crate::privacy::KeyRing;
+use crate::crypto::KeyRing;
 
 /// Bound into every record's tag, so a payload sealed for something else does not open.
 const AAD: &[u8] = b"flagstream wal v1";
