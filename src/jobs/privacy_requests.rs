@@ -16,9 +16,42 @@ use crate::events::Event;
 use crate::ingest::{Ingestor, now_ms};
 use crate::pipeline::Forgetter;
 use crate::privacy::ConsentLedger;
+use crate::privacy::journal::JournalError;
 use crate::privacy::metrics::{self as privacy_metrics, RequestOutcome};
 use crate::privacy::requests::{Request, RequestKind, Requests, write_access_export};
+use crate::sql::segments::SegmentError;
 use crate::sql::table::RecentEvents;
+use crate::wal::WalError;
+
+/// Why a request's state could not be recorded (the request itself failing is an outcome,
+/// recorded in the journal, not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The requests journal could not be written.
+    #[error("requests journal: {0}")]
+    Journal(#[from] JournalError),
+    /// The blocking task carrying it out ended without an answer (shutdown or a panic).
+    #[error("request task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Why an erasure could not be completed; the child stays hidden and it is retried at the
+/// next start.
+#[derive(Debug, thiserror::Error)]
+pub enum ErasureError {
+    /// The write-ahead log could not be rotated or rewritten.
+    #[error("write-ahead log: {0}")]
+    Log(#[from] WalError),
+    /// The SQL window or its segments could not be rewritten.
+    #[error("sql window: {0}")]
+    Sql(#[from] SegmentError),
+    /// The pipeline's assignments could not be rewritten.
+    #[error("experiment assignments: {0}")]
+    Assignments(std::io::Error),
+    /// The requests journal could not be rewritten.
+    #[error("requests journal: {0}")]
+    Journal(#[from] JournalError),
+}
 
 /// What carrying out requests needs.
 pub struct Workshop {
@@ -67,7 +100,7 @@ pub async fn work(shop: Workshop, wake: Arc<Notify>, mut stop: Stop) {
     }
 }
 
-async fn access(shop: &Arc<Workshop>, request: Request) -> Result<RequestOutcome, String> {
+async fn access(shop: &Arc<Workshop>, request: Request) -> Result<RequestOutcome, RequestError> {
     let shop = shop.clone();
     tokio::task::spawn_blocking(move || {
         let out = shop.requests.export_path(&request.id);
@@ -86,29 +119,25 @@ async fn access(shop: &Arc<Workshop>, request: Request) -> Result<RequestOutcome
             }
         }
     })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())
+    .await?
+    .map_err(RequestError::from)
 }
 
-async fn erasure(shop: &Arc<Workshop>, request: Request) -> Result<RequestOutcome, String> {
+async fn erasure(shop: &Arc<Workshop>, request: Request) -> Result<RequestOutcome, RequestError> {
     // Hidden since it was received (or since the start, from the journal); the segment
     // being written is closed so that every one can be rewritten.
     let rotated = shop.ingest.wal().rotate().await;
     let job = shop.clone();
     let id = request.id.clone();
     let erased = tokio::task::spawn_blocking(move || {
-        rotated.map_err(|e| e.to_string())?;
+        rotated?;
         erase_everywhere(&job, &request)
     })
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     let now = now_ms();
     match erased {
         Ok(events) => {
-            shop.requests
-                .complete(&id, events, now)
-                .map_err(|e| e.to_string())?;
+            shop.requests.complete(&id, events, now)?;
             if let Some(request) = shop.requests.get(&id) {
                 for reference in &request.subjects {
                     shop.ingest
@@ -121,9 +150,7 @@ async fn erasure(shop: &Arc<Workshop>, request: Request) -> Result<RequestOutcom
         }
         Err(reason) => {
             tracing::error!(id = %id, error = %reason, "erasure failed; the child stays hidden and it is retried at the next start");
-            shop.requests
-                .fail(&id, reason, now)
-                .map_err(|e| e.to_string())?;
+            shop.requests.fail(&id, reason.to_string(), now)?;
             Ok(RequestOutcome::Failed)
         }
     }
@@ -131,7 +158,7 @@ async fn erasure(shop: &Arc<Workshop>, request: Request) -> Result<RequestOutcom
 
 /// Removes what the suppression list hides from every store; returns the events removed
 /// from the write-ahead log (which holds everything stored). Blocks on the disk.
-fn erase_everywhere(shop: &Workshop, request: &Request) -> Result<u64, String> {
+fn erase_everywhere(shop: &Workshop, request: &Request) -> Result<u64, ErasureError> {
     let suppressions = shop.ingest.suppressions().clone();
     let wal = shop.ingest.wal();
     let mut removed_events = Vec::new();
@@ -152,23 +179,16 @@ fn erase_everywhere(shop: &Workshop, request: &Request) -> Result<u64, String> {
                 removed_events.push(event.into_owned());
             }
         },
-    )
-    .map_err(|e| format!("write-ahead log: {e}"))?;
+    )?;
     shop.ingest.forget_erased(&removed_events);
-    let rows = shop
-        .events
-        .erase()
-        .map_err(|e| format!("sql window: {e}"))?;
+    let rows = shop.events.erase()?;
     let hashes: Vec<u64> = names.iter().map(|n| subject_hash(n)).collect();
     let lines = shop
         .pipeline
         .forget(&hashes)
-        .map_err(|e| format!("experiment assignments: {e}"))?;
+        .map_err(ErasureError::Assignments)?;
     let references: HashSet<String> = request.subjects.iter().cloned().collect();
-    let requests = shop
-        .requests
-        .forget(&references)
-        .map_err(|e| format!("requests journal: {e}"))?;
+    let requests = shop.requests.forget(&references)?;
     tracing::info!(
         id = %request.id,
         log_events = erased.events,
