@@ -5,10 +5,40 @@
 //! unknown key). A flag whose targeting does not compile (unknown operator, bad `$ref`) is
 //! kept apart: the snapshot serves its last good version, or `PARSE_ERROR` if it never had one.
 
+use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::logic::{self, CompileError, Evaluators, Rule};
 use super::{FlagFileError, FlagKey};
+
+/// JSON text made once, when the flags load, and written into answers as it is.
+#[derive(Debug, Clone)]
+pub struct RawJson(Box<RawValue>);
+
+impl RawJson {
+    /// The JSON text of `value`.
+    pub fn of(value: &Value) -> Self {
+        Self(RawValue::from_string(value.to_string()).expect("a JSON value serializes to JSON"))
+    }
+
+    /// The text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Serialize for RawJson {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
 
 /// One variant of a flag, with its value pre-serialized for fast responses.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,9 +48,7 @@ pub struct Variant {
     /// The variant's value.
     pub value: Value,
     /// `value` as JSON text.
-    pub json: String,
-    /// `name` as a JSON string literal.
-    pub name_json: String,
+    pub json: RawJson,
 }
 
 /// What decides a flag's variant.
@@ -48,8 +76,6 @@ pub struct Experiment {
 pub struct Flag {
     /// The key.
     pub key: FlagKey,
-    /// `key` as a JSON string literal.
-    pub key_json: String,
     /// The file it came from.
     pub file: String,
     /// `false` when its `state` is `DISABLED`.
@@ -63,7 +89,7 @@ pub struct Flag {
     /// Flag-set metadata overlaid by the flag's own.
     pub metadata: Map<String, Value>,
     /// `metadata` as JSON text.
-    pub metadata_json: String,
+    pub metadata_json: RawJson,
     /// Experiment settings, when the flag is an experiment.
     pub experiment: Option<Experiment>,
     /// A hash of the flag's definition, for ETags.
@@ -212,8 +238,7 @@ fn build_flag(
         .iter()
         .map(|(name, value)| Variant {
             name: name.clone(),
-            json: value.to_string(),
-            name_json: Value::String(name.clone()).to_string(),
+            json: RawJson::of(value),
             value: value.clone(),
         })
         .collect();
@@ -252,13 +277,12 @@ fn build_flag(
     };
     Ok(Flag {
         key: FlagKey(key.to_owned()),
-        key_json: Value::String(key.to_owned()).to_string(),
         file: file.to_owned(),
         enabled,
         variants,
         default_variant,
         targeting,
-        metadata_json: Value::Object(metadata.clone()).to_string(),
+        metadata_json: RawJson::of(&Value::Object(metadata.clone())),
         metadata,
         experiment,
         source_hash,
@@ -384,8 +408,11 @@ mod tests {
         .unwrap();
         let flag = &file.flags[0];
         assert_eq!(flag.variants[0].name, "off");
-        assert_eq!(flag.variant("on").unwrap().json, "true");
-        assert_eq!(flag.metadata_json, r#"{"team":"reading","version":2}"#);
+        assert_eq!(flag.variant("on").unwrap().json.get(), "true");
+        assert_eq!(
+            flag.metadata_json.get(),
+            r#"{"team":"reading","version":2}"#
+        );
         assert_eq!(flag.targeting, Targeting::None);
     }
 

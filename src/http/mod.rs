@@ -10,6 +10,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod error;
+pub mod extract;
 pub mod metrics;
 mod routes;
 mod serve;
@@ -86,10 +87,16 @@ pub enum RunError {
     Schema(#[from] crate::events::schema::SchemaError),
     /// The SQL engine could not start.
     #[error("cannot start sql: {0}")]
-    Sql(String),
-    /// Saved queries are invalid.
-    #[error("invalid saved queries: {0}")]
-    SavedQueries(String),
+    Sql(#[from] crate::sql::SqlError),
+    /// The SQL segments on disk could not be listed.
+    #[error("cannot start sql: {0}")]
+    SqlSegments(#[from] crate::sql::segments::SegmentError),
+    /// The SQL window could not start following the log.
+    #[error("cannot start sql: {0}")]
+    SqlWindow(#[source] crate::wal::WalError),
+    /// Saved queries are invalid: every problem found.
+    #[error("invalid saved queries: {}", .0.join("; "))]
+    SavedQueries(Vec<String>),
     /// The write-ahead log could not be opened.
     #[error("cannot open the write-ahead log: {0}")]
     Ingest(#[from] crate::ingest::IngestError),
@@ -297,5 +304,5 @@ fn start_sql_feeder(
         checkpoints,
         state.sql.events().clone(),
     )
-    .map_err(|e| RunError::Sql(e.to_string()))
+    .map_err(RunError::SqlWindow)
 }

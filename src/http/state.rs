@@ -139,19 +139,17 @@ fn open_sql(
     suppressions: Arc<Suppressions>,
 ) -> Result<SqlEngine, RunError> {
     let data_dir = &config.storage.data_dir;
-    let segments = crate::sql::segments::list(&data_dir.join("sql"))
-        .map_err(|e| RunError::Sql(e.to_string()))?;
+    let segments = crate::sql::segments::list(&data_dir.join("sql"))?;
     let (saved, problems) = crate::sql::saved::read_dir(&config.sql.queries_dir);
     let events = Arc::new(RecentEvents::new(segments, keys).hiding(suppressions));
-    let engine = SqlEngine::new(events, saved, sql_options(config))
-        .map_err(|e| RunError::Sql(e.to_string()))?;
+    let engine = SqlEngine::new(events, saved, sql_options(config))?;
     let problems: Vec<String> = problems
         .iter()
         .map(ToString::to_string)
         .chain(plan_saved(&engine))
         .collect();
     if !problems.is_empty() {
-        return Err(RunError::SavedQueries(problems.join("; ")));
+        return Err(RunError::SavedQueries(problems));
     }
     Ok(engine)
 }

@@ -112,13 +112,33 @@ pub struct StreamMessage<'a> {
     pub events: Vec<Result<RawEvent<'a>, Rejection>>,
 }
 
+/// The kinds of refusal of a WebSocket message; the HTTP layer answers each with its error
+/// code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamRefusal {
+    /// The message is malformed.
+    Invalid,
+    /// The message holds more events than allowed.
+    TooLarge,
+}
+
+impl StreamRefusal {
+    /// The error code of the reply, as the HTTP layer's error model names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Invalid => "invalid_request",
+            Self::TooLarge => "payload_too_large",
+        }
+    }
+}
+
 /// Why a whole WebSocket message was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamError {
     /// The message's sequence number, when it could be read.
     pub seq: Option<u64>,
-    /// The error code of the reply.
-    pub code: &'static str,
+    /// What kind of refusal it is.
+    pub code: StreamRefusal,
     /// What was wrong.
     pub description: String,
 }
@@ -150,20 +170,20 @@ pub fn decode_message<'a>(
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(refuse(
             None,
-            "invalid_request",
+            StreamRefusal::Invalid,
             "a message is a JSON object: {\"seq\": n, \"events\": [...]}",
         ));
     }
     let message: Message<'a> = serde_json::from_slice(bytes).map_err(|err| StreamError {
         seq: None,
-        code: "invalid_request",
+        code: StreamRefusal::Invalid,
         description: format!("not JSON: {err}"),
     })?;
     let seq = message.seq.and_then(|raw| raw.get().parse::<u64>().ok());
     let Some(seq_number) = seq else {
         return Err(refuse(
             None,
-            "invalid_request",
+            StreamRefusal::Invalid,
             "a message needs a numeric seq",
         ));
     };
@@ -171,7 +191,7 @@ pub fn decode_message<'a>(
         (Some(events), None) => serde_json::from_str(events.get()).map_err(|_| {
             refuse(
                 seq,
-                "invalid_request",
+                StreamRefusal::Invalid,
                 "a message carries `events` (an array) or `event`",
             )
         })?,
@@ -179,7 +199,7 @@ pub fn decode_message<'a>(
         _ => {
             return Err(refuse(
                 seq,
-                "invalid_request",
+                StreamRefusal::Invalid,
                 "a message carries `events` (an array) or `event`",
             ));
         }
@@ -187,7 +207,7 @@ pub fn decode_message<'a>(
     if raw.len() > limits.max_events {
         return Err(StreamError {
             seq,
-            code: "payload_too_large",
+            code: StreamRefusal::TooLarge,
             description: format!("a message holds at most {} events", limits.max_events),
         });
     }
@@ -199,7 +219,7 @@ pub fn decode_message<'a>(
                 .ok_or_else(|| {
                     refuse(
                         seq,
-                        "invalid_request",
+                        StreamRefusal::Invalid,
                         "sent_at must be an RFC 3339 timestamp",
                     )
                 })?,
@@ -447,7 +467,7 @@ mod tests {
         for (bytes, seq, code, description) in cases {
             let err = decode_message(bytes, &LIMITS).unwrap_err();
             let text = String::from_utf8_lossy(bytes);
-            assert_eq!((err.seq, err.code), (seq, code), "{text}");
+            assert_eq!((err.seq, err.code.as_str()), (seq, code), "{text}");
             assert!(err.description.contains(description), "{text}: {err:?}");
         }
     }

@@ -295,38 +295,75 @@ type Partial = (u64, WindowKey, WindowDelta);
 fn run_worker(worker: &mut Worker, shared: &Arc<Shared>) {
     metrics::gauge!(PIPELINE_RUNNING).set(1.0);
     let index = worker.index();
-    let peers = worker.peers();
     let threads = shared.options.workers.max(1);
-    let cell_ms = shared.options.cell_ms.max(1);
-    let durable = shared.checkpoints.is_some();
-    let log = if durable {
-        match AssignmentLog::open(&shared.options.state_dir, index) {
-            Ok(log) => Some(log),
-            Err(err) => {
-                tracing::error!(error = %err, "cannot open the pipeline's assignment log");
-                shared.abandoned.store(true, Ordering::Release);
-                None
-            }
-        }
+    let (assignments, log) = open_assignments(shared, index, worker.peers());
+    let (mut input, probe) = build_dataflow(worker, shared, assignments, log);
+    if !index.is_multiple_of(threads) {
+        drop(input);
+        drain(worker, shared);
+        return;
+    }
+    let delivered = feed(worker, shared, &mut input, &probe);
+    drop(input);
+    let written = if drain(worker, shared) {
+        // Every epoch read went through the whole dataflow.
+        delivered
     } else {
-        None
+        probe.with_frontier(|f| f.first().map_or(delivered, |f| Epoch(f.saturating_sub(1))))
     };
-    let assignments = if durable {
-        AssignmentLog::load(&shared.options.state_dir, shared.start(), |subject| {
-            subject % peers as u64 == index as u64
-        })
-        .unwrap_or_else(|err| {
-            tracing::error!(error = %err, "cannot read the pipeline's assignment logs");
+    checkpoint(shared, written, true);
+}
+
+/// This worker's experiment assignments and its log of them: read back from the state dir
+/// when the pipeline checkpoints (a failure abandons checkpointing), empty otherwise.
+fn open_assignments(
+    shared: &Shared,
+    index: usize,
+    peers: usize,
+) -> (Assignments, Option<AssignmentLog>) {
+    if shared.checkpoints.is_none() {
+        return (Assignments::default(), None);
+    }
+    let log = match AssignmentLog::open(&shared.options.state_dir, index) {
+        Ok(log) => Some(log),
+        Err(err) => {
+            tracing::error!(error = %err, "cannot open the pipeline's assignment log");
             shared.abandoned.store(true, Ordering::Release);
-            Assignments::default()
-        })
-    } else {
-        Assignments::default()
+            None
+        }
     };
+    let assignments = AssignmentLog::load(&shared.options.state_dir, shared.start(), |subject| {
+        subject % peers as u64 == index as u64
+    })
+    .unwrap_or_else(|err| {
+        tracing::error!(error = %err, "cannot read the pipeline's assignment logs");
+        shared.abandoned.store(true, Ordering::Release);
+        Assignments::default()
+    });
+    (assignments, log)
+}
+
+/// Builds the dataflow: events exchanged by subject are attributed to cohorts and aggregated
+/// per cell of the log ("Attribute"), then exchanged by cohort and written to the counter
+/// store once complete ("Flush").
+fn build_dataflow(
+    worker: &mut Worker,
+    shared: &Arc<Shared>,
+    assignments: Assignments,
+    log: Option<AssignmentLog>,
+) -> (EventInput, ProbeHandle<u64>) {
+    let cell_ms = shared.options.cell_ms.max(1);
     let mut input = EventInput::new();
     let probe = ProbeHandle::new();
-    let (mut assignments, mut log) = (assignments, log);
-    let attribute_shared = shared.clone();
+    let mut attribute = Attribution {
+        shared: shared.clone(),
+        assignments,
+        log,
+        forgotten_seen: 0,
+        stash: BTreeMap::new(),
+        cells: BTreeMap::new(),
+        cell_ms,
+    };
     let flush_shared = shared.clone();
     let mut writer = shared.store.writer();
     worker.dataflow::<u64, _, _>(|scope| {
@@ -336,65 +373,19 @@ fn run_worker(worker: &mut Worker, shared: &Arc<Shared>) {
                 Exchange::new(|event: &PipelineEvent| event.route()),
                 "Attribute",
                 move |_, _| {
-                    let mut stash: BTreeMap<u64, (Capability<u64>, Vec<PipelineEvent>)> =
-                        BTreeMap::new();
-                    let mut cells: BTreeMap<u64, (Capability<u64>, Aggregate)> = BTreeMap::new();
-                    let mut forgotten_seen = 0;
                     move |(input, frontier), output| {
-                        let generation =
-                            attribute_shared.forget_generation.load(Ordering::Acquire);
-                        if generation != forgotten_seen {
-                            forgotten_seen = generation;
-                            let forgotten = attribute_shared
-                                .forgotten
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .clone();
-                            assignments.forget(&forgotten);
-                            if let Some(log) = &mut log {
-                                log.forget_unwritten(&forgotten);
-                            }
-                        }
+                        attribute.forget_erased();
                         input.for_each_stamp(|cap, data| {
                             let Some(&time) = cap.least() else { return };
                             let Some(retained) = cap.retain_least(output.output_index()) else {
                                 return;
                             };
-                            let entry = stash.entry(time).or_insert_with(|| (retained, Vec::new()));
-                            for batch in data {
-                                entry.1.append(batch);
-                            }
+                            attribute.stash(time, retained, data);
                         });
-                        while let Some(entry) = stash.first_entry() {
-                            let time = *entry.key();
-                            if frontier.less_equal(&time) {
-                                break;
-                            }
-                            let (cap, events) = entry.remove();
-                            let (_, aggregate) = cells
-                                .entry(time / cell_ms)
-                                .or_insert_with(|| (cap, Aggregate::default()));
-                            attribute_epoch(
-                                time,
-                                events,
-                                &mut assignments,
-                                &mut log,
-                                aggregate,
-                                &attribute_shared,
-                            );
-                        }
-                        while let Some(entry) = cells.first_entry() {
-                            let cell = *entry.key();
-                            if frontier.less_equal(&((cell + 1) * cell_ms - 1)) {
-                                break;
-                            }
-                            let (cap, aggregate) = entry.remove();
-                            if let Some(log) = &mut log
-                                && let Err(err) = log.sync()
-                            {
-                                tracing::error!(error = %err, "assignment log not synced; checkpoints stop");
-                                attribute_shared.abandoned.store(true, Ordering::Release);
-                            }
+                        attribute.aggregate_complete_epochs(|t| frontier.less_equal(t));
+                        for (cell, cap, aggregate) in
+                            attribute.complete_cells(|t| frontier.less_equal(t))
+                        {
                             let mut session = output.session(&cap);
                             for (key, delta) in aggregate.windows {
                                 session.give((cell, key, delta));
@@ -428,9 +419,9 @@ fn run_worker(worker: &mut Worker, shared: &Arc<Shared>) {
                                 }
                             }
                         });
-                        let complete = |cell: u64| !frontier.less_equal(&((cell + 1) * cell_ms - 1));
-                        let written =
-                            flush_cells(&cells, complete, writer.as_mut(), &flush_shared);
+                        let complete =
+                            |cell: u64| !frontier.less_equal(&((cell + 1) * cell_ms - 1));
+                        let written = flush_cells(&cells, complete, writer.as_mut(), &flush_shared);
                         let now = unix_millis();
                         for cell in written {
                             let end = (cell + 1) * cell_ms;
@@ -443,20 +434,102 @@ fn run_worker(worker: &mut Worker, shared: &Arc<Shared>) {
             )
             .probe_with(&probe);
     });
-    if !index.is_multiple_of(threads) {
-        drop(input);
-        drain(worker, shared);
-        return;
+    (input, probe)
+}
+
+/// The state of one worker's "Attribute" operator: events stashed by epoch until their epoch
+/// is complete, then attributed to cohorts and aggregated per cell of the log until the cell
+/// is complete.
+struct Attribution {
+    shared: Arc<Shared>,
+    assignments: Assignments,
+    log: Option<AssignmentLog>,
+    /// The erasure generation last applied.
+    forgotten_seen: u64,
+    stash: BTreeMap<u64, (Capability<u64>, Vec<PipelineEvent>)>,
+    cells: BTreeMap<u64, (Capability<u64>, Aggregate)>,
+    cell_ms: u64,
+}
+
+impl Attribution {
+    /// Forgets the assignments of subjects erased since the last look.
+    fn forget_erased(&mut self) {
+        let generation = self.shared.forget_generation.load(Ordering::Acquire);
+        if generation == self.forgotten_seen {
+            return;
+        }
+        self.forgotten_seen = generation;
+        let forgotten = self
+            .shared
+            .forgotten
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.assignments.forget(&forgotten);
+        if let Some(log) = &mut self.log {
+            log.forget_unwritten(&forgotten);
+        }
     }
-    let delivered = feed(worker, shared, &mut input, &probe);
-    drop(input);
-    let written = if drain(worker, shared) {
-        // Every epoch read went through the whole dataflow.
-        delivered
-    } else {
-        probe.with_frontier(|f| f.first().map_or(delivered, |f| Epoch(f.saturating_sub(1))))
-    };
-    checkpoint(shared, written, true);
+
+    /// Keeps the events of epoch `time` until the epoch is complete.
+    fn stash<'d>(
+        &mut self,
+        time: u64,
+        cap: Capability<u64>,
+        data: impl Iterator<Item = &'d mut Vec<PipelineEvent>>,
+    ) {
+        let entry = self.stash.entry(time).or_insert_with(|| (cap, Vec::new()));
+        for batch in data {
+            entry.1.append(batch);
+        }
+    }
+
+    /// Attributes and aggregates every stashed epoch the frontier has passed, in order.
+    fn aggregate_complete_epochs(&mut self, pending: impl Fn(&u64) -> bool) {
+        while let Some(entry) = self.stash.first_entry() {
+            let time = *entry.key();
+            if pending(&time) {
+                break;
+            }
+            let (cap, events) = entry.remove();
+            let (_, aggregate) = self
+                .cells
+                .entry(time / self.cell_ms)
+                .or_insert_with(|| (cap, Aggregate::default()));
+            attribute_epoch(
+                time,
+                events,
+                &mut self.assignments,
+                &mut self.log,
+                aggregate,
+                &self.shared,
+            );
+        }
+    }
+
+    /// Takes the cells the frontier has passed, in order, once the assignments they rely on
+    /// are durable.
+    fn complete_cells(
+        &mut self,
+        pending: impl Fn(&u64) -> bool,
+    ) -> Vec<(u64, Capability<u64>, Aggregate)> {
+        let mut complete = Vec::new();
+        while let Some(entry) = self.cells.first_entry() {
+            let cell = *entry.key();
+            if pending(&((cell + 1) * self.cell_ms - 1)) {
+                break;
+            }
+            let (cap, aggregate) = entry.remove();
+            if let Some(log) = &mut self.log
+                && let Err(err) = log.sync()
+            {
+                tracing::error!(error = %err, "assignment log not synced; checkpoints stop");
+                self.shared.abandoned.store(true, Ordering::Release);
+            }
+            complete.push((cell, cap, aggregate));
+        }
+        complete
+    }
 }
 
 /// Steps the dataflow until it completes and returns whether it did. A cluster's dataflow

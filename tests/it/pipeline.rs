@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use flagstream::events::time::format_rfc3339;
 use serde_json::{Value, json};
 
-use crate::harness::wait::now_ms;
+use crate::harness::wait::{eventually, now_ms};
 use crate::harness::{Process, Redis, Service};
 use crate::sql::sql;
 
@@ -482,6 +482,12 @@ async fn cluster_processes_that_crash_or_stop_rejoin_and_the_counters_stay_exact
         send(&http, processes[0].addr, batch).await;
     }
     processes[1] = spawn(1);
+    // Process 1 has rejoined once its dataflow runs with process 0's (before that, stopping
+    // process 0 would only delay a dataflow that never started, and nothing would restart).
+    let rejoined = || async {
+        process_metric(&http, processes[1].addr, "flagstream_pipeline_running").await == 1.0
+    };
+    eventually(Duration::from_secs(30), "process 1 rejoined the cluster", rejoined).await;
     // Process 0 is stopped and started again (a deployment rolling through the cluster).
     processes[0].terminate();
     processes[0] = spawn(0);

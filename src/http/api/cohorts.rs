@@ -1,12 +1,11 @@
 //! `GET /v1/cohorts`: per-cohort time series from the counter store, and the live
 //! per-variant gauges exported for Grafana.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
-use serde::Serialize;
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
 
 use crate::counters::{CohortKey, SESSIONS_FIELD, TIME_SPENT_FIELD, Window, WindowStart};
 use crate::counters::{CounterStore, WindowCounts};
@@ -14,6 +13,7 @@ use crate::events::time::{format_rfc3339, parse_rfc3339};
 use crate::http::AppState;
 use crate::http::auth::{Analyst, Authorized};
 use crate::http::error::{ApiError, ErrorBody, ErrorCode};
+use crate::http::extract::{Params, QueryParams};
 
 /// The most windows one answer may hold.
 const MAX_POINTS: i64 = 1440;
@@ -68,6 +68,24 @@ pub struct Cohorts {
     pub series: Vec<Series>,
 }
 
+/// The parameters of `GET /v1/cohorts`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct CohortsParams {
+    /// An experiment's flag key.
+    pub experiment: Option<String>,
+    /// A segment dimension, such as platform.
+    pub segment: Option<String>,
+    /// 1m, 1h or 1d.
+    pub window: Option<String>,
+    /// RFC 3339 start.
+    pub from: Option<String>,
+    /// RFC 3339 end (exclusive).
+    pub to: Option<String>,
+}
+
+impl QueryParams for CohortsParams {}
+
 /// Which cohorts a request selects.
 enum Selection {
     Experiment(String),
@@ -81,12 +99,7 @@ enum Selection {
 /// windows per answer.
 #[utoipa::path(get, path = "/v1/cohorts", tag = "cohorts",
     security(("bearer" = [])),
-    params(
-        ("experiment" = Option<String>, Query, description = "An experiment's flag key."),
-        ("segment" = Option<String>, Query, description = "A segment dimension, such as platform."),
-        ("window" = Option<String>, Query, description = "1m, 1h or 1d."),
-        ("from" = Option<String>, Query, description = "RFC 3339 start."),
-        ("to" = Option<String>, Query, description = "RFC 3339 end (exclusive).")),
+    params(CohortsParams),
     responses(
         (status = 200, description = "A time series per cohort.", body = Cohorts),
         (status = 400, description = "A bad parameter.", body = ErrorBody),
@@ -96,17 +109,10 @@ enum Selection {
 pub async fn cohorts(
     caller: Authorized<Analyst>,
     State(state): State<AppState>,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    Params(params): Params<CohortsParams>,
 ) -> Result<Json<Cohorts>, ApiError> {
-    let Query(params) =
-        query.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.body_text()))?;
     let invalid = |text: String| ApiError::new(ErrorCode::InvalidRequest, text);
-    for key in params.keys() {
-        if !["experiment", "segment", "window", "from", "to"].contains(&key.as_str()) {
-            return Err(invalid(format!("unknown parameter {key:?}")));
-        }
-    }
-    let selection = match (params.get("experiment"), params.get("segment")) {
+    let selection = match (&params.experiment, &params.segment) {
         (Some(_), Some(_)) => return Err(invalid("give experiment or segment, not both".into())),
         (Some(experiment), None) => Selection::Experiment(experiment.clone()),
         (None, Some(segment)) => Selection::Segment(segment.clone()),
@@ -142,14 +148,14 @@ pub async fn cohorts(
         }
     }
     let min_group = state.config.auth.min_group_size as u64;
-    let window = match params.get("window") {
+    let window = match &params.window {
         None => Window::Hour,
         Some(name) => Window::from_name(name)
             .ok_or_else(|| invalid(format!("window must be 1m, 1h or 1d, not {name:?}")))?,
     };
-    let time = |name: &str| time_param(name, params.get(name));
-    let to = time("to")?.unwrap_or_else(crate::ingest::now_ms);
-    let first = window.start_of(time("from")?.unwrap_or(to - 24 * window.millis()));
+    let to = time_param("to", params.to.as_ref())?.unwrap_or_else(crate::ingest::now_ms);
+    let from = time_param("from", params.from.as_ref())?;
+    let first = window.start_of(from.unwrap_or(to - 24 * window.millis()));
     let last = window.start_of(to - 1);
     if last.0 < first.0 {
         return Err(invalid("from must be before to".into()));

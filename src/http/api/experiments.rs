@@ -1,14 +1,11 @@
 //! `GET /v1/experiments` and `GET /v1/experiments/{key}/results`: the experiments of the
 //! flag definitions and their results.
 
-use std::collections::BTreeMap;
-
 use axum::Json;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::cohorts::time_param;
 use super::sql::api_error;
@@ -17,9 +14,27 @@ use crate::experiments::{Experiment, catalog, compute};
 use crate::http::audit::Audited;
 use crate::http::auth::{Analyst, Authorized};
 use crate::http::error::{ApiError, ErrorBody, ErrorCode};
+use crate::http::extract::{Params, QueryParams};
 use crate::http::{AppState, audit};
 use crate::ingest::now_ms;
 use crate::sql::metrics::QueryKind;
+
+/// The parameters of `GET /v1/experiments/{key}/results`.
+#[derive(Debug, Default, Deserialize, Serialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ResultsParams {
+    /// RFC 3339 start (default: now − sql.retention).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// RFC 3339 end, exclusive (default: now).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// json or csv; overrides Accept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+}
+
+impl QueryParams for ResultsParams {}
 
 /// The answer of `GET /v1/experiments`.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -54,9 +69,7 @@ pub async fn list(
     security(("bearer" = [])),
     params(
         ("key" = String, Path, description = "The experiment's flag key."),
-        ("from" = Option<String>, Query, description = "RFC 3339 start (default: now − sql.retention)."),
-        ("to" = Option<String>, Query, description = "RFC 3339 end, exclusive (default: now)."),
-        ("format" = Option<String>, Query, description = "json or csv; overrides Accept.")),
+        ResultsParams),
     responses(
         (status = 200, description = "The results, as JSON or CSV.", body = Results),
         (status = 400, description = "A bad parameter.", body = ErrorBody),
@@ -71,10 +84,10 @@ pub async fn results(
     State(state): State<AppState>,
     Path(key): Path<String>,
     headers: HeaderMap,
-    query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
+    query: Result<Params<ResultsParams>, ApiError>,
 ) -> Result<Response, ApiError> {
     let detail = match &query {
-        Ok(Query(params)) => format!("{key} {}", serde_json::json!(params)),
+        Ok(Params(params)) => format!("{key} {}", serde_json::json!(params)),
         Err(_) => key.clone(),
     };
     let result = if caller.principal.scope.is_some() {
@@ -97,23 +110,14 @@ async fn answer_results(
     state: &AppState,
     key: &str,
     headers: &HeaderMap,
-    query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
+    query: Result<Params<ResultsParams>, ApiError>,
 ) -> Result<Response, ApiError> {
-    let Query(params) =
-        query.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.body_text()))?;
+    let Params(params) = query?;
     let invalid = |text: String| ApiError::new(ErrorCode::InvalidRequest, text);
-    if let Some(key) = params
-        .keys()
-        .find(|k| !["from", "to", "format"].contains(&k.as_str()))
-    {
-        return Err(invalid(format!(
-            "unknown parameter {key:?}; the parameters are from, to and format"
-        )));
-    }
-    let csv = wants_csv(headers, params.get("format"))?;
-    let time = |name: &str| time_param(name, params.get(name));
-    let to = time("to")?.unwrap_or_else(|| now_ms() + 1);
-    let from = time("from")?.unwrap_or(to - state.config.sql.retention.as_millis() as i64);
+    let csv = wants_csv(headers, params.format.as_ref())?;
+    let to = time_param("to", params.to.as_ref())?.unwrap_or_else(|| now_ms() + 1);
+    let from = time_param("from", params.from.as_ref())?
+        .unwrap_or(to - state.config.sql.retention.as_millis() as i64);
     if from >= to {
         return Err(invalid("from must be before to".into()));
     }

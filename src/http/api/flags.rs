@@ -5,7 +5,6 @@
 //! path does not re-encode flag definitions. OFREP routes answer errors in OFREP's shape.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::time::Instant;
 
 use axum::body::Bytes;
@@ -17,6 +16,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
+use crate::flags::definition::RawJson;
 use crate::flags::metrics::{self as flag_metrics, Endpoint};
 use crate::flags::{ErrorCode, Flag, Reason, Resolution, Snapshot, evaluate};
 use crate::http::AppState;
@@ -36,47 +36,108 @@ pub struct EvaluationRequest {
 /// A successful OFREP evaluation; `value` and `variant` are absent when the caller's code
 /// default applies (reason `DISABLED`, or `DEFAULT` for a flag without a default variant).
 #[derive(Debug, Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct EvaluationSuccess {
-    key: String,
+pub struct EvaluationSuccess<'a> {
+    key: &'a str,
     /// STATIC, TARGETING_MATCH, DEFAULT or DISABLED.
-    reason: String,
-    variant: Option<String>,
+    reason: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    variant: Option<&'a str>,
     /// The variant's value: any JSON value (a boolean, string, number or object).
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Value>)]
-    value: Option<Value>,
+    value: Option<&'a RawJson>,
     #[schema(value_type = Object)]
-    metadata: Map<String, Value>,
+    metadata: &'a RawJson,
 }
 
 /// A failed OFREP evaluation.
 #[derive(Debug, Serialize, ToSchema)]
-#[allow(dead_code)]
 #[serde(rename_all = "camelCase")]
-pub struct EvaluationFailure {
-    key: Option<String>,
-    /// FLAG_NOT_FOUND, PARSE_ERROR, TARGETING_KEY_MISSING, INVALID_CONTEXT or GENERAL.
-    error_code: String,
-    error_details: Option<String>,
+pub struct EvaluationFailure<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+    /// FLAG_NOT_FOUND, PARSE_ERROR, TARGETING_KEY_MISSING, INVALID_CONTEXT or GENERAL;
+    /// absent when the request itself was refused (authentication, size).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_code: Option<&'static str>,
+    error_details: &'a str,
+    /// The flag's metadata, when a flag was evaluated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    metadata: Option<&'a RawJson>,
+}
+
+/// One flag's evaluation in the bulk answer.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum Evaluation<'a> {
+    /// The flag was evaluated.
+    Success(EvaluationSuccess<'a>),
+    /// It could not be.
+    Failure(EvaluationFailure<'a>),
+}
+
+impl<'a> Evaluation<'a> {
+    /// The wire form of `flag`'s `resolution`.
+    fn of(flag: &'a Flag, resolution: &'a Resolution<'a>) -> Self {
+        let key = flag.key.0.as_str();
+        let metadata = &flag.metadata_json;
+        match resolution {
+            Resolution::Variant(variant, reason) => Self::Success(EvaluationSuccess {
+                key,
+                reason: reason.as_str(),
+                variant: Some(&variant.name),
+                value: Some(&variant.json),
+                metadata,
+            }),
+            Resolution::CodeDefault(reason) => Self::Success(EvaluationSuccess {
+                key,
+                reason: reason.as_str(),
+                variant: None,
+                value: None,
+                metadata,
+            }),
+            Resolution::Error(code, details) => Self::Failure(EvaluationFailure {
+                key: Some(key),
+                error_code: Some(code.as_str()),
+                error_details: details,
+                metadata: Some(metadata),
+            }),
+        }
+    }
 }
 
 /// The answer of the bulk OFREP evaluation: every flag, success or failure.
 #[derive(Debug, Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct BulkEvaluation {
-    #[schema(value_type = Vec<Object>)]
-    flags: Vec<Value>,
+pub struct BulkEvaluation<'a> {
+    flags: Vec<Evaluation<'a>>,
 }
 
 /// The answer of `/v1/config`: every flag's value and variant for the context. Flags that
 /// defer to the app's code default are absent.
 #[derive(Debug, Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct AppConfig {
+pub struct AppConfig<'a> {
+    /// Each flag's value, by key.
     #[schema(value_type = Object)]
-    flags: Map<String, Value>,
+    flags: Entries<'a, &'a RawJson>,
+    /// Each flag's variant, by key.
     #[schema(value_type = Object)]
-    variants: Map<String, Value>,
+    variants: Entries<'a, &'a str>,
+}
+
+/// A JSON object written from its entries in order (the snapshot's), without a map.
+#[derive(Debug)]
+pub struct Entries<'a, V>(Vec<(&'a str, V)>);
+
+impl<V: Serialize> Serialize for Entries<'_, V> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (key, value) in &self.0 {
+            map.serialize_entry(key, value)?;
+        }
+        map.end()
+    }
 }
 
 /// An OFREP-shaped error: `{"key"?, "errorCode"?, "errorDetails"}`.
@@ -123,15 +184,13 @@ impl From<BytesRejection> for OfrepError {
 
 impl IntoResponse for OfrepError {
     fn into_response(self) -> Response {
-        let mut body = Map::new();
-        if let Some(key) = self.key {
-            body.insert("key".into(), Value::String(key));
-        }
-        if let Some(code) = self.code {
-            body.insert("errorCode".into(), Value::String(code.as_str().into()));
-        }
-        body.insert("errorDetails".into(), Value::String(self.details));
-        (self.status, axum::Json(Value::Object(body))).into_response()
+        let failure = EvaluationFailure {
+            key: self.key.as_deref(),
+            error_code: self.code.map(ErrorCode::as_str),
+            error_details: &self.details,
+            metadata: None,
+        };
+        json_response(self.status, &failure, &[])
     }
 }
 
@@ -188,11 +247,16 @@ fn not_modified(etag: &str) -> Response {
     response
 }
 
+/// Serializes `body` as the answer; the wire types are the types serialized here.
 fn json_response(
     status: StatusCode,
-    body: String,
+    body: &impl Serialize,
     extra: &[(header::HeaderName, String)],
 ) -> Response {
+    let body = match serde_json::to_vec(body) {
+        Ok(body) => body,
+        Err(err) => return ApiError::internal(err).into_response(),
+    };
     let mut response = (status, body).into_response();
     let headers = response.headers_mut();
     headers.insert(
@@ -284,41 +348,6 @@ impl Drop for Evaluations<'_> {
     }
 }
 
-/// Writes one OFREP evaluation object; returns whether it is a failure.
-fn write_evaluation(out: &mut String, flag: &Flag, resolution: &Resolution<'_>) -> bool {
-    out.push_str("{\"key\":");
-    out.push_str(&flag.key_json);
-    let failed = match resolution {
-        Resolution::Variant(variant, reason) => {
-            let _ = write!(
-                out,
-                ",\"reason\":\"{}\",\"variant\":{},\"value\":{}",
-                reason.as_str(),
-                variant.name_json,
-                variant.json
-            );
-            false
-        }
-        Resolution::CodeDefault(reason) => {
-            let _ = write!(out, ",\"reason\":\"{}\"", reason.as_str());
-            false
-        }
-        Resolution::Error(code, details) => {
-            let _ = write!(
-                out,
-                ",\"errorCode\":\"{}\",\"errorDetails\":{}",
-                code.as_str(),
-                Value::String(details.to_string())
-            );
-            true
-        }
-    };
-    out.push_str(",\"metadata\":");
-    out.push_str(&flag.metadata_json);
-    out.push('}');
-    failed
-}
-
 /// Evaluates one flag (OFREP).
 #[utoipa::path(post, path = "/ofrep/v1/evaluate/flags/{key}", tag = "flags",
     security(("bearer" = [])),
@@ -353,14 +382,12 @@ pub async fn ofrep_flag(
         });
     };
     let resolution = evaluations.evaluate(flag);
-    let mut out = String::with_capacity(256);
-    let failed = write_evaluation(&mut out, flag, &resolution);
-    let status = if failed {
-        StatusCode::BAD_REQUEST
-    } else {
-        StatusCode::OK
+    let answer = Evaluation::of(flag, &resolution);
+    let status = match answer {
+        Evaluation::Success(_) => StatusCode::OK,
+        Evaluation::Failure(_) => StatusCode::BAD_REQUEST,
     };
-    Ok(json_response(status, out, &[]))
+    Ok(json_response(status, &answer, &[]))
 }
 
 /// Evaluates every flag for one context (OFREP bulk), with ETag and `If-None-Match`.
@@ -392,18 +419,22 @@ pub async fn ofrep_bulk(
         return Ok(not_modified(&etag));
     }
     let mut evaluations = Evaluations::new(&state, &context, project, Endpoint::OfrepBulk);
-    let mut out = String::with_capacity(128 + snapshot.len() * 160);
-    out.push_str("{\"flags\":[");
-    for (i, flag) in snapshot.flags().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        let resolution = evaluations.evaluate(flag);
-        write_evaluation(&mut out, flag, &resolution);
-    }
-    out.push_str("]}");
+    let resolutions: Vec<(&Flag, Resolution<'_>)> = snapshot
+        .flags()
+        .map(|flag| (flag, evaluations.evaluate(flag)))
+        .collect();
     drop(evaluations);
-    Ok(json_response(StatusCode::OK, out, &[(header::ETAG, etag)]))
+    let answer = BulkEvaluation {
+        flags: resolutions
+            .iter()
+            .map(|(flag, resolution)| Evaluation::of(flag, resolution))
+            .collect(),
+    };
+    Ok(json_response(
+        StatusCode::OK,
+        &answer,
+        &[(header::ETAG, etag)],
+    ))
 }
 
 /// Returns every flag's value for the context given as query parameters (app launch).
@@ -489,32 +520,22 @@ fn app_config(
         return response;
     }
     let mut evaluations = Evaluations::new(state, context, project, Endpoint::Config);
-    let mut values = String::with_capacity(64 + snapshot.len() * 64);
-    let mut variants = String::with_capacity(32 + snapshot.len() * 32);
+    let mut flags = Vec::with_capacity(snapshot.len());
+    let mut variants = Vec::with_capacity(snapshot.len());
     for flag in snapshot.flags() {
         if let Resolution::Variant(variant, _) = evaluations.evaluate(flag) {
-            for (out, item) in [
-                (&mut values, &variant.json),
-                (&mut variants, &variant.name_json),
-            ] {
-                out.push(if out.is_empty() { '{' } else { ',' });
-                out.push_str(&flag.key_json);
-                out.push(':');
-                out.push_str(item);
-            }
+            flags.push((flag.key.0.as_str(), &variant.json));
+            variants.push((flag.key.0.as_str(), variant.name.as_str()));
         }
-    }
-    for out in [&mut values, &mut variants] {
-        if out.is_empty() {
-            out.push('{');
-        }
-        out.push('}');
     }
     drop(evaluations);
-    let body = format!("{{\"flags\":{values},\"variants\":{variants}}}");
+    let answer = AppConfig {
+        flags: Entries(flags),
+        variants: Entries(variants),
+    };
     json_response(
         StatusCode::OK,
-        body,
+        &answer,
         &[
             (header::ETAG, etag),
             (header::CACHE_CONTROL, cache_control),

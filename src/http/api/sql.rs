@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::http::audit::Audited;
 use crate::http::auth::{Analyst, Authorized, Principal};
 use crate::http::error::{ApiError, ErrorBody, ErrorCode};
+use crate::http::extract::{FormatParam, Params};
 use crate::http::{AppState, audit};
 use crate::sql::SqlError;
 use crate::sql::metrics::QueryKind;
@@ -60,7 +61,7 @@ pub struct SavedQueries {
 #[utoipa::path(post, path = "/v1/sql", tag = "sql",
     security(("bearer" = [])),
     request_body = SqlRequest,
-    params(("format" = Option<String>, Query, description = "json, csv or arrow; overrides Accept.")),
+    params(FormatParam),
     responses(
         (status = 200, description = "The answer: JSON {columns, rows, row_count, truncated, complete, elapsed_ms}, CSV or Arrow IPC."),
         (status = 400, description = "Malformed body, syntax error (with its position), unknown table or column, a statement that is not read-only, or a query that failed on its data.", body = ErrorBody),
@@ -74,12 +75,13 @@ pub async fn sql(
     caller: Authorized<Analyst>,
     State(state): State<AppState>,
     headers: HeaderMap,
-    query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
+    query: Result<Params<FormatParam>, ApiError>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let mut detail = String::new();
     let result = async {
-        let format = pick_format(&headers, &only_format(query)?)?;
+        let Params(FormatParam { format }) = query?;
+        let format = pick_format(&headers, &format)?;
         let body = body?;
         let request: SqlRequest = serde_json::from_slice(&body).map_err(|e| {
             ApiError::new(
@@ -196,21 +198,6 @@ pub(super) fn scope_of(state: &AppState, principal: &Principal) -> Option<Scope>
         value: scope.value.clone(),
         min_group: state.config.auth.min_group_size,
     })
-}
-
-fn only_format(
-    query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
-) -> Result<Option<String>, ApiError> {
-    let Query(mut params) =
-        query.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.body_text()))?;
-    let format = params.remove("format");
-    match params.keys().next() {
-        Some(key) => Err(ApiError::new(
-            ErrorCode::InvalidRequest,
-            format!("unknown parameter {key:?}; placeholders go in the body's \"params\""),
-        )),
-        None => Ok(format),
-    }
 }
 
 fn pick_format(headers: &HeaderMap, name: &Option<String>) -> Result<Format, ApiError> {

@@ -26,7 +26,7 @@ use crate::http::auth::Principal;
 use crate::http::error::{ApiError, ErrorBody, ErrorCode};
 use crate::http::metrics::{STREAM_MESSAGES_TOTAL, STREAM_SESSIONS};
 use crate::ingest::Transport;
-use crate::ingest::decode::{StreamMessage, decode_message};
+use crate::ingest::decode::{StreamMessage, StreamRefusal, decode_message};
 use crate::ingest::now_ms;
 
 /// The subprotocol a browser names, with its key as `key.<client key>`.
@@ -145,9 +145,18 @@ async fn session(mut socket: WebSocket, state: AppState, caller: Principal) {
     metrics::gauge!(STREAM_SESSIONS).decrement(1.0);
 }
 
-fn error_reply(seq: Option<u64>, error: &str, description: impl Into<String>) -> Value {
+/// The reply to a refused message, with the error code of the HTTP error model.
+fn error_reply(seq: Option<u64>, error: ErrorCode, description: impl Into<String>) -> Value {
     metrics::counter!(STREAM_MESSAGES_TOTAL, "outcome" => "error").increment(1);
-    json!({"type": "error", "seq": seq, "error": error, "error_description": description.into()})
+    json!({"type": "error", "seq": seq, "error": error.as_str(), "error_description": description.into()})
+}
+
+/// The error code a refused message is answered with.
+fn code_of(refusal: StreamRefusal) -> ErrorCode {
+    match refusal {
+        StreamRefusal::Invalid => ErrorCode::InvalidRequest,
+        StreamRefusal::TooLarge => ErrorCode::PayloadTooLarge,
+    }
 }
 
 /// The reply to a stored message.
@@ -179,13 +188,13 @@ async fn reply(state: &AppState, caller: &Principal, bytes: &[u8]) -> Result<Ack
         sent_at,
         events,
     } = decode_message(bytes, &limits)
-        .map_err(|err| error_reply(err.seq, err.code, err.description))?;
+        .map_err(|err| error_reply(err.seq, code_of(err.code), err.description))?;
     let seq = Some(seq_number);
     if let Err(wait) = state.rate.admit(&caller.name, events.len().max(1)) {
         crate::ingest::metrics::rate_limited();
         let mut reply = error_reply(
             seq,
-            "rate_limited",
+            ErrorCode::RateLimited,
             "this key sends more events than its rate limit",
         );
         reply["retry_after"] = json!(wait.as_secs().max(1));
@@ -217,9 +226,21 @@ async fn reply(state: &AppState, caller: &Principal, bytes: &[u8]) -> Result<Ack
         }
         Err(err) => {
             let api = store_error(err);
-            let mut reply = error_reply(seq, api.code().as_str(), api.description().to_owned());
+            let mut reply = error_reply(seq, api.code(), api.description().to_owned());
             reply["retry_after"] = json!(1);
             Err(reply)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_answered_with_the_error_model_codes_they_name() {
+        for refusal in [StreamRefusal::Invalid, StreamRefusal::TooLarge] {
+            assert_eq!(refusal.as_str(), code_of(refusal).as_str());
         }
     }
 }
