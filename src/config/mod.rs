@@ -12,6 +12,8 @@
 //! Loading never stops at the first mistake: every problem is collected and reported together.
 //! No other module reads the environment.
 
+// Long file: about a third of it is the unit tests of loading and precedence, kept beside it.
+
 mod auth;
 mod docs;
 mod validate;

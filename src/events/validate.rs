@@ -2,6 +2,8 @@
 //! or a [`Rejection`] with a reason. The raw `user_id` is handed back separately so that the
 //! privacy gate can pseudonymize it; it never enters an `Event`.
 
+// Long file: a quarter of it is the unit tests of every rejection reason, kept beside it.
+
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
@@ -9,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::raw::{Members, RawEvent, is_null, json_string};
-use super::schema::{CONTEXT_KEYS, Schema};
+use super::schema::{CONTEXT_KEYS, EventType, Schema};
 use super::time::{Corrected, Millis, correct, parse_rfc3339};
 
 /// An event as stored: validated, time-corrected, pseudonymous. Its text fields borrow from
@@ -297,22 +299,12 @@ fn object_field<'a>(
     }
 }
 
-/// Validates one event received at `received_at`; `batch_sent_at` applies when the event
-/// carries no `sent_at` of its own.
-pub fn validate<'a>(
-    raw: &RawEvent<'a>,
-    batch_sent_at: Option<Millis>,
-    received_at: Millis,
-    schema: &Schema,
-    limits: &Limits,
-) -> Result<Validated<'a>, Rejection> {
-    let mut dropped = raw.unknown_fields();
-    let event_id = text_field(raw, "event_id", 128, true)?.expect("required");
-    let device_id = text_field(raw, "device_id", 128, false)?;
+/// `seq`: absent, or a whole number from 1 sent with a `device_id`.
+fn seq_field(raw: &RawEvent<'_>, has_device: bool) -> Result<Option<u64>, Rejection> {
     let seq = match raw.field("seq").filter(|v| !is_null(v)) {
-        None => None,
+        None => return Ok(None),
         Some(value) => match value.get().parse::<u64>() {
-            Ok(seq) if seq >= 1 => Some(seq),
+            Ok(seq) if seq >= 1 => seq,
             _ => {
                 return Err(Rejection::new(
                     RejectReason::InvalidField,
@@ -321,29 +313,25 @@ pub fn validate<'a>(
             }
         },
     };
-    if seq.is_some() && device_id.is_none() {
+    if !has_device {
         return Err(Rejection::new(
             RejectReason::MissingField,
             "seq needs device_id",
         ));
     }
-    let user_id = text_field(raw, "user_id", 256, false)?;
-    let session_id = text_field(raw, "session_id", 128, false)?;
-    let event_type = text_field(raw, "type", 64, true)?.expect("required");
-    let declared = schema.get(&event_type).ok_or_else(|| {
-        Rejection::new(
-            RejectReason::UnknownType,
-            format!("event type {event_type:?} is not declared"),
-        )
-    })?;
-    let device_time = time_field(raw, "timestamp")?
-        .ok_or_else(|| Rejection::new(RejectReason::MissingField, "timestamp is required"))?;
-    let sent_at = time_field(raw, "sent_at")?.or(batch_sent_at);
+    Ok(Some(seq))
+}
 
+/// The declared context keys sent, each a string of at most 128 bytes; others are counted
+/// in `dropped`.
+fn context_of<'a>(
+    raw: &RawEvent<'a>,
+    dropped: &mut usize,
+) -> Result<BTreeMap<Cow<'static, str>, Cow<'a, str>>, Rejection> {
     let mut context = BTreeMap::new();
     for (key, value) in object_field(raw, "context")?.unwrap_or_default().0 {
         let Some(name) = CONTEXT_KEYS.iter().find(|name| **name == key) else {
-            dropped += 1;
+            *dropped += 1;
             continue;
         };
         match json_string(value) {
@@ -364,11 +352,22 @@ pub fn validate<'a>(
             }
         }
     }
+    Ok(context)
+}
 
+/// The declared properties sent, each checked against its declared kind and kept as the
+/// JSON text sent, sorted by name; required ones must be there. Others are counted in
+/// `dropped`.
+fn properties_of<'a>(
+    raw: &RawEvent<'a>,
+    declared: &EventType,
+    event_type: &str,
+    dropped: &mut usize,
+) -> Result<Properties<'a>, Rejection> {
     let mut properties = Vec::new();
     for (name, raw_value) in object_field(raw, "properties")?.unwrap_or_default().0 {
         let Some(property) = declared.properties.get(name.as_ref()) else {
-            dropped += 1;
+            *dropped += 1;
             continue;
         };
         if is_null(raw_value) {
@@ -395,6 +394,37 @@ pub fn validate<'a>(
             format!("properties.{name} is required for {event_type}"),
         ));
     }
+    Ok(properties)
+}
+
+/// Validates one event received at `received_at`; `batch_sent_at` applies when the event
+/// carries no `sent_at` of its own.
+pub fn validate<'a>(
+    raw: &RawEvent<'a>,
+    batch_sent_at: Option<Millis>,
+    received_at: Millis,
+    schema: &Schema,
+    limits: &Limits,
+) -> Result<Validated<'a>, Rejection> {
+    let mut dropped = raw.unknown_fields();
+    let event_id = text_field(raw, "event_id", 128, true)?.expect("required");
+    let device_id = text_field(raw, "device_id", 128, false)?;
+    let seq = seq_field(raw, device_id.is_some())?;
+    let user_id = text_field(raw, "user_id", 256, false)?;
+    let session_id = text_field(raw, "session_id", 128, false)?;
+    let event_type = text_field(raw, "type", 64, true)?.expect("required");
+    let declared = schema.get(&event_type).ok_or_else(|| {
+        Rejection::new(
+            RejectReason::UnknownType,
+            format!("event type {event_type:?} is not declared"),
+        )
+    })?;
+    let device_time = time_field(raw, "timestamp")?
+        .ok_or_else(|| Rejection::new(RejectReason::MissingField, "timestamp is required"))?;
+    let sent_at = time_field(raw, "sent_at")?.or(batch_sent_at);
+
+    let context = context_of(raw, &mut dropped)?;
+    let properties = properties_of(raw, declared, &event_type, &mut dropped)?;
 
     let correction = correct(device_time, sent_at, received_at, limits.future_tolerance);
     if received_at.saturating_sub(correction.event_time) > limits.late_horizon {

@@ -151,6 +151,31 @@ pub struct Results {
 
 /// Computes the results of `experiment` over `[from, to)` from the counted variants.
 pub fn analyze(experiment: &Experiment, from: i64, to: i64, counted: &[VariantCounts]) -> Results {
+    let rows = rows_in_order(experiment, counted);
+    let total: u64 = rows.iter().map(|r| r.exposed).sum();
+    let control = &rows[0];
+    let variants = rows
+        .iter()
+        .map(|row| variant_result(experiment, row, control, total))
+        .collect();
+    let sample_ratio = sample_ratio(experiment, &rows);
+    let multiple: u64 = rows.iter().map(|r| r.multiple_variants).sum();
+    Results {
+        experiment: experiment.key.clone(),
+        control: experiment.control.clone(),
+        from: format_rfc3339(from),
+        to: format_rfc3339(to),
+        exposed_subjects: total,
+        multiple_variant_subjects: multiple,
+        variants,
+        warnings: warnings(experiment, &rows, sample_ratio.as_ref()),
+        sample_ratio,
+    }
+}
+
+/// A row per variant: the control first, then the other declared variants, then undeclared
+/// ones that exposures name; a variant nobody was exposed to has a row of zeros.
+fn rows_in_order(experiment: &Experiment, counted: &[VariantCounts]) -> Vec<VariantCounts> {
     let goals = experiment.goals.len();
     let empty = |variant: &str| VariantCounts {
         variant: variant.to_owned(),
@@ -177,7 +202,7 @@ pub fn analyze(experiment: &Experiment, from: i64, to: i64, counted: &[VariantCo
             order.push(counts.variant.clone());
         }
     }
-    let rows: Vec<VariantCounts> = order
+    order
         .iter()
         .map(|name| {
             counted
@@ -186,16 +211,19 @@ pub fn analyze(experiment: &Experiment, from: i64, to: i64, counted: &[VariantCo
                 .cloned()
                 .unwrap_or_else(|| empty(name))
         })
-        .collect();
+        .collect()
+}
+
+/// What the product team must know before trusting the numbers.
+fn warnings(
+    experiment: &Experiment,
+    rows: &[VariantCounts],
+    sample_ratio: Option<&SampleRatio>,
+) -> Vec<String> {
     let total: u64 = rows.iter().map(|r| r.exposed).sum();
     let control = &rows[0];
     let mut warnings = Vec::new();
-    let variants = rows
-        .iter()
-        .map(|row| variant_result(experiment, row, control, total))
-        .collect();
-    let sample_ratio = sample_ratio(experiment, &rows);
-    if let Some(check) = &sample_ratio
+    if let Some(check) = sample_ratio
         && check.mismatch
     {
         warnings.push(format!(
@@ -237,17 +265,7 @@ pub fn analyze(experiment: &Experiment, from: i64, to: i64, counted: &[VariantCo
              variant of its first exposure"
         ));
     }
-    Results {
-        experiment: experiment.key.clone(),
-        control: experiment.control.clone(),
-        from: format_rfc3339(from),
-        to: format_rfc3339(to),
-        exposed_subjects: total,
-        multiple_variant_subjects: multiple,
-        variants,
-        sample_ratio,
-        warnings,
-    }
+    warnings
 }
 
 fn variant_result(

@@ -205,6 +205,7 @@ pub fn parse(name: &str, text: &str, format: Format) -> Result<ParsedFile, Vec<F
     }
 }
 
+// Long: each check of a flagd flag definition in the order flagd documents its fields.
 fn build_flag(
     file: &str,
     key: &str,

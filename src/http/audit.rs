@@ -25,3 +25,15 @@ pub fn status_of<T>(result: &Result<T, ApiError>) -> u16 {
         Err(err) => err.code().status().as_u16(),
     }
 }
+
+/// Records the answer to an audited action (its status) and returns the answer.
+pub fn audited<T>(
+    audit: &AuditLog,
+    who: &Principal,
+    action: &str,
+    detail: &str,
+    result: Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    audit.record(who, action, detail, status_of(&result));
+    result
+}

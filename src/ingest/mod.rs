@@ -253,6 +253,7 @@ impl Ingestor {
 
     /// Validates, pseudonymizes, deduplicates and stores `events`; completes once the new
     /// ones are durable. `Err` means nothing of this request was stored.
+    // Long: the per-event steps of the hot path in order, kept in one loop so each event is touched once.
     pub async fn ingest(
         &self,
         events: Vec<Result<RawEvent<'_>, Rejection>>,

@@ -12,7 +12,7 @@
 //! Operators hold a capability for each cell until its counters are written (and the
 //! assignments it created are on disk), so the probe's frontier is a safe checkpoint.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,18 +23,17 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::{Capability, Input, Operator, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
-use super::aggregate::{Aggregate, CohortHasher, WindowKey};
-use super::cohort::{Assignments, epoch_order};
+use super::aggregate::{Aggregate, WindowKey};
+use super::cohort::Assignments;
 use super::metrics::{
-    PIPELINE_ASSIGNED_SUBJECTS, PIPELINE_CHECKPOINT_EPOCH, PIPELINE_EVENTS_TOTAL,
-    PIPELINE_FLUSH_LAG_SECONDS, PIPELINE_LAG_SECONDS, PIPELINE_PENDING_EPOCHS,
-    PIPELINE_RESTARTS_TOTAL, PIPELINE_RUNNING, PIPELINE_UNREADABLE_EVENTS_TOTAL,
+    PIPELINE_CHECKPOINT_EPOCH, PIPELINE_EVENTS_TOTAL, PIPELINE_FLUSH_LAG_SECONDS,
+    PIPELINE_LAG_SECONDS, PIPELINE_PENDING_EPOCHS, PIPELINE_RESTARTS_TOTAL, PIPELINE_RUNNING,
+    PIPELINE_UNREADABLE_EVENTS_TOTAL,
 };
+use super::operators::{Attribution, flush_cells, hold_earliest};
 use super::record::PipelineEvent;
 use super::state::AssignmentLog;
-use crate::counters::metrics::{self as counters_metrics, WriteFailure};
-use crate::counters::{CohortKey, WindowDelta};
-use crate::counters::{CohortUpdate, CounterStore, CounterWriter};
+use crate::counters::{CounterStore, WindowDelta};
 use crate::wal::tail::Tail;
 use crate::wal::{Checkpoints, Epoch, Wal, WalError, unix_millis};
 
@@ -79,22 +78,22 @@ pub enum PipelineError {
 }
 
 /// What the threads share.
-struct Shared {
-    options: PipelineOptions,
-    wal: Wal,
-    store: CounterStore,
-    checkpoints: Option<Arc<Checkpoints>>,
+pub(super) struct Shared {
+    pub(super) options: PipelineOptions,
+    pub(super) wal: Wal,
+    pub(super) store: CounterStore,
+    pub(super) checkpoints: Option<Arc<Checkpoints>>,
     /// The epoch the current run of the dataflow reads after.
-    start: AtomicU64,
-    stop: AtomicBool,
+    pub(super) start: AtomicU64,
+    pub(super) stop: AtomicBool,
     /// Set when a write was abandoned at shutdown: nothing after it may be checkpointed.
-    abandoned: AtomicBool,
+    pub(super) abandoned: AtomicBool,
     /// The last epoch whose counters are written on every worker.
-    flushed: AtomicU64,
+    pub(super) flushed: AtomicU64,
     /// Erased subjects whose assignments every worker must forget.
-    forgotten: Mutex<HashSet<u64>>,
+    pub(super) forgotten: Mutex<HashSet<u64>>,
     /// Bumped with each erasure, so workers look at `forgotten` only when it changed.
-    forget_generation: AtomicU64,
+    pub(super) forget_generation: AtomicU64,
 }
 
 impl Shared {
@@ -346,6 +345,7 @@ fn open_assignments(
 /// Builds the dataflow: events exchanged by subject are attributed to cohorts and aggregated
 /// per cell of the log ("Attribute"), then exchanged by cohort and written to the counter
 /// store once complete ("Flush").
+// Long: the two operators' closures are the dataflow's wiring; their state lives in `operators`.
 fn build_dataflow(
     worker: &mut Worker,
     shared: &Arc<Shared>,
@@ -435,101 +435,6 @@ fn build_dataflow(
             .probe_with(&probe);
     });
     (input, probe)
-}
-
-/// The state of one worker's "Attribute" operator: events stashed by epoch until their epoch
-/// is complete, then attributed to cohorts and aggregated per cell of the log until the cell
-/// is complete.
-struct Attribution {
-    shared: Arc<Shared>,
-    assignments: Assignments,
-    log: Option<AssignmentLog>,
-    /// The erasure generation last applied.
-    forgotten_seen: u64,
-    stash: BTreeMap<u64, (Capability<u64>, Vec<PipelineEvent>)>,
-    cells: BTreeMap<u64, (Capability<u64>, Aggregate)>,
-    cell_ms: u64,
-}
-
-impl Attribution {
-    /// Forgets the assignments of subjects erased since the last look.
-    fn forget_erased(&mut self) {
-        let generation = self.shared.forget_generation.load(Ordering::Acquire);
-        if generation == self.forgotten_seen {
-            return;
-        }
-        self.forgotten_seen = generation;
-        let forgotten = self
-            .shared
-            .forgotten
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        self.assignments.forget(&forgotten);
-        if let Some(log) = &mut self.log {
-            log.forget_unwritten(&forgotten);
-        }
-    }
-
-    /// Keeps the events of epoch `time` until the epoch is complete.
-    fn stash<'d>(
-        &mut self,
-        time: u64,
-        cap: Capability<u64>,
-        data: impl Iterator<Item = &'d mut Vec<PipelineEvent>>,
-    ) {
-        let entry = self.stash.entry(time).or_insert_with(|| (cap, Vec::new()));
-        for batch in data {
-            entry.1.append(batch);
-        }
-    }
-
-    /// Attributes and aggregates every stashed epoch the frontier has passed, in order.
-    fn aggregate_complete_epochs(&mut self, pending: impl Fn(&u64) -> bool) {
-        while let Some(entry) = self.stash.first_entry() {
-            let time = *entry.key();
-            if pending(&time) {
-                break;
-            }
-            let (cap, events) = entry.remove();
-            let (_, aggregate) = self
-                .cells
-                .entry(time / self.cell_ms)
-                .or_insert_with(|| (cap, Aggregate::default()));
-            attribute_epoch(
-                time,
-                events,
-                &mut self.assignments,
-                &mut self.log,
-                aggregate,
-                &self.shared,
-            );
-        }
-    }
-
-    /// Takes the cells the frontier has passed, in order, once the assignments they rely on
-    /// are durable.
-    fn complete_cells(
-        &mut self,
-        pending: impl Fn(&u64) -> bool,
-    ) -> Vec<(u64, Capability<u64>, Aggregate)> {
-        let mut complete = Vec::new();
-        while let Some(entry) = self.cells.first_entry() {
-            let cell = *entry.key();
-            if pending(&((cell + 1) * self.cell_ms - 1)) {
-                break;
-            }
-            let (cap, aggregate) = entry.remove();
-            if let Some(log) = &mut self.log
-                && let Err(err) = log.sync()
-            {
-                tracing::error!(error = %err, "assignment log not synced; checkpoints stop");
-                self.shared.abandoned.store(true, Ordering::Release);
-            }
-            complete.push((cell, cap, aggregate));
-        }
-        complete
-    }
 }
 
 /// Steps the dataflow until it completes and returns whether it did. A cluster's dataflow
@@ -629,115 +534,5 @@ fn checkpoint(shared: &Shared, epoch: Epoch, last: bool) {
         && let Err(err) = checkpoints.advance(CONSUMER, Epoch(epoch.0.max(before)))
     {
         tracing::error!(error = %err, "pipeline checkpoint not saved");
-    }
-}
-
-/// Holds a capability at the earliest time seen for a cell, so the frontier cannot pass it.
-fn hold_earliest(
-    held: &mut Capability<u64>,
-    time: u64,
-    earlier: impl FnOnce() -> Option<Capability<u64>>,
-) {
-    if time < *held.time()
-        && let Some(earlier) = earlier()
-    {
-        *held = earlier;
-    }
-}
-
-/// Processes one complete epoch of a worker's subjects: first exposures, then every event's
-/// cohorts into the cell's aggregate.
-fn attribute_epoch(
-    time: u64,
-    mut events: Vec<PipelineEvent>,
-    assignments: &mut Assignments,
-    log: &mut Option<AssignmentLog>,
-    aggregate: &mut Aggregate,
-    shared: &Shared,
-) {
-    epoch_order(&mut events);
-    let mut cohorts: Vec<CohortKey> = Vec::new();
-    for event in &events {
-        if let (Some(subject), Some((flag, variant))) = (event.subject, &event.exposure)
-            && let Some(assignment) = assignments.expose(subject, flag, variant)
-            && let Some(log) = log
-            && let Err(err) = log.append(time, subject, &assignment)
-        {
-            tracing::error!(error = %err, "assignment not logged; checkpoints stop");
-            shared.abandoned.store(true, Ordering::Release);
-        }
-        cohorts.clear();
-        assignments.cohorts_of(event, |c| cohorts.push(c));
-        aggregate.add(event, &cohorts);
-    }
-    metrics::gauge!(PIPELINE_ASSIGNED_SUBJECTS).set(assignments.subjects() as f64);
-}
-
-/// Writes the cells that are complete, in order; returns them.
-fn flush_cells(
-    cells: &BTreeMap<u64, (Capability<u64>, Aggregate)>,
-    complete: impl Fn(u64) -> bool,
-    writer: &mut dyn CounterWriter,
-    shared: &Shared,
-) -> Vec<u64> {
-    let ready: Vec<u64> = cells.keys().copied().take_while(|c| complete(*c)).collect();
-    if ready.is_empty() {
-        return ready;
-    }
-    let updates: Vec<CohortUpdate> = ready
-        .iter()
-        .flat_map(|cell| cohort_updates(*cell, &cells[cell].1))
-        .collect();
-    write_until_stored(writer, &updates, shared);
-    ready
-}
-
-/// Groups a cell's window deltas by cohort, as the store applies them.
-fn cohort_updates(cell: u64, aggregate: &Aggregate) -> Vec<CohortUpdate> {
-    let mut by_cohort: HashMap<&CohortKey, CohortUpdate, CohortHasher> = HashMap::default();
-    for (key, delta) in &aggregate.windows {
-        by_cohort
-            .entry(&key.cohort)
-            .or_insert_with(|| CohortUpdate {
-                cohort: key.cohort.clone(),
-                // Cell 0 must be above a new cohort's mark of 0.
-                cell: cell + 1,
-                windows: Vec::new(),
-            })
-            .windows
-            .push((key.window, key.start, delta.clone()));
-    }
-    let mut updates: Vec<CohortUpdate> = by_cohort.into_values().collect();
-    updates.sort_by(|a, b| a.cohort.cmp(&b.cohort));
-    updates
-}
-
-/// Writes `updates`, retrying with backoff while the store is away; gives up only at
-/// shutdown, and then marks the pipeline so that nothing later is checkpointed.
-fn write_until_stored(writer: &mut dyn CounterWriter, updates: &[CohortUpdate], shared: &Shared) {
-    let mut backoff = Duration::from_millis(50);
-    let mut logged = Instant::now() - Duration::from_secs(60);
-    loop {
-        match writer.apply(updates) {
-            Ok(()) => return,
-            Err(err) => {
-                let failure = if err.is_retryable() {
-                    WriteFailure::Retryable
-                } else {
-                    WriteFailure::Permanent
-                };
-                counters_metrics::write_failed(shared.store.kind(), failure);
-                if logged.elapsed() >= Duration::from_secs(10) {
-                    tracing::warn!(error = %err, "counter store write failed; retrying (the log keeps the events)");
-                    logged = Instant::now();
-                }
-            }
-        }
-        if shared.stop.load(Ordering::Acquire) {
-            shared.abandoned.store(true, Ordering::Release);
-            return;
-        }
-        std::thread::sleep(backoff);
-        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }

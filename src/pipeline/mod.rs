@@ -8,6 +8,7 @@ pub mod aggregate;
 pub mod cohort;
 mod dataflow;
 pub mod metrics;
+mod operators;
 pub mod record;
 pub mod state;
 

@@ -59,6 +59,7 @@ pub fn in_words(duration: Duration) -> String {
 }
 
 /// The policy the configuration sets.
+// Long: a table, one entry per kind of data kept.
 pub fn policy(config: &Config) -> RetentionPolicy {
     let privacy = &config.privacy;
     let counters = &config.counters;

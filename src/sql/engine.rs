@@ -8,6 +8,8 @@
 //!   limit pushed into the plan (`max_rows + 1`, to tell a full answer from a cut one) plus
 //!   a byte cap.
 
+// Long file: about a third of it is the unit tests of the engine's limits and scopes, kept beside it.
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -549,6 +551,7 @@ mod tests {
             .collect()
     }
 
+    // Long: one scenario, each query building on the data of the one before.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_scoped_token_sees_its_school_in_groups_of_enough_children_only() {
         let mut options = options();

@@ -6,6 +6,8 @@
 //! half. Segments and in-memory batches outside a query's `event_time` bounds are skipped
 //! before any file is opened; inside a segment, Parquet row-group statistics prune further.
 
+// Long file: the recent-window table is one type (memory, segments, erasure and the scan over both); splitting it would split its locking.
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 

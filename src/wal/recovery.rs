@@ -26,6 +26,7 @@ pub fn read_epoch<'a>(
 
 /// Reads every intact epoch of the log in `dir`, in order. With `repair`, a torn tail is cut
 /// off the last segment; without, nothing is changed (for readers other than the writer).
+// Long: one scan of every segment, each branch a kind of damage and what recovery does about it.
 pub fn recover(
     dir: &Path,
     repair: bool,

@@ -64,6 +64,7 @@ impl Tail {
     /// Delivers, in order, the epochs after the last one delivered and up to `through`
     /// (which must be durable), at most `max_events` events' worth unless a single epoch holds
     /// more. Returns how many epochs were delivered.
+    // Long: one pass over the segments, each branch a state a segment can be in (being written, rotated, deleted, damaged).
     pub fn read(
         &mut self,
         through: Epoch,

@@ -70,6 +70,7 @@ impl Compiler<'_> {
         values.map(|v| self.compile(v, depth + 1)).collect()
     }
 
+    // Long: one arm per JsonLogic operator, so the table reads as the language.
     fn operator(
         &mut self,
         operator: &str,

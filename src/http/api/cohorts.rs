@@ -7,6 +7,7 @@ use axum::Json;
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
 
+use crate::config::TokenScope;
 use crate::counters::{CohortKey, SESSIONS_FIELD, TIME_SPENT_FIELD, Window, WindowStart};
 use crate::counters::{CounterStore, WindowCounts};
 use crate::events::time::{format_rfc3339, parse_rfc3339};
@@ -121,31 +122,7 @@ pub async fn cohorts(
     // A school's staff read their own school's (or class's) segment, in groups large enough.
     let scope = caller.principal.scope.as_ref();
     if let Some(scope) = scope {
-        let own = matches!(&selection, Selection::Segment(d) if d == scope.key);
-        if !own {
-            return Err(ApiError::new(
-                ErrorCode::Forbidden,
-                format!(
-                    "a token scoped to a school or class reads segment={} only",
-                    scope.key
-                ),
-            ));
-        }
-        if !state
-            .config
-            .pipeline
-            .segments
-            .iter()
-            .any(|d| d == scope.key)
-        {
-            return Err(ApiError::new(
-                ErrorCode::Forbidden,
-                format!(
-                    "counters are not kept per {}: add it to pipeline.segments, or use SQL",
-                    scope.key
-                ),
-            ));
-        }
+        check_scope(&state, scope, &selection)?;
     }
     let min_group = state.config.auth.min_group_size as u64;
     let window = match &params.window {
@@ -208,6 +185,41 @@ pub async fn cohorts(
         to: format_rfc3339(last.0 + window.millis()),
         series,
     }))
+}
+
+/// Refuses a scoped token anything but its own segment, and a segment the counters do not
+/// keep.
+fn check_scope(
+    state: &AppState,
+    scope: &TokenScope,
+    selection: &Selection,
+) -> Result<(), ApiError> {
+    let own = matches!(selection, Selection::Segment(d) if d == scope.key);
+    if !own {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "a token scoped to a school or class reads segment={} only",
+                scope.key
+            ),
+        ));
+    }
+    if !state
+        .config
+        .pipeline
+        .segments
+        .iter()
+        .any(|d| d == scope.key)
+    {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "counters are not kept per {}: add it to pipeline.segments, or use SQL",
+                scope.key
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Reads query parameter `name` as an RFC 3339 time, if it is given.

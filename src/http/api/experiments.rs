@@ -11,7 +11,6 @@ use super::cohorts::time_param;
 use super::sql::api_error;
 use crate::experiments::results::Results;
 use crate::experiments::{Experiment, catalog, compute};
-use crate::http::audit::Audited;
 use crate::http::auth::{Analyst, Authorized};
 use crate::http::error::{ApiError, ErrorBody, ErrorCode};
 use crate::http::extract::{Params, QueryParams};
@@ -99,11 +98,13 @@ pub async fn results(
     } else {
         answer_results(&state, &key, &headers, query).await
     };
-    let status = audit::status_of(&result);
-    state
-        .audit
-        .record(&caller.principal, "experiments.results", &detail, status);
-    result
+    audit::audited(
+        &state.audit,
+        &caller.principal,
+        "experiments.results",
+        &detail,
+        result,
+    )
 }
 
 async fn answer_results(

@@ -11,7 +11,6 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use crate::http::audit::Audited;
 use crate::http::auth::{Analyst, Authorized, Principal};
 use crate::http::error::{ApiError, ErrorBody, ErrorCode};
 use crate::http::extract::{FormatParam, Params};
@@ -102,11 +101,13 @@ pub async fn sql(
         .await
     }
     .await;
-    let status = audit::status_of(&result);
-    state
-        .audit
-        .record(&caller.principal, "sql.adhoc", &detail, status);
-    result
+    audit::audited(
+        &state.audit,
+        &caller.principal,
+        "sql.adhoc",
+        &detail,
+        result,
+    )
 }
 
 /// Lists the saved queries with their parameters.
@@ -161,11 +162,13 @@ pub async fn saved(
     };
     let scope = scope_of(&state, &caller.principal);
     let result = run_saved(&state, &name, &headers, query, scope.as_ref()).await;
-    let status = audit::status_of(&result);
-    state
-        .audit
-        .record(&caller.principal, "sql.saved", &detail, status);
-    result
+    audit::audited(
+        &state.audit,
+        &caller.principal,
+        "sql.saved",
+        &detail,
+        result,
+    )
 }
 
 async fn run_saved(
