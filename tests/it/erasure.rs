@@ -3,14 +3,14 @@
 //! request journal and earlier exports — and keeps old events of the child from coming back,
 //! across a restart.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flagstream::counters::subject_hash;
 use flagstream::events::time::{format_rfc3339, parse_rfc3339};
 use serde_json::{Value, json};
 
 use crate::harness::client::{count, files, post_batch, send};
-use crate::harness::wait::{eventually, eventually_every, now_ms};
+use crate::harness::wait::{eventually, eventually_every, now_ms, until};
 use crate::harness::{Redis, Service, role_tokens, stored_events, test_config};
 
 const ERASED: &str = "child-erased-4471";
@@ -56,17 +56,17 @@ async fn request(service: &Service, kind: &str, subject: &str) -> Value {
 
 async fn completed(service: &Service, id: &str) -> Value {
     let path = format!("/v1/privacy/requests/{id}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    until(Duration::from_secs(30), "completed", || async {
         let (status, state) = send(service, "privacy-key", reqwest::Method::GET, &path, None).await;
         assert_eq!(status, 200, "{state}");
-        if state["status"] == "completed" {
-            return state;
-        }
         assert_ne!(state["status"], "failed", "{state}");
-        assert!(Instant::now() < deadline, "never completed: {state}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        if state["status"] == "completed" {
+            Ok(state)
+        } else {
+            Err(state)
+        }
+    })
+    .await
 }
 
 /// Every file under `dir` that can be read now (files come and go while the service runs).

@@ -2,12 +2,12 @@
 //! bad input, and hot reload of the flag directory.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flagstream::config::TokenConfig;
 use serde_json::{Value, json};
 
-use crate::harness::wait::eventually_every;
+use crate::harness::wait::{eventually, eventually_every, until};
 use crate::harness::{Service, client_and_analyst_tokens};
 
 const FLAGS: &str = r#"{
@@ -168,21 +168,16 @@ async fn bulk_evaluation_has_etags_that_follow_flags_and_context() {
             "\"defaultVariant\": \"slow\"",
         ),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = bulk(json!({"targetingKey": "child-1"}), Some(etag.clone()))
-            .await
-            .unwrap()
-            .status();
-        if status == 200 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the ETag did not change after a flag change"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let changed = || async {
+        let answer = bulk(json!({"targetingKey": "child-1"}), Some(etag.clone())).await;
+        answer.unwrap().status() == 200
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the ETag changed after a flag change",
+        changed,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -359,23 +354,24 @@ async fn hot_reload_applies_changes_and_rejects_broken_files_while_serving_the_l
 
     // A broken file is rejected: the last good flags keep serving and the problem is visible.
     write_flags(dir.path(), "app.json", "{ \"flags\": { \"pacing\": ");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let metrics = service.get_text("/metrics").await;
-        let (_, ready) = service.get_json("/readyz").await;
-        let detail = ready["checks"]["flags"]["detail"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        if detail.contains("problem") && metrics.contains("flagstream_flag_problems 1") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the broken file was not reported: {detail}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    until(
+        Duration::from_secs(10),
+        "the broken file reported",
+        || async {
+            let metrics = service.get_text("/metrics").await;
+            let (_, ready) = service.get_json("/readyz").await;
+            let detail = ready["checks"]["flags"]["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            if detail.contains("problem") && metrics.contains("flagstream_flag_problems 1") {
+                Ok(())
+            } else {
+                Err(detail)
+            }
+        },
+    )
+    .await;
     assert_eq!(
         value_of("pacing").await,
         json!(2.0),

@@ -487,7 +487,12 @@ async fn cluster_processes_that_crash_or_stop_rejoin_and_the_counters_stay_exact
     let rejoined = || async {
         process_metric(&http, processes[1].addr, "flagstream_pipeline_running").await == 1.0
     };
-    eventually(Duration::from_secs(30), "process 1 rejoined the cluster", rejoined).await;
+    eventually(
+        Duration::from_secs(30),
+        "process 1 rejoined the cluster",
+        rejoined,
+    )
+    .await;
     // Process 0 is stopped and started again (a deployment rolling through the cluster).
     processes[0].terminate();
     processes[0] = spawn(0);

@@ -2,13 +2,13 @@
 //! restart; consent requests are checked; no raw id reaches the data dir.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flagstream::events::time::format_rfc3339;
 use serde_json::{Value, json};
 
 use crate::harness::client::{count, files, post_batch, send};
-use crate::harness::wait::{eventually_every, now_ms};
+use crate::harness::wait::{eventually, eventually_every, now_ms, until};
 use crate::harness::{Service, role_tokens, test_config};
 
 async fn consent(service: &Service, user: &str, scope: &str, granted: bool) -> Value {
@@ -122,14 +122,13 @@ async fn consent_gates_ingest_and_exposures_at_once_and_survives_a_restart() {
     }
     // Ada has one client exposure; the server-side one makes two. Bob sent nothing.
     let exposures = "SELECT count(*) AS n FROM exposures WHERE subject = ";
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while count(&service, &format!("{exposures}'{ada}'")).await < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "Ada's server-side exposure never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let arrived = || async { count(&service, &format!("{exposures}'{ada}'")).await >= 2 };
+    eventually(
+        Duration::from_secs(10),
+        "Ada's server-side exposure arrived",
+        arrived,
+    )
+    .await;
     assert_eq!(count(&service, &format!("{exposures}'{bob}'")).await, 0);
 
     // A revocation takes effect at once; a grant decided earlier but sent later does not
@@ -708,20 +707,17 @@ async fn an_access_request_exports_everything_held_about_the_child() {
     );
 
     let path = format!("/v1/privacy/requests/{id}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let done = loop {
+    let done = until(Duration::from_secs(20), "the request completed", || async {
         let (status, state) = send(&service, "privacy-key", get.clone(), &path, None).await;
         assert_eq!(status, 200);
-        if state["status"] == "completed" {
-            break state;
-        }
         assert_ne!(state["status"], "failed", "{state}");
-        assert!(
-            Instant::now() < deadline,
-            "the request never completed: {state}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        if state["status"] == "completed" {
+            Ok(state)
+        } else {
+            Err(state)
+        }
+    })
+    .await;
     assert_eq!(done["events"], 3, "{done}");
     let download = done["download"].as_str().unwrap().to_owned();
     assert_eq!(download, format!("{path}/export"));
@@ -956,18 +952,19 @@ async fn no_raw_id_or_client_address_reaches_the_logs_redis_or_the_data_dir() {
     // Wait until the pipeline has written the child's counters to Redis.
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut redis_conn = client.get_connection().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let keys = loop {
+    let keys = until(Duration::from_secs(20), "counters in Redis", || {
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg("fs:*")
             .query(&mut redis_conn)
             .unwrap();
-        if keys.iter().any(|k| k.contains(":s:lesson_completed")) {
-            break keys;
-        }
-        assert!(Instant::now() < deadline, "no counters in Redis: {keys:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        let found = keys.iter().any(|k| k.contains(":s:lesson_completed"));
+        std::future::ready(if found {
+            Ok(keys)
+        } else {
+            Err(format!("{keys:?}"))
+        })
+    })
+    .await;
     for key in &keys {
         assert!(!key.contains(RAW), "a Redis key names the child: {key}");
         let dump: Vec<u8> = redis::cmd("DUMP").arg(key).query(&mut redis_conn).unwrap();
@@ -1017,15 +1014,15 @@ async fn an_expired_export_is_gone_and_deleted() {
     assert_eq!(status, 202);
     let id = received["id"].as_str().unwrap().to_owned();
     let path = format!("/v1/privacy/requests/{id}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let done = loop {
+    let done = until(Duration::from_secs(20), "completed", || async {
         let (_, state) = send(&service, "privacy-key", reqwest::Method::GET, &path, None).await;
         if state["status"] == "completed" {
-            break state;
+            Ok(state)
+        } else {
+            Err(state)
         }
-        assert!(Instant::now() < deadline, "never completed: {state}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     assert!(
         done.get("download").is_none(),
         "an expired export is offered: {done}"
@@ -1047,13 +1044,14 @@ async fn an_expired_export_is_gone_and_deleted() {
         .join("privacy")
         .join("exports")
         .join(format!("{id}.ndjson"));
-    while file.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the expired export stays on disk"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let deleted = || async { !file.exists() };
+    eventually_every(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        "the expired export was deleted from disk",
+        deleted,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

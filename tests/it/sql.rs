@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use flagstream::events::time::{format_rfc3339, parse_rfc3339};
 use serde_json::{Value, json};
 
-use crate::harness::wait::{eventually_every, now_ms};
+use crate::harness::wait::{eventually, eventually_every, now_ms};
 use crate::harness::{Service, client_and_analyst_tokens, test_config};
 
 const EXPERIMENT: &str = "reward-animation";
@@ -808,14 +808,14 @@ async fn queries_over_the_limit_of_concurrency_are_answered_503() {
     let (status, body) = slow.await.unwrap();
     assert_eq!(status, 422, "{body}");
     // The cancelled query stops at its next yield and gives its permit back.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while sql(&service, "SELECT 1").await.0 != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "the cancelled query kept its permit"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let answered = || async { sql(&service, "SELECT 1").await.0 == 200 };
+    eventually_every(
+        Duration::from_secs(5),
+        Duration::from_millis(10),
+        "the cancelled query gave its permit back",
+        answered,
+    )
+    .await;
     service.stop().await.expect("clean stop");
 }
 
@@ -841,16 +841,14 @@ async fn the_window_rolls_into_encrypted_segments_that_survive_a_restart_and_exp
             })
             .unwrap_or_default()
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while segments().is_empty()
-        || !service
-            .get_text("/metrics")
-            .await
-            .contains("flagstream_sql_memory_events 0\n")
-    {
-        assert!(Instant::now() < deadline, "the window never rolled");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let rolled = || async {
+        !segments().is_empty()
+            && service
+                .get_text("/metrics")
+                .await
+                .contains("flagstream_sql_memory_events 0\n")
+    };
+    eventually(Duration::from_secs(20), "the window rolled", rolled).await;
     let count = "SELECT count(*) AS n, count(DISTINCT subject) AS s FROM events";
     let (status, answer) = sql(&service, count).await;
     assert_eq!(status, 200, "{answer}");

@@ -1,6 +1,7 @@
 //! The clock and waiting on conditions: a test waits for what it expects with a deadline,
 //! never for a fixed time.
 
+use std::fmt::Display;
 use std::future::Future;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -36,5 +37,25 @@ pub async fn eventually_every<F: Future<Output = bool>>(
             "within {within:?}, never: {what}"
         );
         tokio::time::sleep(every).await;
+    }
+}
+
+/// Polls `check` every 50 ms until it gives `Ok(value)` and returns the value; fails the test
+/// with `what` and the last `Err` it saw once `within` has passed.
+pub async fn until<T, Seen: Display, F: Future<Output = Result<T, Seen>>>(
+    within: Duration,
+    what: &str,
+    mut check: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(seen) => assert!(
+                Instant::now() < deadline,
+                "within {within:?}, never: {what}; last seen: {seen}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
