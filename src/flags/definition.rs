@@ -49,6 +49,8 @@ pub struct Variant {
     pub value: Value,
     /// `value` as JSON text.
     pub json: RawJson,
+    /// `name` as a JSON string.
+    pub name_json: RawJson,
 }
 
 /// What decides a flag's variant.
@@ -76,6 +78,8 @@ pub struct Experiment {
 pub struct Flag {
     /// The key.
     pub key: FlagKey,
+    /// `key` as a JSON string.
+    pub key_json: RawJson,
     /// The file it came from.
     pub file: String,
     /// `false` when its `state` is `DISABLED`.
@@ -240,6 +244,7 @@ fn build_flag(
         .map(|(name, value)| Variant {
             name: name.clone(),
             json: RawJson::of(value),
+            name_json: RawJson::of(&Value::String(name.clone())),
             value: value.clone(),
         })
         .collect();
@@ -278,6 +283,7 @@ fn build_flag(
     };
     Ok(Flag {
         key: FlagKey(key.to_owned()),
+        key_json: RawJson::of(&Value::String(key.to_owned())),
         file: file.to_owned(),
         enabled,
         variants,

@@ -51,9 +51,9 @@ pub enum SqlError {
     /// The query needed more memory than one query may hold.
     #[error("the query needs more memory than a query may hold: {0}")]
     Resources(String),
-    /// A store the query reads (the counter store) cannot be reached.
-    #[error("{0}")]
-    Unavailable(String),
+    /// The counter store, which the `counters` table reads, cannot be reached.
+    #[error("the counter store is unavailable; try again shortly")]
+    CountersUnavailable,
     /// Something failed inside the service (the detail is for the log only).
     #[error("{0}")]
     Internal(String),
@@ -68,7 +68,7 @@ impl SqlError {
             SqlError::Busy(_) => "busy",
             SqlError::Timeout(_) => "timeout",
             SqlError::Resources(_) => "resources",
-            SqlError::Unavailable(_) => "unavailable",
+            SqlError::CountersUnavailable => "unavailable",
             SqlError::Internal(_) => "failed",
         }
     }
@@ -96,7 +96,7 @@ impl From<DataFusionError> for SqlError {
                     .is_some() =>
             {
                 tracing::warn!(error = %inner, "counter store read failed in a query");
-                SqlError::Unavailable("the counter store is unavailable; try again shortly".into())
+                SqlError::CountersUnavailable
             }
             DataFusionError::ResourcesExhausted(message) => {
                 SqlError::Resources(first_line(message))

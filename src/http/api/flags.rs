@@ -4,6 +4,7 @@
 //! Answers are written straight into a buffer from pre-serialized variant values, so the hot
 //! path does not re-encode flag definitions. OFREP routes answer errors in OFREP's shape.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -37,11 +38,13 @@ pub struct EvaluationRequest {
 /// default applies (reason `DISABLED`, or `DEFAULT` for a flag without a default variant).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EvaluationSuccess<'a> {
-    key: &'a str,
+    #[schema(value_type = String)]
+    key: &'a RawJson,
     /// STATIC, TARGETING_MATCH, DEFAULT or DISABLED.
     reason: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    variant: Option<&'a str>,
+    #[schema(value_type = Option<String>)]
+    variant: Option<&'a RawJson>,
     /// The variant's value: any JSON value (a boolean, string, number or object).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Value>)]
@@ -60,7 +63,8 @@ pub struct EvaluationFailure<'a> {
     /// absent when the request itself was refused (authentication, size).
     #[serde(skip_serializing_if = "Option::is_none")]
     error_code: Option<&'static str>,
-    error_details: &'a str,
+    #[schema(value_type = String)]
+    error_details: Cow<'a, str>,
     /// The flag's metadata, when a flag was evaluated.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
@@ -79,14 +83,14 @@ pub enum Evaluation<'a> {
 
 impl<'a> Evaluation<'a> {
     /// The wire form of `flag`'s `resolution`.
-    fn of(flag: &'a Flag, resolution: &'a Resolution<'a>) -> Self {
-        let key = flag.key.0.as_str();
+    fn of(flag: &'a Flag, resolution: Resolution<'a>) -> Self {
+        let key = &flag.key_json;
         let metadata = &flag.metadata_json;
         match resolution {
             Resolution::Variant(variant, reason) => Self::Success(EvaluationSuccess {
                 key,
                 reason: reason.as_str(),
-                variant: Some(&variant.name),
+                variant: Some(&variant.name_json),
                 value: Some(&variant.json),
                 metadata,
             }),
@@ -98,7 +102,7 @@ impl<'a> Evaluation<'a> {
                 metadata,
             }),
             Resolution::Error(code, details) => Self::Failure(EvaluationFailure {
-                key: Some(key),
+                key: Some(&flag.key.0),
                 error_code: Some(code.as_str()),
                 error_details: details,
                 metadata: Some(metadata),
@@ -122,7 +126,7 @@ pub struct AppConfig<'a> {
     flags: Entries<'a, &'a RawJson>,
     /// Each flag's variant, by key.
     #[schema(value_type = Object)]
-    variants: Entries<'a, &'a str>,
+    variants: Entries<'a, &'a RawJson>,
 }
 
 /// A JSON object written from its entries in order (the snapshot's), without a map.
@@ -187,10 +191,10 @@ impl IntoResponse for OfrepError {
         let failure = EvaluationFailure {
             key: self.key.as_deref(),
             error_code: self.code.map(ErrorCode::as_str),
-            error_details: &self.details,
+            error_details: Cow::Borrowed(&self.details),
             metadata: None,
         };
-        json_response(self.status, &failure, &[])
+        json_response(self.status, &failure, 256, &[])
     }
 }
 
@@ -248,15 +252,17 @@ fn not_modified(etag: &str) -> Response {
 }
 
 /// Serializes `body` as the answer; the wire types are the types serialized here.
+/// `capacity` is the expected size of the body, so that writing it does not grow the buffer.
 fn json_response(
     status: StatusCode,
-    body: &impl Serialize,
+    answer: &impl Serialize,
+    capacity: usize,
     extra: &[(header::HeaderName, String)],
 ) -> Response {
-    let body = match serde_json::to_vec(body) {
-        Ok(body) => body,
-        Err(err) => return ApiError::internal(err).into_response(),
-    };
+    let mut body = Vec::with_capacity(capacity);
+    if let Err(err) = serde_json::to_writer(&mut body, answer) {
+        return ApiError::internal(err).into_response();
+    }
     let mut response = (status, body).into_response();
     let headers = response.headers_mut();
     headers.insert(
@@ -381,13 +387,12 @@ pub async fn ofrep_flag(
             details: format!("flag {key:?} was not found"),
         });
     };
-    let resolution = evaluations.evaluate(flag);
-    let answer = Evaluation::of(flag, &resolution);
+    let answer = Evaluation::of(flag, evaluations.evaluate(flag));
     let status = match answer {
         Evaluation::Success(_) => StatusCode::OK,
         Evaluation::Failure(_) => StatusCode::BAD_REQUEST,
     };
-    Ok(json_response(status, &answer, &[]))
+    Ok(json_response(status, &answer, 256, &[]))
 }
 
 /// Evaluates every flag for one context (OFREP bulk), with ETag and `If-None-Match`.
@@ -419,20 +424,18 @@ pub async fn ofrep_bulk(
         return Ok(not_modified(&etag));
     }
     let mut evaluations = Evaluations::new(&state, &context, project, Endpoint::OfrepBulk);
-    let resolutions: Vec<(&Flag, Resolution<'_>)> = snapshot
-        .flags()
-        .map(|flag| (flag, evaluations.evaluate(flag)))
-        .collect();
-    drop(evaluations);
     let answer = BulkEvaluation {
-        flags: resolutions
-            .iter()
-            .map(|(flag, resolution)| Evaluation::of(flag, resolution))
+        flags: snapshot
+            .flags()
+            .map(|flag| Evaluation::of(flag, evaluations.evaluate(flag)))
             .collect(),
     };
+    drop(evaluations);
+    let capacity = 128 + snapshot.len() * 160;
     Ok(json_response(
         StatusCode::OK,
         &answer,
+        capacity,
         &[(header::ETAG, etag)],
     ))
 }
@@ -525,7 +528,7 @@ fn app_config(
     for flag in snapshot.flags() {
         if let Resolution::Variant(variant, _) = evaluations.evaluate(flag) {
             flags.push((flag.key.0.as_str(), &variant.json));
-            variants.push((flag.key.0.as_str(), variant.name.as_str()));
+            variants.push((flag.key.0.as_str(), &variant.name_json));
         }
     }
     drop(evaluations);
@@ -536,6 +539,7 @@ fn app_config(
     json_response(
         StatusCode::OK,
         &answer,
+        64 + snapshot.len() * 96,
         &[
             (header::ETAG, etag),
             (header::CACHE_CONTROL, cache_control),

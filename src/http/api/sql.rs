@@ -262,7 +262,7 @@ pub(super) fn api_error(err: SqlError) -> ApiError {
         SqlError::Forbidden(_) => ApiError::new(ErrorCode::Forbidden, text),
         SqlError::Timeout(_) => ApiError::new(ErrorCode::QueryTimeout, text),
         SqlError::Resources(_) => ApiError::new(ErrorCode::QueryResources, text),
-        SqlError::Unavailable(_) => ApiError::new(ErrorCode::Overloaded, text)
+        SqlError::CountersUnavailable => ApiError::new(ErrorCode::Overloaded, text)
             .retry_after(std::time::Duration::from_secs(5)),
         SqlError::Internal(detail) => ApiError::internal(detail),
     }
