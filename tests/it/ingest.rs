@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use flagstream::events::time::format_rfc3339;
 use serde_json::{Value, json};
 
-use crate::harness::wait::now_ms;
+use crate::harness::wait::{now_ms, until};
 use crate::harness::{Process, Service, client_and_analyst_tokens, stored_events};
 
 fn event(id: &str, user: &str, at: i64) -> Value {
@@ -641,15 +641,18 @@ async fn duplicates_are_known_after_a_crash_even_once_the_log_segments_holding_t
         assert_eq!(send(process.addr, chunk).await["accepted"], 1000);
     }
     let first = wal_segments(data.path())[0].clone();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while first.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the oldest log segment was never deleted: {:?}",
-            wal_segments(data.path())
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until(
+        Duration::from_secs(60),
+        "the oldest log segment deleted",
+        || async {
+            if first.exists() {
+                Err(format!("{:?}", wal_segments(data.path())))
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
     process.kill_9();
 
     // The tablet lost every answer and sends it all again; so does the web client.

@@ -4,12 +4,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flagstream::events::time::format_rfc3339;
 use serde_json::{Value, json};
 
-use crate::harness::wait::{eventually, now_ms};
+use crate::harness::wait::{eventually, now_ms, until};
 use crate::harness::{Process, Redis, Service};
 use crate::sql::sql;
 
@@ -177,18 +177,19 @@ async fn day_counters(
 /// Waits until the counters hold `expected` exactly (distinct subjects within the sketch's
 /// error), or fails with the difference after a deadline.
 async fn assert_counters_match(http: &reqwest::Client, addr: SocketAddr, workload: &Workload) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let matching = || async {
         let actual = day_counters(http, addr).await;
-        let mismatch = compare(&workload.expected, &actual);
-        match mismatch {
-            None => return,
-            Some(problem) if Instant::now() > deadline => {
-                panic!("counters differ from the recount: {problem}")
-            }
-            Some(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        match compare(&workload.expected, &actual) {
+            None => Ok(()),
+            Some(problem) => Err(problem),
         }
-    }
+    };
+    until(
+        Duration::from_secs(60),
+        "counters equal to the recount",
+        matching,
+    )
+    .await;
 }
 
 fn compare(
@@ -248,20 +249,17 @@ async fn embedded_counters_equal_a_recount_through_duplicates_and_late_events() 
     }
     assert_counters_match(&service.http, service.addr, &workload).await;
     // The live per-variant gauges follow within their refresh interval.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    until(Duration::from_secs(20), "per-variant gauges", || async {
         let metrics = service.get_text("/metrics").await;
         assert!(metrics.contains("flagstream_pipeline_flush_lag_seconds_bucket"));
-        if metrics.contains("flagstream_experiment_subjects_today{experiment=\"reward-animation\"")
-        {
-            break;
+        let gauge = "flagstream_experiment_subjects_today{experiment=\"reward-animation\"";
+        if metrics.contains(gauge) {
+            Ok(())
+        } else {
+            Err(metrics)
         }
-        assert!(
-            Instant::now() < deadline,
-            "no per-variant gauges: {metrics}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
