@@ -82,7 +82,7 @@ pub async fn compute(
     let params = query::params(&experiment.key, &experiment.goals, from, to);
     let (_, counts) = sql
         .run_counted(kind, &text, &params, None, |result| {
-            query::counts(result, goals).map_err(SqlError::Internal)
+            query::counts(result, goals).map_err(|e| SqlError::internal("experiment counts", e))
         })
         .await?;
     Ok(analyze(experiment, from, to, &counts))

@@ -115,7 +115,7 @@ impl SqlEngine {
             .on_thread_start(crate::lower_thread_priority)
             .enable_all()
             .build()
-            .map_err(|e| SqlError::Internal(format!("cannot start the sql runtime: {e}")))?;
+            .map_err(|e| SqlError::internal("cannot start the sql runtime", e))?;
         let events = Arc::new(EventsTable::new(events));
         let setup = SessionContext::new();
         setup.register_table("events", events.clone())?;
@@ -230,7 +230,7 @@ impl SqlEngine {
         let task = AbortOnDrop(handle);
         let mut result = match tokio::time::timeout(self.options.timeout, task).await {
             Ok(Ok(result)) => result?,
-            Ok(Err(join)) => return Err(SqlError::Internal(format!("query task failed: {join}"))),
+            Ok(Err(join)) => return Err(SqlError::internal("query task failed", join)),
             Err(_) => return Err(SqlError::Timeout(self.options.timeout)),
         };
         result.elapsed = started.elapsed();

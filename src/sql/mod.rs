@@ -55,11 +55,27 @@ pub enum SqlError {
     #[error("the counter store is unavailable; try again shortly")]
     CountersUnavailable,
     /// Something failed inside the service (the detail is for the log only).
-    #[error("{0}")]
-    Internal(String),
+    #[error("{context}: {source}")]
+    Internal {
+        /// What was being done.
+        context: &'static str,
+        /// The cause.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl SqlError {
+    /// Something failed inside the service while doing `context`.
+    pub fn internal(
+        context: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        SqlError::Internal {
+            context,
+            source: source.into(),
+        }
+    }
+
     /// Returns the outcome label of the error for metrics.
     pub fn outcome(&self) -> &'static str {
         match self {
@@ -69,7 +85,7 @@ impl SqlError {
             SqlError::Timeout(_) => "timeout",
             SqlError::Resources(_) => "resources",
             SqlError::CountersUnavailable => "unavailable",
-            SqlError::Internal(_) => "failed",
+            SqlError::Internal { .. } => "failed",
         }
     }
 }
@@ -101,7 +117,7 @@ impl From<DataFusionError> for SqlError {
             DataFusionError::ResourcesExhausted(message) => {
                 SqlError::Resources(first_line(message))
             }
-            other => SqlError::Internal(other.to_string()),
+            other => SqlError::internal("the query engine", other.to_string()),
         }
     }
 }

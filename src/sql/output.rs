@@ -86,18 +86,18 @@ pub fn encode(result: &QueryResult, format: Format) -> Result<Vec<u8>, SqlError>
                 .build(Vec::new());
             writer
                 .write_batches(&batches)
-                .map_err(|e| SqlError::Internal(format!("json encoding: {e}")))?;
+                .map_err(|e| SqlError::internal("json encoding", e))?;
             writer
                 .finish()
-                .map_err(|e| SqlError::Internal(format!("json encoding: {e}")))?;
+                .map_err(|e| SqlError::internal("json encoding", e))?;
             let mut rows = writer.into_inner();
             if rows.is_empty() {
                 rows = b"[]".to_vec();
             }
-            let rows = String::from_utf8(rows)
-                .map_err(|e| SqlError::Internal(format!("json encoding: {e}")))?;
-            let rows = RawValue::from_string(rows)
-                .map_err(|e| SqlError::Internal(format!("json encoding: {e}")))?;
+            let rows =
+                String::from_utf8(rows).map_err(|e| SqlError::internal("json encoding", e))?;
+            let rows =
+                RawValue::from_string(rows).map_err(|e| SqlError::internal("json encoding", e))?;
             let answer = JsonAnswer {
                 columns: result
                     .schema
@@ -114,7 +114,7 @@ pub fn encode(result: &QueryResult, format: Format) -> Result<Vec<u8>, SqlError>
                 complete: result.complete,
                 elapsed_ms: result.elapsed.as_secs_f64() * 1000.0,
             };
-            serde_json::to_vec(&answer).map_err(|e| SqlError::Internal(e.to_string()))
+            serde_json::to_vec(&answer).map_err(|e| SqlError::internal("json encoding", e))
         }
         Format::Csv => {
             let mut writer = CsvWriterBuilder::new().with_header(true).build(Vec::new());
@@ -137,15 +137,15 @@ pub fn encode(result: &QueryResult, format: Format) -> Result<Vec<u8>, SqlError>
         }
         Format::Arrow => {
             let mut writer = StreamWriter::try_new(Vec::new(), &result.schema)
-                .map_err(|e| SqlError::Internal(format!("arrow encoding: {e}")))?;
+                .map_err(|e| SqlError::internal("arrow encoding", e))?;
             for batch in batches {
                 writer
                     .write(batch)
-                    .map_err(|e| SqlError::Internal(format!("arrow encoding: {e}")))?;
+                    .map_err(|e| SqlError::internal("arrow encoding", e))?;
             }
             writer
                 .into_inner()
-                .map_err(|e| SqlError::Internal(format!("arrow encoding: {e}")))
+                .map_err(|e| SqlError::internal("arrow encoding", e))
         }
     }
 }

@@ -361,17 +361,18 @@ async fn experiment_evaluations_store_one_pseudonymous_exposure_per_day() {
             .unwrap();
         assert_eq!(response.status(), 200);
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let exposures = loop {
+    let exposures = until(Duration::from_secs(10), "an exposure stored", || async {
         let exposures: Vec<Value> = stored_events(service.data_dir())
             .into_iter()
             .filter(|e| e["type"] == "$exposure")
             .collect();
-        if !exposures.is_empty() || Instant::now() > deadline {
-            break exposures;
+        if exposures.is_empty() {
+            Err("none")
+        } else {
+            Ok(exposures)
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    })
+    .await;
     assert_eq!(exposures.len(), 1, "{exposures:?}");
     assert_eq!(exposures[0]["properties"]["flag"], "reward-animation");
     assert!(!exposures[0].to_string().contains("EXPOSED"));

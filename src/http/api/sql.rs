@@ -264,6 +264,6 @@ pub(super) fn api_error(err: SqlError) -> ApiError {
         SqlError::Resources(_) => ApiError::new(ErrorCode::QueryResources, text),
         SqlError::CountersUnavailable => ApiError::new(ErrorCode::Overloaded, text)
             .retry_after(std::time::Duration::from_secs(5)),
-        SqlError::Internal(detail) => ApiError::internal(detail),
+        SqlError::Internal { .. } => ApiError::internal(text),
     }
 }
