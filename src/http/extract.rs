@@ -5,7 +5,6 @@
 use axum::extract::{FromRequestParts, Query};
 use axum::http::Uri;
 use axum::http::request::Parts;
-use serde::Deserialize;
 use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
 
 use super::error::{ApiError, ErrorCode};
@@ -90,20 +89,10 @@ impl<'de> Deserializer<'de> for &mut FieldNames {
     }
 }
 
-/// The parameters of an endpoint that takes only `format`.
-#[derive(Debug, Default, Deserialize, serde::Serialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct FormatParam {
-    /// json, csv or arrow; overrides Accept.
-    pub format: Option<String>,
-}
-
-impl QueryParams for FormatParam {
-    const HINT: &'static str = "; placeholders go in the body's \"params\"";
-}
-
 #[cfg(test)]
 mod tests {
+    use serde::Deserialize;
+
     use super::*;
 
     #[derive(Debug, Deserialize, PartialEq)]

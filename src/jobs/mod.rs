@@ -97,11 +97,6 @@ impl Supervisor {
         self.jobs.push((name, handle));
     }
 
-    /// The names of the jobs started, in order.
-    pub fn names(&self) -> Vec<&'static str> {
-        self.jobs.iter().map(|(name, _)| *name).collect()
-    }
-
     /// Tells every job to stop.
     pub fn signal_stop(&self) {
         self.stop.send_replace(true);
@@ -147,7 +142,6 @@ mod tests {
                 ended.fetch_add(1, Ordering::SeqCst);
             });
         }
-        assert_eq!(supervisor.names(), ["ticking", "waiting"]);
         supervisor.shutdown().await;
         // Joined: both ran to their end before shutdown returned.
         assert_eq!(ended.load(Ordering::SeqCst), 2);

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::http::auth::{Analyst, Authorized, Principal};
 use crate::http::error::{ApiError, ErrorBody, ErrorCode};
-use crate::http::extract::{FormatParam, Params};
+use crate::http::extract::{Params, QueryParams};
 use crate::http::{AppState, audit};
 use crate::sql::SqlError;
 use crate::sql::metrics::QueryKind;
@@ -51,6 +51,18 @@ pub struct SavedQueryInfo {
 pub struct SavedQueries {
     /// The saved queries, by name.
     pub queries: Vec<SavedQueryInfo>,
+}
+
+/// The query parameters of `POST /v1/sql` (placeholders go in the body).
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct FormatParam {
+    /// json, csv or arrow; overrides Accept.
+    pub format: Option<String>,
+}
+
+impl QueryParams for FormatParam {
+    const HINT: &'static str = "; placeholders go in the body's \"params\"";
 }
 
 /// Runs one read-only SQL query over the `events` table (the recent window and older
