@@ -14,6 +14,7 @@ pub mod events;
 pub mod experiments;
 pub mod flags;
 pub mod http;
+pub mod identity;
 pub mod ingest;
 pub mod jobs;
 pub mod pipeline;

@@ -9,7 +9,9 @@ use toml::Value;
 
 use super::value::ConfigValue;
 
-/// What a token may do. `admin` may do everything.
+/// What a caller may do. `admin` may do everything. The first four are the roles of static
+/// tokens (app installations and operators); the others come from OpenID Connect tokens,
+/// with the relations their claims carry (see `identity`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     /// App installations: ingest and flag evaluation.
@@ -20,9 +22,29 @@ pub enum Role {
     Privacy,
     /// Operators: everything.
     Admin,
+    /// A parent or legal guardian: acts for the children their token names.
+    Guardian,
+    /// A teacher: sees the classes and the roster their token names.
+    Teacher,
+    /// A school's head or office: files requests for and reads aggregates of their school.
+    SchoolAdmin,
+    /// A researcher: aggregates only, over all schools.
+    Researcher,
 }
 
 impl Role {
+    /// Every role, in the order the documentation lists them.
+    pub const ALL: [Role; 8] = [
+        Role::Client,
+        Role::Analyst,
+        Role::Privacy,
+        Role::Admin,
+        Role::Guardian,
+        Role::Teacher,
+        Role::SchoolAdmin,
+        Role::Researcher,
+    ];
+
     /// Returns the role's configuration name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -30,6 +52,10 @@ impl Role {
             Role::Analyst => "analyst",
             Role::Privacy => "privacy",
             Role::Admin => "admin",
+            Role::Guardian => "guardian",
+            Role::Teacher => "teacher",
+            Role::SchoolAdmin => "school_admin",
+            Role::Researcher => "researcher",
         }
     }
 
@@ -37,20 +63,26 @@ impl Role {
     pub fn permits(self, required: Role) -> bool {
         self == Role::Admin || self == required
     }
+
+    /// Whether a static token may carry this role (the others need a verified identity).
+    pub fn is_static(self) -> bool {
+        matches!(
+            self,
+            Role::Client | Role::Analyst | Role::Privacy | Role::Admin
+        )
+    }
 }
 
 impl FromStr for Role {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "client" => Ok(Role::Client),
-            "analyst" => Ok(Role::Analyst),
-            "privacy" => Ok(Role::Privacy),
-            "admin" => Ok(Role::Admin),
-            other => Err(format!(
-                "unknown role {other:?} (client, analyst, privacy or admin)"
-            )),
-        }
+        Role::ALL
+            .into_iter()
+            .find(|role| role.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
+                format!("unknown role {s:?} ({})", names.join(", "))
+            })
     }
 }
 
@@ -189,7 +221,18 @@ impl TokenConfig {
         if name.is_empty() {
             return Err("token name must not be empty".into());
         }
-        let role = field("role").and_then(|r| r.parse::<Role>());
+        let role = field("role")
+            .and_then(|r| r.parse::<Role>())
+            .and_then(|role| {
+                if role.is_static() {
+                    Ok(role)
+                } else {
+                    Err(format!(
+                        "role {} comes from a signed-in identity ([[auth.oidc]]), not a static token",
+                        role.as_str()
+                    ))
+                }
+            });
         let sha256 = field("sha256").and_then(|h| h.parse::<TokenHash>());
         let scope = match table.get("scope") {
             None => Ok(None),
@@ -350,6 +393,8 @@ mod tests {
             (r#"role = "analyst", scope = 7"#, "must be a string"),
             (r#"role = "analyst", project = "app""#, "only client keys"),
             (r#"role = "client", project = "Reading App""#, "a-z, 0-9"),
+            (r#"role = "guardian""#, "signed-in identity"),
+            (r#"role = "researcher""#, "signed-in identity"),
         ] {
             let err = parse(&format!(r#"{{name = "t", sha256 = "{hash}", {bad}}}"#)).unwrap_err();
             assert!(err.contains(why), "{bad}: {err}");

@@ -16,6 +16,7 @@
 
 mod auth;
 mod docs;
+mod oidc;
 mod validate;
 mod value;
 
@@ -28,6 +29,7 @@ pub use auth::{
     DEFAULT_PROJECT, Role, SCOPE_KEYS, TokenConfig, TokenHash, TokenScope, check_project,
 };
 pub use docs::render_markdown;
+pub use oidc::{ALGORITHMS, ClaimNames, MAX_LEEWAY, OidcIssuerConfig};
 pub use value::{ByteSize, ConfigValue, RedisUrl, Secret};
 
 /// One problem found in the configuration.

@@ -8,7 +8,8 @@ use std::time::Duration;
 use toml::Value;
 
 use super::{
-    ByteSize, ConfigProblem, ConfigValue, FieldDoc, Origin, RedisUrl, Secret, Section, TokenConfig,
+    ByteSize, ConfigProblem, ConfigValue, FieldDoc, OidcIssuerConfig, Origin, RedisUrl, Secret,
+    Section, TokenConfig,
 };
 
 section! {
@@ -133,6 +134,9 @@ section! {
         /// events and exposures need a guardian's grant, as with `consent_required`, which
         /// covers every project.
         pub consent_required_projects: Vec<String> = Vec::new(),
+        /// The version of the consent text guardians are shown, kept with each decision a
+        /// guardian makes (a request may name the version it showed instead).
+        pub consent_text_version: String = "1".to_string(),
         /// Encrypt new write-ahead log records with the data keys (AES-256-GCM). Records
         /// written either way stay readable while the data keys that sealed them are kept.
         pub encrypt_wal: bool = true,
@@ -258,6 +262,10 @@ section! {
         /// Access tokens as `{name, role, sha256}`; roles are client, analyst, privacy, admin.
         /// With none, the API is open, which is allowed only on a loopback listener.
         pub tokens: Vec<TokenConfig> = Vec::new(),
+        /// OpenID Connect issuers whose access tokens are accepted (parents, teachers,
+        /// schools, researchers): `{issuer, audience, algorithms, leeway, jwks_refresh,
+        /// jwks_min_interval, claims, roles}`; see docs/identity.md.
+        pub oidc: Vec<OidcIssuerConfig> = Vec::new(),
         /// Scoped tokens (school staff) see no aggregate over fewer children than this: such
         /// groups are left out of SQL answers and blanked in cohort answers.
         pub min_group_size: usize = 5,

@@ -70,7 +70,7 @@ impl Config {
     /// The checks that involve more than one section.
     fn validate_across(&self, problems: &mut Problems) {
         let listen = self.server.listen;
-        if self.auth.tokens.is_empty() && !listen.ip().is_loopback() {
+        if self.auth.tokens.is_empty() && self.auth.oidc.is_empty() && !listen.ip().is_loopback() {
             problems.add(
                 "server.listen",
                 format!(

@@ -14,7 +14,14 @@ pub trait Audited {
 
 impl Audited for AuditLog {
     fn record(&self, who: &Principal, action: &str, detail: &str, status: u16) {
-        self.append(now_ms(), &who.name, who.role, action, detail, status);
+        self.append(
+            now_ms(),
+            &who.name,
+            who.role.as_str(),
+            action,
+            detail,
+            status,
+        );
     }
 }
 

@@ -1,8 +1,15 @@
-//! Authentication and roles. A handler states the role it needs in its signature
-//! (`_: Authorized<Analyst>`); the token is checked before the handler runs.
+//! Authentication and roles. A handler states the roles it admits in its signature
+//! (`_: Authorized<Analyst>`); the caller is checked before the handler runs, and the handler
+//! asks the [`Principal`] about relations ("may act for this child?").
 //!
-//! With no tokens configured the API is open (configuration allows that only on a loopback
-//! listener) and every caller acts as `admin`.
+//! A bearer token is a static token (its SHA-256 is configured: app installations and
+//! operators) or an OpenID Connect access token of a configured issuer (parents, teachers,
+//! schools, researchers), verified by `identity::oidc`. Refusals answer 401 with an RFC 6750
+//! `WWW-Authenticate` challenge (403 for a valid caller without the role), and refused
+//! tokens are audited.
+//!
+//! With no tokens and no issuers configured the API is open (configuration allows that only
+//! on a loopback listener) and every caller acts as `admin`.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -12,60 +19,188 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use subtle::ConstantTimeEq;
 
+use super::audit::AuditLog;
 use super::error::{ApiError, ErrorCode};
-use crate::config::{Role, TokenConfig, TokenHash, TokenScope};
+use crate::config::{Role, TokenConfig, TokenHash};
+pub use crate::identity::Principal;
+use crate::identity::{Identity, TokenError, Verifier};
+use crate::ingest::now_ms;
+use crate::privacy::erasure::reference;
+use crate::privacy::pseudonym::Pepper;
 
-/// The configured tokens, shared by every request.
-#[derive(Clone, Debug)]
-pub struct Tokens(Arc<[TokenConfig]>);
+/// Checks callers: the static tokens, the trusted issuers, and where refusals are audited.
+#[derive(Clone)]
+pub struct Gate {
+    tokens: Arc<[TokenConfig]>,
+    oidc: Option<Arc<Verifier>>,
+    audit: Option<Arc<AuditLog>>,
+    /// Names signed-in callers in logs and the audit trail (by reference, never by `sub`).
+    pepper: Option<Pepper>,
+}
 
-impl Tokens {
-    /// Wraps the configured tokens.
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("tokens", &self.tokens.len())
+            .field(
+                "issuers",
+                &self.oidc.as_ref().map_or(0, |v| v.issuers().len()),
+            )
+            .finish()
+    }
+}
+
+/// How a 401 challenges the client (RFC 6750, section 3).
+fn challenge(error: Option<&str>, description: &str) -> String {
+    // A quoted-string: no quotes or backslashes inside.
+    let description: String = description
+        .chars()
+        .map(|c| if c == '"' || c == '\\' { '\'' } else { c })
+        .collect();
+    match error {
+        None => "Bearer realm=\"flagstream\"".to_owned(),
+        Some(error) => format!(
+            "Bearer realm=\"flagstream\", error=\"{error}\", error_description=\"{description}\""
+        ),
+    }
+}
+
+fn unauthorized(error: Option<&str>, description: impl Into<String>) -> ApiError {
+    let description = description.into();
+    let header = challenge(error, &description);
+    ApiError::new(ErrorCode::Unauthorized, description).challenge(header)
+}
+
+impl Gate {
+    /// Static tokens only (unit tests, tools).
     pub fn new(tokens: &[TokenConfig]) -> Self {
-        Self(tokens.into())
+        Self {
+            tokens: tokens.into(),
+            oidc: None,
+            audit: None,
+            pepper: None,
+        }
     }
 
-    /// Returns who presented `authorization`, if it names a configured token and may act as
-    /// `required`.
-    pub fn authorize(
+    /// Adds the trusted issuers, the audit log refusals go to, and the pepper that names
+    /// signed-in callers.
+    pub fn with_identity(
+        mut self,
+        oidc: Option<Arc<Verifier>>,
+        audit: Arc<AuditLog>,
+        pepper: Pepper,
+    ) -> Self {
+        self.oidc = oidc;
+        self.audit = Some(audit);
+        self.pepper = Some(pepper);
+        self
+    }
+
+    /// The trusted issuers, if any are configured.
+    pub fn verifier(&self) -> Option<&Arc<Verifier>> {
+        self.oidc.as_ref()
+    }
+
+    fn is_open(&self) -> bool {
+        self.tokens.is_empty() && self.oidc.is_none()
+    }
+
+    /// Returns who presented `authorization`, if it is a configured token or a valid access
+    /// token of a trusted issuer, and may act in one of `admitted` (admins always may).
+    pub async fn authorize(
         &self,
         authorization: Option<&str>,
-        required: Role,
+        admitted: &[Role],
     ) -> Result<Principal, ApiError> {
-        if self.0.is_empty() {
-            return Ok(Principal {
-                name: "anonymous".into(),
-                role: Role::Admin,
-                scope: None,
-                project: None,
-            });
+        let result = self.identify(authorization).await.and_then(|principal| {
+            if principal.role == Role::Admin || admitted.contains(&principal.role) {
+                Ok(principal)
+            } else {
+                let names: Vec<&str> = admitted.iter().map(|r| r.as_str()).collect();
+                let description = format!("this needs the {} role", names.join(" or "));
+                let header = format!(
+                    "Bearer realm=\"flagstream\", error=\"insufficient_scope\", error_description=\"{description}\""
+                );
+                Err(ApiError::new(ErrorCode::Forbidden, description).challenge(header))
+            }
+        });
+        if let (Err(err), Some(audit)) = (&result, &self.audit)
+            && authorization.is_some()
+        {
+            audit.append(
+                now_ms(),
+                "unauthenticated",
+                "none",
+                "auth.refused",
+                err.description(),
+                err.code().status().as_u16(),
+            );
+        }
+        result
+    }
+
+    async fn identify(&self, authorization: Option<&str>) -> Result<Principal, ApiError> {
+        if self.is_open() {
+            return Ok(Principal::anonymous());
         }
         let token = authorization
             .and_then(|value| value.strip_prefix("Bearer "))
             .map(str::trim)
             .filter(|token| !token.is_empty())
             .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::Unauthorized,
-                    "send the token as `Authorization: Bearer <token>`",
-                )
+                unauthorized(None, "send the token as `Authorization: Bearer <token>`")
             })?;
+        if let Some(principal) = self.static_token(token) {
+            return Ok(principal);
+        }
+        let Some(verifier) = &self.oidc else {
+            return Err(unauthorized(Some("invalid_token"), "unknown token"));
+        };
+        // A static token never has two dots; anything else that is not a JWT is unknown.
+        if token.bytes().filter(|b| *b == b'.').count() != 2 {
+            return Err(unauthorized(Some("invalid_token"), "unknown token"));
+        }
+        match verifier.verify(token).await {
+            Ok(verified) => {
+                let mut identity = Identity {
+                    issuer: verified.issuer,
+                    subject: verified.subject,
+                    relations: verified.relations,
+                    reference: String::new(),
+                };
+                let pepper = self
+                    .pepper
+                    .as_ref()
+                    .expect("a gate with issuers has a pepper");
+                identity.reference = reference(&pepper.pseudonymize(&identity.account()).0);
+                let name = format!("{}:{}", verified.role.as_str(), identity.reference);
+                Ok(Principal {
+                    name: name.into(),
+                    role: verified.role,
+                    scope: None,
+                    project: None,
+                    identity: Some(Arc::new(identity)),
+                })
+            }
+            Err(TokenError::Claims(err)) => {
+                Err(ApiError::new(ErrorCode::Forbidden, err.to_string())
+                    .challenge(challenge(Some("insufficient_scope"), &err.to_string())))
+            }
+            Err(err) => Err(unauthorized(Some("invalid_token"), err.to_string())),
+        }
+    }
+
+    fn static_token(&self, token: &str) -> Option<Principal> {
         let presented = TokenHash::of(token);
         // Compare with every token, in constant time, so timing reveals nothing.
         let mut found = None;
-        for candidate in self.0.iter() {
+        for candidate in self.tokens.iter() {
             if bool::from(candidate.sha256.0.ct_eq(&presented.0)) {
                 found = Some(candidate);
             }
         }
-        let token = found.ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown token"))?;
-        if !token.role.permits(required) {
-            return Err(ApiError::new(
-                ErrorCode::Forbidden,
-                format!("this needs the {} role", required.as_str()),
-            ));
-        }
-        Ok(Principal {
+        let token = found?;
+        Some(Principal {
             name: token.name.as_str().into(),
             role: token.role,
             scope: token.scope.clone(),
@@ -76,6 +211,7 @@ impl Tokens {
                     .unwrap_or(crate::config::DEFAULT_PROJECT)
                     .into(),
             ),
+            identity: None,
         })
     }
 }
@@ -93,24 +229,10 @@ pub fn presented_key(headers: &axum::http::HeaderMap) -> Option<String> {
         .or_else(|| text("x-api-key").map(|key| format!("Bearer {key}")))
 }
 
-/// Who made a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal {
-    /// The token's configured name (`anonymous` when the API is open).
-    pub name: Arc<str>,
-    /// The token's role.
-    pub role: Role,
-    /// The school or class a scoped token is limited to.
-    pub scope: Option<TokenScope>,
-    /// The project of a token (`default` when its key names none); none when the API is
-    /// open.
-    pub project: Option<Arc<str>>,
-}
-
-/// A role a handler can require at the type level.
+/// The roles a handler admits, at the type level (admins are always admitted).
 pub trait RequiredRole: Send + Sync + 'static {
-    /// The role.
-    const ROLE: Role;
+    /// The roles.
+    const ROLES: &'static [Role];
 }
 
 /// Marker for [`Role::Client`].
@@ -121,21 +243,33 @@ pub struct Analyst;
 pub struct Privacy;
 /// Marker for [`Role::Admin`].
 pub struct Admin;
+/// Those who may act for a child: privacy officers (any child) and guardians (their own);
+/// the handler asks [`Principal::may_act_for`].
+pub struct Custodian;
+/// Anyone signed in or holding a token.
+pub struct Anyone;
 
 impl RequiredRole for Client {
-    const ROLE: Role = Role::Client;
+    const ROLES: &'static [Role] = &[Role::Client];
 }
 impl RequiredRole for Analyst {
-    const ROLE: Role = Role::Analyst;
+    const ROLES: &'static [Role] = &[Role::Analyst];
 }
 impl RequiredRole for Privacy {
-    const ROLE: Role = Role::Privacy;
+    const ROLES: &'static [Role] = &[Role::Privacy];
 }
 impl RequiredRole for Admin {
-    const ROLE: Role = Role::Admin;
+    const ROLES: &'static [Role] = &[Role::Admin];
+}
+impl RequiredRole for Custodian {
+    const ROLES: &'static [Role] = &[Role::Privacy, Role::Guardian];
+}
+impl RequiredRole for Anyone {
+    const ROLES: &'static [Role] = &Role::ALL;
 }
 
-/// Extracts the caller, rejecting the request with 401 or 403 unless it may act as `R`.
+/// Extracts the caller, rejecting the request with 401 or 403 unless it may act in one of
+/// `R`'s roles.
 pub struct Authorized<R: RequiredRole> {
     /// Who called.
     pub principal: Principal,
@@ -144,7 +278,7 @@ pub struct Authorized<R: RequiredRole> {
 
 impl<S, R> FromRequestParts<S> for Authorized<R>
 where
-    Tokens: FromRef<S>,
+    Gate: FromRef<S>,
     S: Send + Sync,
     R: RequiredRole,
 {
@@ -152,7 +286,9 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let presented = presented_key(&parts.headers);
-        let principal = Tokens::from_ref(state).authorize(presented.as_deref(), R::ROLE)?;
+        let principal = Gate::from_ref(state)
+            .authorize(presented.as_deref(), R::ROLES)
+            .await?;
         Ok(Self {
             principal,
             _role: PhantomData,
@@ -164,8 +300,8 @@ where
 mod tests {
     use super::*;
 
-    fn tokens() -> Tokens {
-        Tokens::new(&[
+    fn gate() -> Gate {
+        Gate::new(&[
             TokenConfig {
                 name: "app".into(),
                 role: Role::Client,
@@ -183,33 +319,59 @@ mod tests {
         ])
     }
 
-    #[test]
-    fn open_api_treats_everyone_as_admin() {
-        let open = Tokens::new(&[]);
-        assert_eq!(open.authorize(None, Role::Admin).unwrap().role, Role::Admin);
+    #[tokio::test]
+    async fn open_api_treats_everyone_as_admin() {
+        let open = Gate::new(&[]);
+        let principal = open.authorize(None, &[Role::Admin]).await.unwrap();
+        assert_eq!(principal.role, Role::Admin);
+    }
+
+    #[tokio::test]
+    async fn tokens_are_checked_for_presence_identity_and_role() {
+        let gate = gate();
+        let refused =
+            async |header: Option<&str>, role| gate.authorize(header, &[role]).await.unwrap_err();
+        let missing = refused(None, Role::Client).await;
+        assert_eq!(missing.code(), ErrorCode::Unauthorized);
+        assert_eq!(
+            missing.www_authenticate(),
+            Some("Bearer realm=\"flagstream\"")
+        );
+        assert_eq!(
+            refused(Some("Basic x"), Role::Client).await.code(),
+            ErrorCode::Unauthorized
+        );
+        let unknown = refused(Some("Bearer nope"), Role::Client).await;
+        assert_eq!(unknown.code(), ErrorCode::Unauthorized);
+        assert!(
+            unknown
+                .www_authenticate()
+                .unwrap()
+                .contains("error=\"invalid_token\""),
+            "{unknown:?}"
+        );
+        let wrong_role = refused(Some("Bearer app-key"), Role::Analyst).await;
+        assert_eq!(wrong_role.code(), ErrorCode::Forbidden);
+        assert!(wrong_role.description().contains("analyst"));
+        let app = gate
+            .authorize(Some("Bearer app-key"), &[Role::Client])
+            .await
+            .unwrap();
+        assert_eq!(&*app.name, "app");
+        assert_eq!(app.project.as_deref(), Some("default"));
+        let ops = gate
+            .authorize(Some("Bearer ops-key"), &[Role::Privacy])
+            .await
+            .unwrap();
+        assert_eq!(ops.role, Role::Admin);
     }
 
     #[test]
-    fn tokens_are_checked_for_presence_identity_and_role() {
-        let tokens = tokens();
-        let code = |header: Option<&str>, role| tokens.authorize(header, role).unwrap_err().code();
-        assert_eq!(code(None, Role::Client), ErrorCode::Unauthorized);
-        assert_eq!(code(Some("Basic x"), Role::Client), ErrorCode::Unauthorized);
+    fn challenges_keep_the_quoted_string_intact() {
+        let header = challenge(Some("invalid_token"), r#"bad "quote" \ here"#);
         assert_eq!(
-            code(Some("Bearer nope"), Role::Client),
-            ErrorCode::Unauthorized
+            header,
+            "Bearer realm=\"flagstream\", error=\"invalid_token\", error_description=\"bad 'quote' ' here\""
         );
-        assert_eq!(
-            code(Some("Bearer app-key"), Role::Analyst),
-            ErrorCode::Forbidden
-        );
-        let app = tokens
-            .authorize(Some("Bearer app-key"), Role::Client)
-            .unwrap();
-        assert_eq!(&*app.name, "app");
-        let ops = tokens
-            .authorize(Some("Bearer ops-key"), Role::Privacy)
-            .unwrap();
-        assert_eq!(ops.role, Role::Admin);
     }
 }

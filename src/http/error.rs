@@ -103,6 +103,8 @@ pub struct ApiError {
     code: ErrorCode,
     description: Cow<'static, str>,
     retry_after: Option<Duration>,
+    /// The `WWW-Authenticate` challenge of a 401 or 403 (RFC 6750).
+    challenge: Option<String>,
 }
 
 /// The JSON body of every error.
@@ -125,6 +127,7 @@ impl ApiError {
             code,
             description: description.into(),
             retry_after: None,
+            challenge: None,
         }
     }
 
@@ -141,6 +144,17 @@ impl ApiError {
     pub fn retry_after(mut self, wait: Duration) -> Self {
         self.retry_after = Some(wait);
         self
+    }
+
+    /// Sends `WWW-Authenticate: <challenge>` with the answer.
+    pub fn challenge(mut self, challenge: String) -> Self {
+        self.challenge = Some(challenge);
+        self
+    }
+
+    /// The `WWW-Authenticate` challenge sent with the answer, if any.
+    pub fn www_authenticate(&self) -> Option<&str> {
+        self.challenge.as_deref()
     }
 
     /// Returns the code.
@@ -166,6 +180,15 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if let Some(value) = self
+            .challenge
+            .as_deref()
+            .and_then(|c| HeaderValue::from_str(c).ok())
+        {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, value);
         }
         response
     }

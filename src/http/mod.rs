@@ -120,6 +120,9 @@ pub enum RunError {
     /// A listener failed.
     #[error("serving failed: {0}")]
     Serve(#[from] io::Error),
+    /// The HTTP client for the identity providers could not be built.
+    #[error("cannot set up the OpenID Connect client: {0}")]
+    Identity(#[from] reqwest::Error),
 }
 
 /// Runs the service on the given listeners until `shutdown` completes, then lets open
@@ -221,6 +224,17 @@ fn start_jobs(config: &Config, state: &AppState, pipeline: &Pipeline) -> Supervi
             cap,
         };
         jobs.start("experiment gauges", |stop| results.run(stop));
+    }
+    for issuer in state
+        .gate
+        .verifier()
+        .map(|v| v.issuers())
+        .unwrap_or_default()
+    {
+        let issuer = issuer.clone();
+        jobs.start("issuer keys", move |stop| {
+            crate::jobs::issuer_keys::refresh(issuer, stop)
+        });
     }
     let (store, every) = (state.flags.clone(), config.flags.reload_interval);
     jobs.start("flag watcher", move |stop| flags::watch(store, every, stop));

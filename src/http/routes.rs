@@ -18,13 +18,13 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
-use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::security::{Http, HttpAuthScheme, OpenIdConnect, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::api::{
-    cohorts, consent, experiments, flags, ingest, ops, requests, retention, sql, stream,
+    cohorts, consent, experiments, flags, ingest, me, ops, requests, retention, sql, stream,
 };
 use super::error::{self, ApiError, ErrorCode};
 use super::{AppState, metrics};
@@ -41,7 +41,8 @@ use super::{AppState, metrics};
         (name = "cohorts", description = "Live per-cohort counters from the pipeline."),
         (name = "sql", description = "Ad-hoc and saved SQL over the recent window of events."),
         (name = "experiments", description = "Experiments and their results with statistics."),
-        (name = "privacy", description = "Guardians' consent and data-subject requests.")
+        (name = "privacy", description = "Guardians' consent and data-subject requests."),
+        (name = "identity", description = "Who the caller is: static tokens and OpenID Connect sign-ins.")
     )
 )]
 struct ApiDoc;
@@ -54,6 +55,17 @@ impl Modify for BearerAuth {
         components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+        // The access tokens of the identity providers in `[[auth.oidc]]`, sent as bearer
+        // tokens; the URL is each provider's own (see docs/identity.md).
+        components.add_security_scheme(
+            "oidc",
+            SecurityScheme::OpenIdConnect(OpenIdConnect::with_description(
+                "https://identity-provider.example/.well-known/openid-configuration",
+                "An access token (JWT) of an issuer configured in [[auth.oidc]], sent as \
+                 `Authorization: Bearer <token>`: guardians, teachers, school admins and \
+                 researchers sign in at their school's or family's identity provider.",
+            )),
         );
     }
 }
@@ -82,12 +94,13 @@ fn table(
         .routes(routes!(consent::record))
         .layer(DefaultBodyLimit::max(consent::MAX_BODY));
     let requests = OpenApiRouter::new()
-        .routes(routes!(requests::submit))
+        .routes(routes!(requests::submit, requests::list))
         .layer(DefaultBodyLimit::max(requests::MAX_BODY));
     let table = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::admin_config))
+        .routes(routes!(me::me))
         .routes(routes!(ingest::schema))
         .routes(routes!(stream::stream))
         .routes(routes!(cohorts::cohorts))

@@ -27,8 +27,8 @@ use crate::wal::WalOptions;
 pub struct AppState {
     /// The effective configuration.
     pub config: Arc<Config>,
-    /// Access tokens.
-    pub tokens: auth::Tokens,
+    /// Static tokens and trusted issuers.
+    pub gate: auth::Gate,
     /// The metrics registry.
     pub metrics: PrometheusHandle,
     /// The counter store.
@@ -109,9 +109,20 @@ impl AppState {
         let sql = open_sql(config, data_keys, suppressions)?
             .read_your_writes(move || wal.last_epoch().0)
             .counters(counters.clone(), Retention::of(&config.counters));
+        let audit = Arc::new(audit);
+        let verifier = if config.auth.oidc.is_empty() {
+            None
+        } else {
+            Some(Arc::new(crate::identity::Verifier::new(&config.auth.oidc)?))
+        };
+        let gate = auth::Gate::new(&config.auth.tokens).with_identity(
+            verifier,
+            audit.clone(),
+            crate::privacy::pseudonym::Pepper::from_ring(&peppers),
+        );
         Ok(Self {
             config: Arc::new(config.clone()),
-            tokens: auth::Tokens::new(&config.auth.tokens),
+            gate,
             metrics,
             counters,
             flags,
@@ -124,7 +135,7 @@ impl AppState {
             )),
             sql: Arc::new(sql),
             consent,
-            audit: Arc::new(audit),
+            audit,
             requests,
             request_worker: Arc::new(tokio::sync::Notify::new()),
         })
@@ -289,9 +300,9 @@ fn open_ingest(
     Ok(ingestor)
 }
 
-impl FromRef<AppState> for auth::Tokens {
+impl FromRef<AppState> for auth::Gate {
     fn from_ref(state: &AppState) -> Self {
-        state.tokens.clone()
+        state.gate.clone()
     }
 }
 

@@ -16,6 +16,7 @@
 
 pub mod flags;
 pub mod gauges;
+pub mod issuer_keys;
 pub mod keys;
 pub mod privacy_requests;
 pub mod retention;

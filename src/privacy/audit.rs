@@ -13,7 +13,6 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 use super::metrics::AUDIT_WRITE_ERRORS_TOTAL;
-use crate::config::Role;
 use crate::events::time::format_rfc3339;
 
 /// The longest detail kept per entry, in bytes.
@@ -59,7 +58,7 @@ impl AuditLog {
         &self,
         at_ms: i64,
         who: &str,
-        role: Role,
+        role: &str,
         action: &str,
         detail: &str,
         status: u16,
@@ -68,7 +67,7 @@ impl AuditLog {
         let entry = Entry {
             at: format_rfc3339(at_ms),
             who,
-            role: role.as_str(),
+            role,
             action,
             detail: cap(&detail),
             status,
@@ -124,7 +123,7 @@ mod tests {
         log.append(
             1_764_000_000_000,
             "team",
-            Role::Analyst,
+            "analyst",
             "sql.adhoc",
             "SELECT 1",
             200,
@@ -132,7 +131,7 @@ mod tests {
         log.append(
             1_764_000_000_000,
             "team",
-            Role::Analyst,
+            "analyst",
             "sql.adhoc",
             &"é".repeat(5000),
             400,

@@ -67,6 +67,37 @@ pub struct ConsentRecord {
     pub at: i64,
     /// When the service recorded it, ms since the Unix epoch.
     pub recorded_at: i64,
+    /// How the guardian was identified: `oidc` (signed in at their identity provider, so the
+    /// decision comes from a verified adult) or `operator` (a privacy officer recorded it on
+    /// the guardian's behalf). Absent in records made before methods were kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<ConsentMethod>,
+    /// The identity provider that verified the guardian (`oidc` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// The version of the consent text the guardian was shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_version: Option<String>,
+}
+
+/// How a guardian's decision reached the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsentMethod {
+    /// The guardian signed in through OpenID Connect and decided themselves.
+    Oidc,
+    /// A privacy officer recorded the decision for the guardian.
+    Operator,
+}
+
+impl ConsentMethod {
+    /// The method's name in answers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsentMethod::Oidc => "oidc",
+            ConsentMethod::Operator => "operator",
+        }
+    }
 }
 
 /// The decision in force for one subject and scope.
@@ -197,6 +228,9 @@ mod tests {
             guardian: "p1_parent".into(),
             at,
             recorded_at: 1_000 + seq as i64,
+            method: None,
+            issuer: None,
+            text_version: None,
         }
     }
 

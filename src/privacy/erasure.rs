@@ -301,6 +301,7 @@ mod tests {
             updated_at: None,
             events: None,
             reason: None,
+            requester: None,
         };
         let mut access = request("access", Status::Pending, 0);
         access.kind = RequestKind::Access;

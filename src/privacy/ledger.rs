@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
-use super::consent::{ConsentBook, ConsentRecord, ConsentScope};
+use super::consent::{ConsentBook, ConsentMethod, ConsentRecord, ConsentScope};
 use super::journal::{Journal, JournalError};
 use super::pseudonym::Pepper;
 use crate::crypto::KeyRing;
@@ -27,6 +27,12 @@ pub struct Decision {
     pub granted: bool,
     /// When the guardian decided (ms since the Unix epoch).
     pub at: i64,
+    /// How the guardian was identified.
+    pub method: ConsentMethod,
+    /// The identity provider that verified the guardian (`oidc` only).
+    pub issuer: Option<String>,
+    /// The version of the consent text the guardian was shown.
+    pub text_version: Option<String>,
 }
 
 /// A subject's consents as answered.
@@ -77,6 +83,9 @@ impl ConsentLedger {
             guardian: newest.pseudonymize(&decision.guardian_id).0,
             at: decision.at,
             recorded_at: now,
+            method: Some(decision.method),
+            issuer: decision.issuer.clone(),
+            text_version: decision.text_version.clone(),
         };
         journal.append(&record)?;
         self.book
@@ -124,6 +133,11 @@ impl ConsentLedger {
                 .collect(),
             history,
         }
+    }
+
+    /// The newest pseudonym of `user_id` (for naming a child in the audit trail).
+    pub fn pseudonym_of(&self, user_id: &str) -> String {
+        self.peppers[0].pseudonymize(user_id).0
     }
 
     /// Returns how many subjects have records.
@@ -184,6 +198,9 @@ mod tests {
             scope,
             granted,
             at,
+            method: ConsentMethod::Operator,
+            issuer: None,
+            text_version: None,
         }
     }
 

@@ -58,6 +58,10 @@ pub enum RequestRecord {
         received_at: i64,
         /// When it must be answered.
         due: i64,
+        /// Who filed it, when a signed-in guardian or school did: the reference of their
+        /// pseudonym (never their identity), so they can list their own requests.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        requester: Option<String>,
     },
     /// A request was carried out.
     Completed {
@@ -112,6 +116,8 @@ pub struct Request {
     pub events: Option<u64>,
     /// Why the last attempt failed.
     pub reason: Option<String>,
+    /// The reference of the signed-in person who filed it, if one did.
+    pub requester: Option<String>,
 }
 
 impl Request {
@@ -129,6 +135,7 @@ impl Request {
             subjects: self.subjects.clone(),
             received_at: self.received_at,
             due: self.due,
+            requester: self.requester.clone(),
         }];
         let at = self.updated_at.unwrap_or(self.received_at);
         match self.status {
@@ -155,6 +162,7 @@ impl Request {
                 subjects,
                 received_at,
                 due,
+                requester,
             } => {
                 let request = Request {
                     id: id.clone(),
@@ -166,6 +174,7 @@ impl Request {
                     updated_at: None,
                     events: None,
                     reason: None,
+                    requester,
                 };
                 requests.insert(id, request);
             }
@@ -222,6 +231,7 @@ impl Requests {
         &self,
         kind: RequestKind,
         subject: &str,
+        requester: Option<&str>,
         now: i64,
     ) -> Result<Request, JournalError> {
         let names: Vec<String> = if is_pseudonym(subject) {
@@ -244,6 +254,7 @@ impl Requests {
             subjects,
             received_at: now,
             due: one_month_after(now),
+            requester: requester.map(str::to_owned),
         })?;
         if kind == RequestKind::Erasure {
             let mut erasing = self.erasing.lock().unwrap_or_else(|p| p.into_inner());
@@ -336,6 +347,13 @@ impl Requests {
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
             .cloned()
+    }
+
+    /// Returns the requests `requester` filed, oldest first.
+    pub fn filed_by(&self, requester: &str) -> Vec<Request> {
+        let mut mine = self.all();
+        mine.retain(|r| r.requester.as_deref() == Some(requester));
+        mine
     }
 
     /// Returns the requests not carried out yet, oldest first.
@@ -532,7 +550,7 @@ mod tests {
         let ring = KeyRing::single(1, [9; 32]);
         let requests = Requests::open(dir.path(), &ring).unwrap();
         let access = requests
-            .submit(RequestKind::Access, "child-1", 1_000)
+            .submit(RequestKind::Access, "child-1", None, 1_000)
             .unwrap();
         assert!(access.id.starts_with("dsr-"));
         assert_eq!(access.status, Status::Pending);
@@ -541,7 +559,7 @@ mod tests {
             [Pepper::new(1, [9; 32]).pseudonymize("child-1").0]
         );
         let by_pseudonym = requests
-            .submit(RequestKind::Access, &access.subjects[0], 2_000)
+            .submit(RequestKind::Access, &access.subjects[0], None, 2_000)
             .unwrap();
         assert_eq!(by_pseudonym.subjects, access.subjects);
         requests

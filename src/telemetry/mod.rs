@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::{counters, experiments, flags, http, ingest, pipeline, privacy, sql, wal};
+use crate::{counters, experiments, flags, http, identity, ingest, pipeline, privacy, sql, wal};
 
 /// Latency buckets for request handling, 100 µs to 10 s.
 const LATENCY_BUCKETS_SECONDS: &[f64] = &[
@@ -94,5 +94,6 @@ fn describe() {
     counters::metrics::start_at_zero();
     experiments::metrics::describe();
     privacy::metrics::describe();
+    identity::metrics::describe();
     sql::metrics::describe();
 }

@@ -29,10 +29,11 @@ const PURE: [&str; 4] = [
 /// The modules from the bottom up: each may use those before it, never those after it.
 /// `telemetry` is beside them all (its `catalog!` is a leaf every component uses; its
 /// `install` is called by `http`).
-const LAYERS: [&str; 13] = [
+const LAYERS: [&str; 14] = [
     "crypto",
     "events",
     "config",
+    "identity",
     "flags",
     "wal",
     "counters",

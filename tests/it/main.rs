@@ -7,6 +7,7 @@ mod erasure;
 mod experiments;
 mod flags;
 mod harness;
+mod identity;
 mod ingest;
 mod layering;
 mod ops;

@@ -380,22 +380,33 @@ async fn slow_requests_time_out_with_the_json_error_body() {
     assert_eq!(body["error"], "timeout");
 }
 
-/// The role each documented operation needs (`None`: public). Every operation of the OpenAPI
-/// document must be listed, so a new endpoint cannot ship without a decision.
-fn required_role(method: &str, path: &str) -> Option<Option<&'static str>> {
-    let role = match (method, path) {
-        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/schema") => None,
-        (_, "/v1/privacy/retention-policy") => None,
-        (_, "/v1/batch" | "/v1/stream" | "/v1/config") => Some("client"),
-        (_, p) if p.starts_with("/ofrep/") => Some("client"),
-        (_, "/v1/sql" | "/v1/queries" | "/v1/queries/{name}" | "/v1/cohorts") => Some("analyst"),
-        (_, "/v1/experiments" | "/v1/experiments/{key}/results") => Some("analyst"),
-        (_, "/v1/consent" | "/v1/consent/{subject}") => Some("privacy"),
-        (_, p) if p.starts_with("/v1/privacy/") => Some("privacy"),
-        (_, "/v1/admin/config") => Some("admin"),
+/// The roles each documented operation admits (`None`: public; admins are always admitted).
+/// Every operation of the OpenAPI document must be listed, so a new endpoint cannot ship
+/// without a decision.
+fn admitted_roles(method: &str, path: &str) -> Option<Option<&'static [&'static str]>> {
+    let roles: &'static [&'static str] = match (method, path) {
+        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/schema") => return Some(None),
+        (_, "/v1/privacy/retention-policy") => return Some(None),
+        (_, "/v1/me") => &[
+            "client",
+            "analyst",
+            "privacy",
+            "guardian",
+            "teacher",
+            "school_admin",
+            "researcher",
+        ],
+        (_, "/v1/batch" | "/v1/stream" | "/v1/config") => &["client"],
+        (_, p) if p.starts_with("/ofrep/") => &["client"],
+        (_, "/v1/sql" | "/v1/queries" | "/v1/queries/{name}" | "/v1/cohorts") => &["analyst"],
+        (_, "/v1/experiments" | "/v1/experiments/{key}/results") => &["analyst"],
+        // A guardian is admitted for their own children (the path names one of them).
+        (_, "/v1/consent" | "/v1/consent/{subject}") => &["privacy", "guardian"],
+        (_, p) if p.starts_with("/v1/privacy/") => &["privacy", "guardian"],
+        (_, "/v1/admin/config") => &[],
         _ => return None,
     };
-    Some(role)
+    Some(Some(roles))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -408,9 +419,26 @@ async fn every_endpoint_admits_exactly_its_roles() {
         scope: None,
         project: None,
     });
-    let service = Service::start_with(|c| c.auth.tokens = tokens).await;
+    let provider = crate::harness::oidc::OidcProvider::start();
+    let issuer = crate::identity::issuer_config(&provider);
+    let service = Service::start_with(|c| {
+        c.auth.tokens = tokens;
+        c.auth.oidc = vec![issuer];
+    })
+    .await;
+    // Signed-in people, with tokens from real sign-ins at the provider.
+    let mut signed_in = Vec::new();
+    for (account, role) in [
+        ("parent-a", "guardian"),
+        ("teacher-t", "teacher"),
+        ("head-s", "school_admin"),
+        ("researcher-r", "researcher"),
+        ("nobody-n", "a token without a role"),
+    ] {
+        signed_in.push((provider.sign_in(account).await, role));
+    }
     let (_, doc) = service.get_json("/openapi.json").await;
-    let callers = [
+    let mut callers: Vec<(Option<&str>, &str)> = vec![
         (None, "nobody"),
         (Some("client-key"), "client"),
         (Some("analyst-key"), "analyst"),
@@ -418,26 +446,32 @@ async fn every_endpoint_admits_exactly_its_roles() {
         (Some("admin-key"), "admin"),
         (Some("wrong-key"), "a wrong key"),
     ];
+    callers.extend(
+        signed_in
+            .iter()
+            .map(|(token, role)| (Some(token.as_str()), *role)),
+    );
     let mut checked = 0;
     for (path, operations) in doc["paths"].as_object().unwrap() {
         for method in operations.as_object().unwrap().keys() {
-            let required = required_role(method, path)
+            let admitted = admitted_roles(method, path)
                 .unwrap_or_else(|| panic!("{method} {path} has no entry in the role matrix"));
             let filled = path
                 .replace("{name}", "events_per_platform")
                 .replace("{key}", "reward-animation")
-                .replace("{subject}", "child-1");
-            for (token, caller) in callers {
+                .replace("{subject}", "child-a1");
+            for (token, caller) in &callers {
                 let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
                 let mut request = service.http.request(method.clone(), service.url(&filled));
                 if let Some(token) = token {
                     request = request.bearer_auth(token);
                 }
                 let status = request.send().await.unwrap().status().as_u16();
-                let expected = match (required, caller) {
+                let expected = match (admitted, *caller) {
                     (None, _) => "admitted",
                     (Some(_), "nobody" | "a wrong key") => "401",
-                    (Some(role), caller) if caller == role || caller == "admin" => "admitted",
+                    (Some(_), "admin") => "admitted",
+                    (Some(roles), caller) if roles.contains(&caller) => "admitted",
                     (Some(_), _) => "403",
                 };
                 let got = match status {
@@ -451,7 +485,7 @@ async fn every_endpoint_admits_exactly_its_roles() {
         }
     }
     assert!(
-        checked >= 6 * 18,
+        checked >= 11 * 20,
         "only {checked} checks: is the document complete?"
     );
 }

@@ -7,6 +7,7 @@ pub mod consent;
 pub mod experiments;
 pub mod flags;
 pub mod ingest;
+pub mod me;
 pub mod ops;
 pub mod requests;
 pub mod retention;

@@ -1,5 +1,7 @@
-//! `POST /v1/privacy/requests`, `GET /v1/privacy/requests/{id}` and its export: data-subject
-//! requests for the privacy role, and the worker that carries them out in the background.
+//! `POST /v1/privacy/requests`, `GET /v1/privacy/requests` (the caller's own),
+//! `GET /v1/privacy/requests/{id}` and its export: data-subject requests, filed by a privacy
+//! officer for any child or by a signed-in guardian for the children their token names (who
+//! then sees only the requests they filed), carried out in the background.
 
 use axum::Json;
 use axum::body::{Body, Bytes};
@@ -11,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::events::time::format_rfc3339;
 use crate::http::audit::Audited;
-use crate::http::auth::{Authorized, Privacy};
+use crate::http::auth::{Authorized, Custodian, Principal};
 use crate::http::error::{ApiError, ErrorBody, ErrorCode};
 use crate::http::{AppState, audit};
 use crate::ingest::now_ms;
@@ -110,15 +112,15 @@ impl RequestView {
     responses(
         (status = 202, description = "Received; carried out in the background.", body = RequestView),
         (status = 400, description = "A malformed body, an unknown type or a bad subject.", body = ErrorBody),
-        (status = 401, description = "Missing or unknown token.", body = ErrorBody),
-        (status = 403, description = "Not a privacy token.", body = ErrorBody),
+        (status = 401, description = "Missing, unknown or invalid token.", body = ErrorBody),
+        (status = 403, description = "Neither a privacy officer nor a guardian, or a guardian naming a child their sign-in does not name.", body = ErrorBody),
         (status = 503, description = "The request could not be recorded; nothing was received.", body = ErrorBody)))]
 pub async fn submit(
-    caller: Authorized<Privacy>,
+    caller: Authorized<Custodian>,
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<RequestView>), ApiError> {
-    let result = receive(&state, body).await;
+    let result = receive(&state, &caller.principal, body).await;
     let (detail, status) = match &result {
         Ok((status, Json(view))) => (
             format!(
@@ -129,18 +131,26 @@ pub async fn submit(
             ),
             status.as_u16(),
         ),
-        Err(err) => (String::new(), err.code().status().as_u16()),
+        Err(refusal) => (
+            refusal
+                .other_child
+                .as_deref()
+                .map(|child| as_reference(&state.consent.pseudonym_of(child)))
+                .unwrap_or_default(),
+            refusal.error.code().status().as_u16(),
+        ),
     };
     state
         .audit
         .record(&caller.principal, "privacy.request", &detail, status);
-    result
+    result.map_err(|refusal| refusal.error)
 }
 
 async fn receive(
     state: &AppState,
+    caller: &Principal,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<RequestView>), ApiError> {
+) -> Result<(StatusCode, Json<RequestView>), super::consent::Refusal> {
     let body = body?;
     let request: RequestBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
@@ -149,9 +159,16 @@ async fn receive(
         )
     })?;
     super::consent::check_id("subject", &request.subject)?;
+    super::consent::may_act_for(caller, &request.subject)?;
     let requests = state.requests.clone();
+    let requester = requester_of(caller).map(str::to_owned);
     let received = tokio::task::spawn_blocking(move || {
-        requests.submit(request.kind, &request.subject, now_ms())
+        requests.submit(
+            request.kind,
+            &request.subject,
+            requester.as_deref(),
+            now_ms(),
+        )
     })
     .await
     .map_err(ApiError::internal)?
@@ -183,15 +200,15 @@ async fn receive(
     params(("id" = String, Path, description = "The request's id.")),
     responses(
         (status = 200, description = "The request.", body = RequestView),
-        (status = 401, description = "Missing or unknown token.", body = ErrorBody),
-        (status = 403, description = "Not a privacy token.", body = ErrorBody),
-        (status = 404, description = "No request of that id.", body = ErrorBody)))]
+        (status = 401, description = "Missing, unknown or invalid token.", body = ErrorBody),
+        (status = 403, description = "Neither a privacy officer nor a guardian.", body = ErrorBody),
+        (status = 404, description = "No request of that id (that the caller filed, for a guardian).", body = ErrorBody)))]
 pub async fn show(
-    caller: Authorized<Privacy>,
+    caller: Authorized<Custodian>,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<RequestView>, ApiError> {
-    let result = find(&state, &id).map(|r| Json(RequestView::of(&state, r)));
+    let result = find(&state, &caller.principal, &id).map(|r| Json(RequestView::of(&state, r)));
     let status = audit::status_of(&result);
     let detail = if status == 200 { id.as_str() } else { "" };
     state
@@ -207,17 +224,17 @@ pub async fn show(
     params(("id" = String, Path, description = "The request's id.")),
     responses(
         (status = 200, description = "The export.", content_type = "application/x-ndjson", body = String),
-        (status = 401, description = "Missing or unknown token.", body = ErrorBody),
-        (status = 403, description = "Not a privacy token.", body = ErrorBody),
-        (status = 404, description = "No access request of that id.", body = ErrorBody),
+        (status = 401, description = "Missing, unknown or invalid token.", body = ErrorBody),
+        (status = 403, description = "Neither a privacy officer nor a guardian.", body = ErrorBody),
+        (status = 404, description = "No access request of that id (that the caller filed, for a guardian).", body = ErrorBody),
         (status = 409, description = "The request is not completed yet.", body = ErrorBody),
         (status = 410, description = "The export expired, or the child was erased since, and it was deleted.", body = ErrorBody)))]
 pub async fn export(
-    caller: Authorized<Privacy>,
+    caller: Authorized<Custodian>,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let result = open_export(&state, &id).await;
+    let result = open_export(&state, &caller.principal, &id).await;
     let status = audit::status_of(&result);
     let detail = if status == 200 { id.as_str() } else { "" };
     state
@@ -226,8 +243,8 @@ pub async fn export(
     result
 }
 
-async fn open_export(state: &AppState, id: &str) -> Result<Response, ApiError> {
-    let request = find(state, id)?;
+async fn open_export(state: &AppState, caller: &Principal, id: &str) -> Result<Response, ApiError> {
+    let request = find(state, caller, id)?;
     if request.kind != RequestKind::Access {
         return Err(not_found());
     }
@@ -274,8 +291,59 @@ async fn open_export(state: &AppState, id: &str) -> Result<Response, ApiError> {
         .into_response())
 }
 
-fn find(state: &AppState, id: &str) -> Result<Request, ApiError> {
-    state.requests.get(id).ok_or_else(not_found)
+/// The request `id`, if the caller may see it: a guardian sees only the requests they filed
+/// (another family's request answers as if it did not exist).
+fn find(state: &AppState, caller: &Principal, id: &str) -> Result<Request, ApiError> {
+    let request = state.requests.get(id).ok_or_else(not_found)?;
+    if caller.acts_for_own_children_only() && request.requester.as_deref() != requester_of(caller) {
+        return Err(not_found());
+    }
+    Ok(request)
+}
+
+/// How requests name the signed-in person who filed them.
+fn requester_of(caller: &Principal) -> Option<&str> {
+    caller
+        .identity
+        .as_deref()
+        .map(|identity| identity.reference.as_str())
+}
+
+/// The requests the caller may see, oldest first: a guardian's own, or every request for a
+/// privacy officer.
+#[utoipa::path(get, path = "/v1/privacy/requests", tag = "privacy",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The requests, oldest first.", body = RequestList),
+        (status = 401, description = "Missing, unknown or invalid token.", body = ErrorBody),
+        (status = 403, description = "Neither a privacy officer nor a guardian.", body = ErrorBody)))]
+pub async fn list(
+    caller: Authorized<Custodian>,
+    State(state): State<AppState>,
+) -> Json<RequestList> {
+    let requests = if caller.principal.acts_for_own_children_only() {
+        requester_of(&caller.principal)
+            .map(|me| state.requests.filed_by(me))
+            .unwrap_or_default()
+    } else {
+        state.requests.all()
+    };
+    state
+        .audit
+        .record(&caller.principal, "privacy.request.list", "", 200);
+    Json(RequestList {
+        requests: requests
+            .into_iter()
+            .map(|request| RequestView::of(&state, request))
+            .collect(),
+    })
+}
+
+/// The answer of `GET /v1/privacy/requests`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RequestList {
+    /// The requests, oldest first.
+    pub requests: Vec<RequestView>,
 }
 
 fn not_found() -> ApiError {

@@ -62,7 +62,7 @@ pub async fn stream(
         .map(|key| format!("Bearer {key}"));
     let from_header = crate::http::auth::presented_key(&headers);
     let presented = from_header.as_deref().or(from_protocol.as_deref());
-    let caller = state.tokens.authorize(presented, Role::Client)?;
+    let caller = state.gate.authorize(presented, &[Role::Client]).await?;
     // A browser page may open a session only from an allowed origin, so another site cannot
     // ride on a child's browser (cross-site WebSocket hijacking). Native apps send no Origin.
     if let Some(origin) = headers.get(header::ORIGIN) {

@@ -2,6 +2,7 @@
 //! as clients send them ([`client`]); the clock and waiting on conditions ([`wait`]).
 
 pub mod client;
+pub mod oidc;
 pub mod wait;
 
 use std::io::{Read, Write};
