@@ -246,6 +246,7 @@ fn start_jobs(config: &Config, state: &AppState, pipeline: &Pipeline) -> Supervi
             None => config.privacy.key_reload_interval,
         },
         sealer: state.ingest.wal().sealer().cloned(),
+        records: state.requests.sealer_handle(),
         events: state.sql.events().clone(),
     };
     let ring = state.sql.events().keys();

@@ -68,7 +68,13 @@ impl AppState {
         })?;
         let peppers = peppers(config)?;
         let data_keys = data_keys(config)?;
-        let consent = ConsentLedger::open(&config.storage.data_dir.join("consent"), &peppers)?;
+        // The consent ledger, the request journal and the access exports: sealed always.
+        let records = Arc::new(Sealer::new(&data_keys));
+        let consent = ConsentLedger::open(
+            &config.storage.data_dir.join("consent"),
+            &peppers,
+            records.clone(),
+        )?;
         let policy = ConsentPolicy::new(
             config.privacy.consent_required,
             &config.privacy.consent_required_projects,
@@ -76,6 +82,7 @@ impl AppState {
         let requests = crate::privacy::requests::Requests::open(
             &config.storage.data_dir.join("privacy"),
             &peppers,
+            records,
         )?;
         let sealer = config
             .privacy

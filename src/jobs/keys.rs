@@ -19,12 +19,15 @@ pub struct DataKeys {
     pub every: Duration,
     /// The write-ahead log's sealer, when the log is encrypted.
     pub sealer: Option<Arc<Sealer>>,
+    /// The sealer of the consent ledger, the request journal and the access exports.
+    pub records: Arc<Sealer>,
     /// The SQL window and segments.
     pub events: Arc<RecentEvents>,
 }
 
 /// Reads the data key file every `privacy.key_reload_interval` and puts a rotation in force:
-/// the write-ahead log's sealer and the SQL segments use the newest key from then on. A file
+/// the write-ahead log's sealer, the privacy records' sealer and the SQL segments use the
+/// newest key from then on. A file
 /// that does not parse, or changes a known version's key, is refused and the ring in force
 /// stays.
 pub async fn watch(keys: DataKeys, mut ring: KeyRing, mut stop: Stop) {
@@ -32,6 +35,7 @@ pub async fn watch(keys: DataKeys, mut ring: KeyRing, mut stop: Stop) {
         file,
         every,
         sealer,
+        records,
         events,
     } = keys;
     if every.is_zero() {
@@ -67,6 +71,7 @@ pub async fn watch(keys: DataKeys, mut ring: KeyRing, mut stop: Stop) {
                 if let Some(sealer) = &sealer {
                     sealer.rotate(&rotated);
                 }
+                records.rotate(&rotated);
                 events.rotate_keys(rotated.clone());
                 ring = rotated;
                 let newest = ring.newest().0;

@@ -106,7 +106,14 @@ async fn access(shop: &Arc<Workshop>, request: Request) -> Result<RequestOutcome
         let out = shop.requests.export_path(&request.id);
         let now = now_ms();
         let wal = shop.ingest.wal();
-        match write_access_export(&request, wal, &shop.consent, &out, now) {
+        match write_access_export(
+            &request,
+            wal,
+            &shop.consent,
+            &out,
+            shop.requests.sealer(),
+            now,
+        ) {
             Ok(events) => shop
                 .requests
                 .complete(&request.id, events, now_ms())

@@ -1,5 +1,8 @@
 //! An append-only journal of JSON records in one file: each record a checksummed frame (the
-//! write-ahead log's framing), fsynced before `append` returns, replayed by `open`.
+//! write-ahead log's framing), fsynced before `append` returns, replayed by `open`. Records
+//! are sealed with AES-256-GCM under the data keys (they name children and guardians by
+//! pseudonym); records written in clear by an older version stay readable, and a record
+//! whose key version is missing stops the open (it must not be skipped).
 //!
 //! A torn record at the end (a crash mid-write, never acknowledged) is cut off at open. A
 //! damaged record anywhere else is an error: the journals hold decisions (consent, data-subject
@@ -9,10 +12,12 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::crypto::Sealer;
 use crate::wal::frame::{Format, Scan, encode_frame, scan};
 
 /// Why a journal could not be read or written.
@@ -39,11 +44,22 @@ pub enum JournalError {
     /// An earlier write failed and could not be undone; no more writes are taken.
     #[error("{0} failed earlier and takes no more writes until a restart")]
     Failed(PathBuf),
+    /// A sealed record does not open: its data key is not in the ring (or it was altered).
+    #[error(
+        "{path}: the record at byte {offset} does not open with the data keys (privacy.data_key_file); restore the key it was sealed with"
+    )]
+    Sealed {
+        /// The file.
+        path: PathBuf,
+        /// Where.
+        offset: usize,
+    },
 }
 
 /// An open journal of records of type `T`. Not synchronized: wrap it in a mutex to share it.
 pub struct Journal<T> {
     path: PathBuf,
+    sealer: Arc<Sealer>,
     file: File,
     len: u64,
     failed: bool,
@@ -52,8 +68,8 @@ pub struct Journal<T> {
 
 impl<T: Serialize + DeserializeOwned> Journal<T> {
     /// Opens (or creates) the journal at `path` and returns it with every record it holds,
-    /// in order.
-    pub fn open(path: &Path) -> Result<(Self, Vec<T>), JournalError> {
+    /// in order; new records are sealed by `sealer`.
+    pub fn open(path: &Path, sealer: Arc<Sealer>) -> Result<(Self, Vec<T>), JournalError> {
         let io = |source| JournalError::Io {
             path: path.to_path_buf(),
             source,
@@ -69,11 +85,25 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
         let bytes = std::fs::read(path).map_err(io)?;
         let mut records = Vec::new();
         let mut at = 0;
+        let mut scratch = Vec::new();
         while at < bytes.len() {
             match scan(&bytes, at) {
-                Scan::Frame { payload, next, .. } => {
+                Scan::Frame {
+                    format,
+                    payload,
+                    next,
+                } => {
+                    let plain = match format {
+                        Format::Sealed => sealer.open(payload, &mut scratch).ok_or_else(|| {
+                            JournalError::Sealed {
+                                path: path.to_path_buf(),
+                                offset: at,
+                            }
+                        })?,
+                        _ => payload,
+                    };
                     let record =
-                        serde_json::from_slice(payload).map_err(|_| JournalError::Damaged {
+                        serde_json::from_slice(plain).map_err(|_| JournalError::Damaged {
                             path: path.to_path_buf(),
                             offset: at,
                         })?;
@@ -97,6 +127,7 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
         File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
         let journal = Self {
             path: path.to_path_buf(),
+            sealer,
             file,
             len: at as u64,
             failed: false,
@@ -111,9 +142,9 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
         if self.failed {
             return Err(JournalError::Failed(self.path.clone()));
         }
-        let payload = serde_json::to_vec(record).expect("records serialize");
+        let payload = self.sealed(record);
         let mut frame = Vec::with_capacity(payload.len() + 16);
-        encode_frame(&mut frame, Format::Plain, &payload);
+        encode_frame(&mut frame, Format::Sealed, &payload);
         let written = self
             .file
             .write_all(&frame)
@@ -136,6 +167,12 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
         Ok(())
     }
 
+    /// A record's JSON, sealed under the newest data key with a random nonce.
+    fn sealed(&self, record: &T) -> Vec<u8> {
+        let payload = serde_json::to_vec(record).expect("records serialize");
+        self.sealer.reseal(&payload)
+    }
+
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -151,8 +188,7 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
         };
         let mut bytes = Vec::new();
         for record in records {
-            let payload = serde_json::to_vec(record).expect("records serialize");
-            encode_frame(&mut bytes, Format::Plain, &payload);
+            encode_frame(&mut bytes, Format::Sealed, &self.sealed(record));
         }
         let tmp = self.path.with_extension("rewrite");
         let mut file = File::create(&tmp).map_err(io)?;
@@ -177,12 +213,43 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
 mod tests {
     use super::*;
 
+    fn sealer() -> Arc<Sealer> {
+        Arc::new(Sealer::new(&crate::crypto::KeyRing::single(1, [9; 32])))
+    }
+
+    #[test]
+    fn records_are_sealed_and_older_clear_records_stay_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        // A record in clear, as an older version wrote it.
+        let mut old = Vec::new();
+        encode_frame(&mut old, Format::Plain, br#""child-in-clear""#);
+        std::fs::write(&path, &old).unwrap();
+        {
+            let (mut journal, records) = Journal::<String>::open(&path, sealer()).unwrap();
+            assert_eq!(records, ["child-in-clear"]);
+            journal.append(&"p1_secret-pseudonym".to_owned()).unwrap();
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(
+            !bytes.windows(6).any(|w| w == b"secret"),
+            "appended records are sealed"
+        );
+        let (_, records) = Journal::<String>::open(&path, sealer()).unwrap();
+        assert_eq!(records, ["child-in-clear", "p1_secret-pseudonym"]);
+        let other_key = Arc::new(Sealer::new(&crate::crypto::KeyRing::single(2, [7; 32])));
+        let err = Journal::<String>::open(&path, other_key)
+            .err()
+            .expect("a record whose key is missing stops the open");
+        assert!(err.to_string().contains("data keys"), "{err}");
+    }
+
     #[test]
     fn records_survive_a_reopen_a_torn_tail_is_cut_and_damage_stops() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub").join("journal");
         {
-            let (mut journal, records) = Journal::<String>::open(&path).unwrap();
+            let (mut journal, records) = Journal::<String>::open(&path, sealer()).unwrap();
             assert!(records.is_empty());
             for text in ["one", "two", "three"] {
                 journal.append(&text.to_owned()).unwrap();
@@ -193,12 +260,12 @@ mod tests {
         torn.extend_from_slice(&whole[..7]);
         std::fs::write(&path, &torn).unwrap();
         {
-            let (mut journal, records) = Journal::<String>::open(&path).unwrap();
+            let (mut journal, records) = Journal::<String>::open(&path, sealer()).unwrap();
             assert_eq!(records, ["one", "two", "three"]);
             assert_eq!(std::fs::metadata(&path).unwrap().len(), whole.len() as u64);
             journal.append(&"four".to_owned()).unwrap();
         }
-        let (mut journal, records) = Journal::<String>::open(&path).unwrap();
+        let (mut journal, records) = Journal::<String>::open(&path, sealer()).unwrap();
         assert_eq!(records.len(), 4);
         // A compaction replaces everything; appends go on after it.
         journal
@@ -206,7 +273,7 @@ mod tests {
             .unwrap();
         journal.append(&"five".to_owned()).unwrap();
         drop(journal);
-        let (_, records) = Journal::<String>::open(&path).unwrap();
+        let (_, records) = Journal::<String>::open(&path, sealer()).unwrap();
         assert_eq!(records, ["one", "FOUR", "five"]);
         assert!(
             !std::fs::read(&path)
@@ -217,7 +284,7 @@ mod tests {
         let mut damaged = std::fs::read(&path).unwrap();
         damaged[15] ^= 0xff;
         std::fs::write(&path, &damaged).unwrap();
-        let err = Journal::<String>::open(&path)
+        let err = Journal::<String>::open(&path, sealer())
             .err()
             .expect("damage is refused");
         assert!(err.to_string().contains("restore"), "{err}");

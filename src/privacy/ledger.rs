@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use super::consent::{ConsentBook, ConsentMethod, ConsentRecord, ConsentScope};
 use super::journal::{Journal, JournalError};
 use super::pseudonym::Pepper;
-use crate::crypto::KeyRing;
+use crate::crypto::{KeyRing, Sealer};
 
 /// Why the ledger could not be read or written.
 pub type LedgerError = JournalError;
@@ -56,9 +56,13 @@ pub struct ConsentLedger {
 
 impl ConsentLedger {
     /// Opens (or creates) the ledger in `dir` and replays it; `peppers` is the pseudonym key
-    /// ring.
-    pub fn open(dir: &Path, peppers: &KeyRing) -> Result<Arc<Self>, LedgerError> {
-        let (journal, records) = Journal::open(&dir.join("ledger"))?;
+    /// ring, `sealer` seals the records under the data keys.
+    pub fn open(
+        dir: &Path,
+        peppers: &KeyRing,
+        sealer: Arc<Sealer>,
+    ) -> Result<Arc<Self>, LedgerError> {
+        let (journal, records) = Journal::open(&dir.join("ledger"), sealer)?;
         let mut book = ConsentBook::default();
         for record in records {
             book.apply(record);
@@ -191,6 +195,10 @@ pub fn is_pseudonym(text: &str) -> bool {
 mod tests {
     use super::*;
 
+    fn test_sealer() -> Arc<Sealer> {
+        Arc::new(Sealer::new(&KeyRing::single(1, [5; 32])))
+    }
+
     fn decision(user: &str, scope: ConsentScope, granted: bool, at: i64) -> Decision {
         Decision {
             user_id: user.into(),
@@ -211,7 +219,7 @@ mod tests {
         let pepper = Pepper::new(1, [3; 32]);
         let child = pepper.pseudonymize("child-1").0;
         {
-            let ledger = ConsentLedger::open(dir.path(), &ring).unwrap();
+            let ledger = ConsentLedger::open(dir.path(), &ring, test_sealer()).unwrap();
             assert!(!ledger.allows("child-1", &child, ConsentScope::Analytics));
             let record = ledger
                 .record(&decision("child-1", ConsentScope::Analytics, true, 10), 20)
@@ -240,7 +248,7 @@ mod tests {
         let mut torn = text.clone();
         torn.extend_from_slice(&text[..text.len() / 3]);
         std::fs::write(&path, &torn).unwrap();
-        let ledger = ConsentLedger::open(dir.path(), &ring).unwrap();
+        let ledger = ConsentLedger::open(dir.path(), &ring, test_sealer()).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), text.len() as u64);
         assert!(ledger.allows("child-1", &child, ConsentScope::Experiments));
         let next = ledger
@@ -266,7 +274,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ring = KeyRing::single(1, [3; 32]);
         let (analytics, experiments) = (ConsentScope::Analytics, ConsentScope::Experiments);
-        let ledger = ConsentLedger::open(dir.path(), &ring).unwrap();
+        let ledger = ConsentLedger::open(dir.path(), &ring, test_sealer()).unwrap();
         // Revoked long ago: lapses.
         ledger
             .record(&decision("gone", analytics, true, 1), 1)
@@ -312,7 +320,7 @@ mod tests {
             .unwrap();
         assert_eq!(next.seq, 10);
         drop(ledger);
-        let ledger = ConsentLedger::open(dir.path(), &ring).unwrap();
+        let ledger = ConsentLedger::open(dir.path(), &ring, test_sealer()).unwrap();
         assert_eq!(ledger.subjects(), 6);
         assert!(ledger.consents_of("gone").history.is_empty());
         assert!(ledger.allows_user("granted", analytics));
@@ -331,7 +339,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ring = KeyRing::single(1, [3; 32]);
         {
-            let ledger = ConsentLedger::open(dir.path(), &ring).unwrap();
+            let ledger = ConsentLedger::open(dir.path(), &ring, test_sealer()).unwrap();
             for at in 0..3 {
                 ledger
                     .record(
@@ -345,7 +353,7 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[20] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
-        match ConsentLedger::open(dir.path(), &ring) {
+        match ConsentLedger::open(dir.path(), &ring, test_sealer()) {
             Err(err @ JournalError::Damaged { .. }) => {
                 assert!(err.to_string().contains("restore"), "{err}")
             }
@@ -358,7 +366,7 @@ mod tests {
     fn a_rotated_pepper_keeps_earlier_decisions() {
         let dir = tempfile::tempdir().unwrap();
         let old = KeyRing::single(1, [3; 32]);
-        ConsentLedger::open(dir.path(), &old)
+        ConsentLedger::open(dir.path(), &old, test_sealer())
             .unwrap()
             .record(&decision("child-3", ConsentScope::Analytics, true, 5), 5)
             .unwrap();
@@ -368,7 +376,7 @@ mod tests {
             crate::crypto::to_hex(&[4; 32])
         ))
         .unwrap();
-        let ledger = ConsentLedger::open(dir.path(), &rotated).unwrap();
+        let ledger = ConsentLedger::open(dir.path(), &rotated, test_sealer()).unwrap();
         let newest = Pepper::new(2, [4; 32]).pseudonymize("child-3").0;
         assert!(ledger.allows("child-3", &newest, ConsentScope::Analytics));
         ledger

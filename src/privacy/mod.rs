@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod pseudonym;
 pub mod requests;
 pub mod retention;
+pub mod summary;
 
 pub use consent::ConsentScope;
 pub use ledger::{ConsentLedger, LedgerError};

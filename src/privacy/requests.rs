@@ -18,7 +18,7 @@ use super::erasure::{is_reference, reference};
 use super::journal::{Journal, JournalError};
 use super::ledger::{ConsentLedger, is_pseudonym};
 use super::pseudonym::Pepper;
-use crate::crypto::KeyRing;
+use crate::crypto::{KeyRing, Sealer};
 use crate::events::schema::EXPOSURE_TYPE;
 use crate::events::time::{format_rfc3339, parse_rfc3339};
 
@@ -203,15 +203,22 @@ pub struct Requests {
     requests: RwLock<BTreeMap<String, Request>>,
     peppers: Vec<Pepper>,
     exports: PathBuf,
+    /// Seals the journal's records and the exports.
+    sealer: Arc<Sealer>,
     /// The pseudonyms of the erasure requests received by this process (the journal holds
     /// only their references).
     erasing: Mutex<HashMap<String, Vec<String>>>,
 }
 
 impl Requests {
-    /// Opens the journal in `dir` (exports go to `dir/exports`).
-    pub fn open(dir: &Path, peppers: &KeyRing) -> Result<Arc<Self>, JournalError> {
-        let (journal, records) = Journal::open(&dir.join("requests"))?;
+    /// Opens the journal in `dir` (exports go to `dir/exports`); `sealer` seals the journal's
+    /// records and the exports under the data keys.
+    pub fn open(
+        dir: &Path,
+        peppers: &KeyRing,
+        sealer: Arc<Sealer>,
+    ) -> Result<Arc<Self>, JournalError> {
+        let (journal, records) = Journal::open(&dir.join("requests"), sealer.clone())?;
         let mut requests = BTreeMap::new();
         for record in records {
             Request::apply(&mut requests, record);
@@ -221,6 +228,7 @@ impl Requests {
             requests: RwLock::new(requests),
             peppers: Pepper::every(peppers),
             exports: dir.join("exports"),
+            sealer,
             erasing: Mutex::default(),
         }))
     }
@@ -296,11 +304,9 @@ impl Requests {
         let records: Vec<RequestRecord> = ordered.into_iter().flat_map(Request::records).collect();
         journal.rewrite(&records)?;
         for id in &changed {
-            match std::fs::remove_file(self.export_path(id)) {
-                Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                    tracing::error!(error = %err, id = %id, "an export of an erased subject could not be deleted");
-                }
-                _ => {}
+            self.remove_export(id);
+            if self.export_path(id).exists() || self.clear_export_path(id).exists() {
+                tracing::error!(id = %id, "an export of an erased subject could not be deleted");
             }
         }
         Ok(changed.len())
@@ -387,15 +393,61 @@ impl Requests {
             .filter(|r| r.updated_at.is_some_and(|at| at < horizon))
             .map(|r| r.id.clone())
             .collect();
-        expired
-            .iter()
-            .filter(|id| std::fs::remove_file(self.export_path(id)).is_ok())
-            .count()
+        expired.iter().filter(|id| self.remove_export(id)).count()
     }
 
     /// Where the export of access request `id` is written.
     pub fn export_path(&self, id: &str) -> PathBuf {
+        self.exports.join(format!("{id}.sealed"))
+    }
+
+    /// Where an older version kept an export in clear (read, expired and erased like the
+    /// sealed ones).
+    fn clear_export_path(&self, id: &str) -> PathBuf {
         self.exports.join(format!("{id}.ndjson"))
+    }
+
+    /// The NDJSON export of `id`, opened; `None` when there is none. Blocks on the disk.
+    pub fn read_export(&self, id: &str) -> std::io::Result<Option<Vec<u8>>> {
+        match std::fs::read(self.export_path(id)) {
+            Ok(sealed) => {
+                let mut plain = Vec::new();
+                self.sealer
+                    .open(&sealed, &mut plain)
+                    .map(|opened| Some(opened.to_vec()))
+                    .ok_or_else(|| {
+                        std::io::Error::other(format!(
+                            "the export of {id} does not open with the data keys"
+                        ))
+                    })
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                match std::fs::read(self.clear_export_path(id)) {
+                    Ok(bytes) => Ok(Some(bytes)),
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(err) => Err(err),
+                }
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Deletes both forms of an export; whether one was there.
+    fn remove_export(&self, id: &str) -> bool {
+        let sealed = std::fs::remove_file(self.export_path(id)).is_ok();
+        let clear = std::fs::remove_file(self.clear_export_path(id)).is_ok();
+        sealed || clear
+    }
+
+    /// The sealer of the journal and the exports (shared with the consent ledger; the
+    /// data-key watcher rotates it).
+    pub fn sealer_handle(&self) -> Arc<Sealer> {
+        self.sealer.clone()
+    }
+
+    /// The sealer of the exports.
+    pub fn sealer(&self) -> &Sealer {
+        &self.sealer
     }
 }
 
@@ -432,13 +484,14 @@ pub fn write_access_export(
     wal: &crate::wal::Wal,
     consent: &ConsentLedger,
     out: &Path,
+    sealer: &Sealer,
     now: i64,
 ) -> std::io::Result<u64> {
     let dir = out.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let partial = out.with_extension("partial");
-    let file = std::fs::File::create(&partial)?;
-    let mut writer = std::io::BufWriter::new(file);
+    // One child's data, read whole at download too; sealed as one piece.
+    let mut writer: Vec<u8> = Vec::new();
     let header = json!({"kind": "request", "id": request.id, "subject": request.subjects[0],
         "received_at": format_rfc3339(request.received_at), "generated_at": format_rfc3339(now),
         "contents": "every stored event of the subject, its flag assignments and its consent history"});
@@ -495,10 +548,12 @@ pub fn write_access_export(
     for record in history {
         let line = json!({"kind": "consent", "scope": record.scope.as_str(),
             "granted": record.granted, "guardian": record.guardian,
-            "at": format_rfc3339(record.at), "recorded_at": format_rfc3339(record.recorded_at)});
+            "at": format_rfc3339(record.at), "recorded_at": format_rfc3339(record.recorded_at),
+            "method": record.method.map(|m| m.as_str()), "text_version": record.text_version});
         writeln!(writer, "{line}")?;
     }
-    let file = writer.into_inner().map_err(|e| e.into_error())?;
+    let mut file = std::fs::File::create(&partial)?;
+    file.write_all(&sealer.reseal(&writer))?;
     file.sync_all()?;
     std::fs::rename(&partial, out)?;
     std::fs::File::open(dir)?.sync_all()?;
@@ -548,7 +603,8 @@ mod tests {
     fn requests_are_journaled_and_their_state_survives_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let ring = KeyRing::single(1, [9; 32]);
-        let requests = Requests::open(dir.path(), &ring).unwrap();
+        let sealer = Arc::new(Sealer::new(&ring));
+        let requests = Requests::open(dir.path(), &ring, sealer.clone()).unwrap();
         let access = requests
             .submit(RequestKind::Access, "child-1", None, 1_000)
             .unwrap();
@@ -569,7 +625,12 @@ mod tests {
         drop(requests);
         let text = std::fs::read(dir.path().join("requests")).unwrap();
         assert!(!String::from_utf8_lossy(&text).contains("child-1"));
-        let requests = Requests::open(dir.path(), &ring).unwrap();
+        let pseudonym = &access.subjects[0];
+        assert!(
+            !String::from_utf8_lossy(&text).contains(pseudonym.as_str()),
+            "the journal is sealed: no pseudonym in clear"
+        );
+        let requests = Requests::open(dir.path(), &ring, sealer).unwrap();
         let failed = requests.get(&access.id).unwrap();
         assert_eq!(failed.status, Status::Failed);
         assert_eq!(failed.reason.as_deref(), Some("disk full"));

@@ -151,6 +151,7 @@ async fn a_parent_signs_in_and_looks_after_both_children() {
     )
     .await;
     assert!(mine.iter().all(|r| r["due"].is_string()), "{mine:?}");
+    // The download: a zip of the NDJSON export and a summary in plain words.
     let export = service
         .http
         .get(service.url(&format!("/v1/privacy/requests/{id}/export")))
@@ -159,19 +160,41 @@ async fn a_parent_signs_in_and_looks_after_both_children() {
         .await
         .unwrap();
     assert_eq!(export.status(), 200);
-    let text = export.text().await.unwrap();
+    assert_eq!(export.headers()["content-type"], "application/zip");
+    let bytes = export.bytes().await.unwrap();
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes.to_vec())).unwrap();
+    let read = |zip: &mut zip::ZipArchive<_>, name: &str| {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut zip.by_name(name).unwrap(), &mut text).unwrap();
+        text
+    };
+    let text = read(&mut zip, "export.ndjson");
+    let summary = read(&mut zip, "summary.txt");
     let lines: Vec<Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert!(
-        lines.iter().any(|l| l["kind"] == "event"),
-        "the child's stored event is exported: {text}"
+    assert_eq!(
+        lines.iter().filter(|l| l["kind"] == "event").count(),
+        1,
+        "the one stored event of the child is exported: {text}"
     );
-    assert!(
-        lines.iter().filter(|l| l["kind"] == "consent").count() >= 2,
-        "the consent history is exported: {text}"
-    );
+    let consents: Vec<&Value> = lines.iter().filter(|l| l["kind"] == "consent").collect();
+    assert_eq!(consents.len(), 2, "the consent history is exported: {text}");
+    assert!(consents.iter().all(|c| c["method"] == "oidc"), "{text}");
+    for expected in [
+        "Events stored: 1",
+        "- app_opened: 1",
+        "analytics granted (by the guardian, signed in)",
+        "analytics revoked (by the guardian, signed in)",
+        "This download is deleted on",
+    ] {
+        assert!(
+            summary.contains(expected),
+            "{expected:?} not in:\n{summary}"
+        );
+    }
+    assert!(!text.contains("child-a1") && !summary.contains("child-a1"));
 
     // Another parent sees none of it.
     let other = provider.sign_in("parent-b").await;

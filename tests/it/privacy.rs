@@ -729,6 +729,7 @@ async fn an_access_request_exports_everything_held_about_the_child() {
         let request = service
             .http
             .get(service.url(&download))
+            .header("accept", "application/x-ndjson")
             .bearer_auth("privacy-key");
         async move {
             let response = request.send().await.unwrap();
@@ -1047,7 +1048,7 @@ async fn an_expired_export_is_gone_and_deleted() {
         .path()
         .join("privacy")
         .join("exports")
-        .join(format!("{id}.ndjson"));
+        .join(format!("{id}.sealed"));
     let deleted = || async { !file.exists() };
     eventually_every(
         Duration::from_secs(20),

@@ -7,7 +7,7 @@ use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
@@ -217,13 +217,16 @@ pub async fn show(
     result
 }
 
-/// Downloads the export of a completed access request (NDJSON: a header line, then lines of
-/// kind `event`, `assignment` and `consent`).
+/// Downloads the export of a completed access request: a zip of `export.ndjson` (a header
+/// line, then lines of kind `event`, `assignment` and `consent`) and `summary.txt` (what is
+/// held, in plain words); with `Accept: application/x-ndjson`, the NDJSON alone.
 #[utoipa::path(get, path = "/v1/privacy/requests/{id}/export", tag = "privacy",
     security(("bearer" = [])),
     params(("id" = String, Path, description = "The request's id.")),
     responses(
-        (status = 200, description = "The export.", content_type = "application/x-ndjson", body = String),
+        (status = 200, description = "The export: a zip of export.ndjson and summary.txt, or the NDJSON alone when asked for.", content(
+            (Vec<u8> = "application/zip"),
+            (String = "application/x-ndjson"))),
         (status = 401, description = "Missing, unknown or invalid token.", body = ErrorBody),
         (status = 403, description = "Neither a privacy officer nor a guardian.", body = ErrorBody),
         (status = 404, description = "No access request of that id (that the caller filed, for a guardian).", body = ErrorBody),
@@ -233,8 +236,9 @@ pub async fn export(
     caller: Authorized<Custodian>,
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let result = open_export(&state, &caller.principal, &id).await;
+    let result = open_export(&state, &caller.principal, &id, &headers).await;
     let status = audit::status_of(&result);
     let detail = if status == 200 { id.as_str() } else { "" };
     state
@@ -243,7 +247,12 @@ pub async fn export(
     result
 }
 
-async fn open_export(state: &AppState, caller: &Principal, id: &str) -> Result<Response, ApiError> {
+async fn open_export(
+    state: &AppState,
+    caller: &Principal,
+    id: &str,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
     let request = find(state, caller, id)?;
     if request.kind != RequestKind::Access {
         return Err(not_found());
@@ -269,26 +278,51 @@ async fn open_export(state: &AppState, caller: &Principal, id: &str) -> Result<R
             ),
         ));
     }
-    // One child's export: read whole (bounded by what is held about one child).
-    let bytes = tokio::fs::read(state.requests.export_path(id))
+    // One child's export: read whole (bounded by what is held about one child), opened with
+    // the data keys.
+    let requests = state.requests.clone();
+    let owned = id.to_owned();
+    let bytes = tokio::task::spawn_blocking(move || requests.read_export(&owned))
         .await
-        .map_err(ApiError::internal)?;
-    let body = Body::from(bytes);
-    let disposition = format!("attachment; filename=\"{id}.ndjson\"");
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Gone,
+                "the export was deleted; submit a new access request",
+            )
+        })?;
+    let (content_type, filename, body) = if wants_ndjson(headers) {
+        ("application/x-ndjson", format!("{id}.ndjson"), bytes)
+    } else {
+        let expires = export_expiry(state, &request);
+        let summary = crate::privacy::summary::summarize(&bytes, expires);
+        let archive =
+            crate::privacy::summary::archive(&bytes, &summary).map_err(ApiError::internal)?;
+        ("application/zip", format!("{id}.zip"), archive)
+    };
+    let disposition = format!("attachment; filename=\"{filename}\"");
     Ok((
         [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/x-ndjson"),
-            ),
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
             (
                 header::CONTENT_DISPOSITION,
                 HeaderValue::from_str(&disposition).map_err(ApiError::internal)?,
             ),
         ],
-        body,
+        Body::from(body),
     )
         .into_response())
+}
+
+/// Whether the client asked for the bare NDJSON (`Accept: application/x-ndjson`) rather than
+/// the zip with its summary.
+fn wants_ndjson(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/x-ndjson"))
 }
 
 /// The request `id`, if the caller may see it: a guardian sees only the requests they filed
