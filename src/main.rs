@@ -1,6 +1,6 @@
 //! The `flagstream` command: parse the configuration, start logging, bind, run.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -48,6 +48,8 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Prints the audit log (sealed under the data keys) as JSON lines, oldest first.
+    Audit,
     /// Prints the sha256 of a token for `[[auth.tokens]]`; reads standard input when no
     /// token is given.
     HashToken {
@@ -128,7 +130,36 @@ fn dispatch(command: Command, config: Config) -> ExitCode {
         } => ask(&config, &client, |server, output| async move {
             server.query(&name, &params, output).await
         }),
+        Command::Audit => print_audit(&config),
         Command::HashToken { .. } => unreachable!("handled before loading the configuration"),
+    }
+}
+
+/// Prints every audit entry, opened with the configured data keys.
+fn print_audit(config: &Config) -> ExitCode {
+    let keys = match flagstream::http::data_keys(config) {
+        Ok(keys) => keys,
+        Err(err) => {
+            eprintln!("cannot read the data keys: {err}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let sealer = flagstream::crypto::Sealer::new(&keys);
+    let dir = config.storage.data_dir.join("audit");
+    match flagstream::privacy::audit::read_entries(&dir, &sealer) {
+        Ok(entries) => {
+            let mut out = std::io::stdout().lock();
+            for entry in entries {
+                if writeln!(out, "{entry}").is_err() {
+                    break;
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("cannot read the audit log: {err}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use routes::{api_doc, router};
-pub use state::{AppState, check};
+pub use state::{AppState, check, data_keys};
 
 use crate::config::Config;
 use crate::counters::RedisError;

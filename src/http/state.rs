@@ -61,15 +61,18 @@ impl AppState {
     pub fn new(config: &Config) -> Result<Self, RunError> {
         // First, so that what recovery and the first flag load record is kept.
         let metrics = crate::telemetry::install()?;
-        let audit_dir = config.storage.data_dir.join("audit");
-        let audit = audit::AuditLog::open(&audit_dir).map_err(|source| RunError::Audit {
-            path: audit_dir.display().to_string(),
-            source,
-        })?;
         let peppers = peppers(config)?;
         let data_keys = data_keys(config)?;
-        // The consent ledger, the request journal and the access exports: sealed always.
+        // The audit log, the consent ledger, the request journal and the access exports:
+        // sealed always.
         let records = Arc::new(Sealer::new(&data_keys));
+        let audit_dir = config.storage.data_dir.join("audit");
+        let audit = audit::AuditLog::open(&audit_dir, records.clone()).map_err(|source| {
+            RunError::Audit {
+                path: audit_dir.display().to_string(),
+                source,
+            }
+        })?;
         let consent = ConsentLedger::open(
             &config.storage.data_dir.join("consent"),
             &peppers,
@@ -227,8 +230,8 @@ pub(super) fn data_key_file(config: &Config) -> std::path::PathBuf {
         .unwrap_or_else(|| config.storage.data_dir.join("keys").join("data"))
 }
 
-/// The data keys, from the configuration or the data dir.
-fn data_keys(config: &Config) -> Result<KeyRing, RunError> {
+/// The data keys, from the configuration or the data dir (created on first use).
+pub fn data_keys(config: &Config) -> Result<KeyRing, RunError> {
     let privacy = &config.privacy;
     let file = data_key_file(config);
     Ok(KeyRing::from_config(

@@ -326,3 +326,64 @@ async fn sql_and_query_print_a_running_servers_answers() {
     assert!(stderr.contains("cannot reach 127.0.0.1:1"), "{stderr}");
     service.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_prints_the_sealed_audit_log() {
+    let service = crate::harness::Service::start_with(|c| {
+        c.auth.tokens = crate::harness::client_and_analyst_tokens();
+    })
+    .await;
+    let response = service
+        .http
+        .post(service.url("/v1/sql"))
+        .bearer_auth("analyst-key")
+        .json(&serde_json::json!({"sql": "SELECT 7 AS seven"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let data_dir = service.data_dir().to_path_buf();
+    let output = tokio::task::spawn_blocking(move || {
+        flagstream()
+            .arg("audit")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let entries: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["action"] == "sql.adhoc" && e["detail"] == "SELECT 7 AS seven"),
+        "{stdout}"
+    );
+    // With other data keys, nothing is printed in clear.
+    let other = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(other.path().join("audit")).unwrap();
+    std::fs::copy(
+        service.data_dir().join("audit/audit.sealed"),
+        other.path().join("audit/audit.sealed"),
+    )
+    .unwrap();
+    let output = flagstream()
+        .arg("audit")
+        .arg("--data-dir")
+        .arg(other.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("does not open"));
+    assert!(!String::from_utf8_lossy(&output.stdout).contains("SELECT 7"));
+}

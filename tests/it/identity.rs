@@ -52,12 +52,7 @@ async fn event(service: &Service, user: &str, id: &str) -> (String, String) {
 
 /// The audit log's entries.
 fn audit_entries(service: &Service) -> Vec<Value> {
-    let path = service.data_dir().join("audit/audit.log");
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect()
+    crate::harness::audit_entries(service.data_dir())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,7 +286,10 @@ async fn another_familys_child_is_refused_on_every_endpoint_and_audited() {
             "{entry}"
         );
     }
-    let log = std::fs::read_to_string(service.data_dir().join("audit/audit.log")).unwrap();
+    let log = audit_entries(&service)
+        .iter()
+        .map(Value::to_string)
+        .collect::<String>();
     for raw in ["child-a1", "child-b1", "parent-a", "parent-b"] {
         assert!(!log.contains(raw), "the audit log names {raw}: {log}");
     }
@@ -547,34 +545,61 @@ async fn the_ledger_journal_and_audit_log_hold_no_identity_in_clear() {
     let service = service_trusting(&provider, |_| {}).await;
     let parent = provider.sign_in("parent-a").await;
     let grant = json!({"subject": "child-a1", "scope": "experiments", "granted": true});
-    assert_eq!(
-        send(&service, &parent, Method::POST, "/v1/consent", Some(grant))
-            .await
-            .0,
-        201
-    );
+    let (status, entry) = send(&service, &parent, Method::POST, "/v1/consent", Some(grant)).await;
+    assert_eq!(status, 201);
     let access = json!({"type": "access", "subject": "child-a1"});
-    assert_eq!(
-        send(
-            &service,
-            &parent,
-            Method::POST,
-            "/v1/privacy/requests",
-            Some(access)
-        )
-        .await
-        .0,
-        202
-    );
+    let (status, access) = send(
+        &service,
+        &parent,
+        Method::POST,
+        "/v1/privacy/requests",
+        Some(access),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let path = format!("/v1/privacy/requests/{}", access["id"].as_str().unwrap());
+    until(Duration::from_secs(20), "the export is made", || async {
+        let (_, state) = send(&service, &parent, Method::GET, &path, None).await;
+        if state["status"] == "completed" {
+            Ok(())
+        } else {
+            Err(state)
+        }
+    })
+    .await;
+    let (_, me) = send(&service, &parent, Method::GET, "/v1/me", None).await;
+    let child = entry["subject"].as_str().unwrap().to_owned();
+    let guardian = entry["guardian"].as_str().unwrap().to_owned();
+    let requester = me["name"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("guardian:")
+        .to_owned();
+    // The ledger, the journal, the export and the audit log are sealed: neither the raw ids
+    // nor the pseudonyms and references that stand for the child and the parent are in any
+    // file in clear.
     let data = service.data_dir().to_path_buf();
+    let mut seen = Vec::new();
     for (path, bytes) in files(&data) {
         let text = String::from_utf8_lossy(&bytes);
-        for raw in ["child-a1", "parent-a", "Ana"] {
-            assert!(!text.contains(raw), "{path} holds {raw:?}");
+        for needle in ["child-a1", "parent-a", "Ana", &child, &guardian, &requester] {
+            assert!(!text.contains(needle), "{path} holds {needle:?}");
         }
         assert!(
             !text.contains(&format!("{}#", provider.issuer)),
             "{path} holds the guardian's issuer#subject"
+        );
+        seen.push(path);
+    }
+    for expected in [
+        "consent/ledger",
+        "privacy/requests",
+        "audit/audit.sealed",
+        ".sealed",
+    ] {
+        assert!(
+            seen.iter().any(|path| path.contains(expected)),
+            "{expected} was scanned: {seen:?}"
         );
     }
 }

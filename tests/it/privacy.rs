@@ -514,15 +514,17 @@ async fn sql_privacy_and_admin_actions_are_audited_without_raw_ids() {
     assert_eq!(status, 200);
     service.stop().await.unwrap();
 
-    let text = std::fs::read_to_string(data.path().join("audit").join("audit.log")).unwrap();
+    let raw = std::fs::read(data.path().join("audit").join("audit.sealed")).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&raw).contains("sql.adhoc"),
+        "the audit log is sealed"
+    );
+    let entries = crate::harness::audit_entries(data.path());
+    let text: String = entries.iter().map(Value::to_string).collect();
     assert!(
         !text.contains("child-audit") && !text.contains(&pseudonym),
         "a raw id or a pseudonym in the audit log:\n{text}"
     );
-    let entries: Vec<Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     let summary: Vec<(String, String, String, u64)> = entries
         .iter()
         .map(|e| {

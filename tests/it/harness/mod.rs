@@ -203,6 +203,19 @@ pub fn test_config(data_dir: &Path) -> Config {
     config
 }
 
+/// The audit log of a data dir, opened with the data keys the service made there.
+pub fn audit_entries(data_dir: &Path) -> Vec<serde_json::Value> {
+    let keys = flagstream::crypto::KeyRing::from_config(
+        None,
+        "privacy.data_key",
+        &data_dir.join("keys").join("data"),
+    )
+    .expect("the data keys");
+    let sealer = flagstream::crypto::Sealer::new(&keys);
+    flagstream::privacy::audit::read_entries(&data_dir.join("audit"), &sealer)
+        .expect("the audit log opens")
+}
+
 /// Returns a path inside the repository.
 pub fn repo_path(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
