@@ -21,7 +21,7 @@ use subtle::ConstantTimeEq;
 
 use super::audit::AuditLog;
 use super::error::{ApiError, ErrorCode};
-use crate::config::{Role, TokenConfig, TokenHash};
+use crate::config::{Role, TokenConfig, TokenHash, TokenScope};
 pub use crate::identity::Principal;
 use crate::identity::{Identity, TokenError, Verifier};
 use crate::ingest::now_ms;
@@ -174,10 +174,18 @@ impl Gate {
                     .expect("a gate with issuers has a pepper");
                 identity.reference = reference(&pepper.pseudonymize(&identity.account()).0);
                 let name = format!("{}:{}", verified.role.as_str(), identity.reference);
+                // A school admin sees their school, as a scoped token of school staff does.
+                let scope = match (&verified.role, &identity.relations.school) {
+                    (Role::SchoolAdmin, Some(school)) => Some(TokenScope {
+                        key: "school_id",
+                        value: school.clone(),
+                    }),
+                    _ => None,
+                };
                 Ok(Principal {
                     name: name.into(),
                     role: verified.role,
-                    scope: None,
+                    scope,
                     project: None,
                     identity: Some(Arc::new(identity)),
                 })
@@ -248,6 +256,12 @@ pub struct Admin;
 pub struct Custodian;
 /// Anyone signed in or holding a token.
 pub struct Anyone;
+/// Those who read aggregates by SQL: analysts (everything), school admins (their school) and
+/// researchers (every school), the last two in groups of enough children only.
+pub struct Aggregates;
+/// Those who read the live cohort counters: analysts, and school admins (their school's
+/// segment, in groups of enough children).
+pub struct SchoolAggregates;
 
 impl RequiredRole for Client {
     const ROLES: &'static [Role] = &[Role::Client];
@@ -266,6 +280,12 @@ impl RequiredRole for Custodian {
 }
 impl RequiredRole for Anyone {
     const ROLES: &'static [Role] = &Role::ALL;
+}
+impl RequiredRole for Aggregates {
+    const ROLES: &'static [Role] = &[Role::Analyst, Role::SchoolAdmin, Role::Researcher];
+}
+impl RequiredRole for SchoolAggregates {
+    const ROLES: &'static [Role] = &[Role::Analyst, Role::SchoolAdmin];
 }
 
 /// Extracts the caller, rejecting the request with 401 or 403 unless it may act in one of

@@ -558,8 +558,7 @@ mod tests {
         options.max_rows = 1000;
         let engine = SqlEngine::new(classes(), Vec::new(), options).unwrap();
         let school = Scope {
-            column: "school_id",
-            value: "s1".into(),
+            rows: Some(("school_id", "s1".into())),
             min_group: 5,
         };
         let none = BTreeMap::new();
@@ -631,8 +630,7 @@ mod tests {
 
         // A class scope; and the unscoped engine still sees everything.
         let class = Scope {
-            column: "class_id",
-            value: "4B".into(),
+            rows: Some(("class_id", "4B".into())),
             min_group: 3,
         };
         let small = engine

@@ -1,5 +1,6 @@
-//! What a scoped token (school staff) may see: the events of its school or class only, and
-//! only aggregates over groups of at least `min_group` children.
+//! What a scoped caller (school staff, researchers) may see: the events of its school or
+//! class only (researchers: of every school), and only aggregates over groups of at least
+//! `min_group` children.
 //!
 //! Two guards, both beneath the query text. The session's `events` table is a view that
 //! filters on the scope's context key, so no query can reach another school's rows. And the
@@ -45,13 +46,12 @@ const COUNTING: [&str; 2] = ["count", "approx_distinct"];
 /// The output column that carries a group's distinct children, removed before the answer.
 const CHILDREN: &str = "__flagstream_children";
 
-/// A scoped token's view.
+/// A scoped caller's view.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scope {
-    /// The context column that names the school or class.
-    pub column: &'static str,
-    /// The school's or class's id.
-    pub value: String,
+    /// The context column that names the school or class, and its id; `None` for every
+    /// school (a researcher: aggregates only, over all rows).
+    pub rows: Option<(&'static str, String)>,
     /// The fewest children a group may have and be answered.
     pub min_group: usize,
 }
@@ -62,8 +62,11 @@ impl Scope {
         &self,
         events: Arc<dyn TableProvider>,
     ) -> Result<Arc<dyn TableProvider>, SqlError> {
+        let Some((column, value)) = &self.rows else {
+            return Ok(events);
+        };
         let plan = LogicalPlanBuilder::scan("events", provider_as_source(events), None)?
-            .filter(col(self.column).eq(lit(self.value.clone())))?
+            .filter(col(*column).eq(lit(value.clone())))?
             .build()?;
         Ok(Arc::new(ViewTable::new(plan, None)))
     }

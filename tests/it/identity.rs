@@ -603,3 +603,118 @@ async fn the_ledger_journal_and_audit_log_hold_no_identity_in_clear() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn school_admins_and_researchers_read_aggregates_only_from_their_sign_in() {
+    let provider = OidcProvider::start();
+    let service = service_trusting(&provider, |config| {
+        config.pipeline.segments = vec!["school_id".into(), "class_id".into()];
+    })
+    .await;
+    // school-1: class 4A with 6 children, 4B with 3; school-2: class 9Z with 8.
+    let at = format_rfc3339(now_ms() - 60_000);
+    let mut batch = Vec::new();
+    for (school, class, children) in [
+        ("school-1", "4A", 6),
+        ("school-1", "4B", 3),
+        ("school-2", "9Z", 8),
+    ] {
+        for child in 0..children {
+            batch.push(
+                json!({"event_id": format!("{class}-{child}"), "type": "app_opened",
+                "user_id": format!("child-{class}-{child}"), "timestamp": at,
+                "context": {"school_id": school, "class_id": class}}),
+            );
+        }
+    }
+    let results = post_batch(&service, batch).await;
+    assert!(results.iter().all(|r| r.0 == "ok"), "{results:?}");
+    let sql = |token: String, text: &'static str| {
+        let service = &service;
+        async move {
+            send(
+                service,
+                &token,
+                Method::POST,
+                "/v1/sql",
+                Some(json!({"sql": text})),
+            )
+            .await
+        }
+    };
+    let by_class = "SELECT class_id, count(DISTINCT subject) AS children FROM events GROUP BY class_id ORDER BY class_id";
+
+    // The head of school-1 (the school comes from the verified claim): their school only,
+    // and not the class of 3.
+    let head = provider.sign_in("head-s").await;
+    let (status, answer) = until(
+        Duration::from_secs(10),
+        "the events are in the SQL window",
+        || {
+            let query = sql(head.clone(), by_class);
+            async move {
+                let (status, answer) = query.await;
+                if answer["rows"]
+                    .as_array()
+                    .is_some_and(|rows| !rows.is_empty())
+                {
+                    Ok((status, answer))
+                } else {
+                    Err(answer)
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["rows"], json!([{"class_id": "4A", "children": 6}]));
+
+    // A researcher: every school, in groups of enough children; no row-level output.
+    let researcher = provider.sign_in("researcher-r").await;
+    let (status, answer) = sql(researcher.clone(), by_class).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["rows"],
+        json!([{"class_id": "4A", "children": 6}, {"class_id": "9Z", "children": 8}])
+    );
+    for row_level in [
+        "SELECT subject FROM events",
+        "SELECT * FROM events",
+        "SELECT min(subject) AS s FROM events",
+    ] {
+        let (status, answer) = send(
+            &service,
+            &researcher,
+            Method::POST,
+            "/v1/sql",
+            Some(json!({"sql": row_level})),
+        )
+        .await;
+        assert_eq!(status, 403, "{row_level}: {answer}");
+    }
+    // Exposures (a child's first exposure is not an aggregate) are not in their session.
+    let (status, answer) = sql(researcher.clone(), "SELECT count(*) AS n FROM exposures").await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("not found"),
+        "{answer}"
+    );
+    // Neither may read experiment results or decide for a child.
+    for token in [&head, &researcher] {
+        let (status, _) = send(&service, token, Method::GET, "/v1/experiments", None).await;
+        assert_eq!(status, 403);
+        let grant = json!({"subject": "child-4A-0", "scope": "analytics", "granted": true});
+        let (status, _) = send(&service, token, Method::POST, "/v1/consent", Some(grant)).await;
+        assert_eq!(status, 403);
+    }
+    // Every researcher query is audited, refused ones too.
+    let audited: Vec<Value> = audit_entries(&service)
+        .into_iter()
+        .filter(|e| e["role"] == "researcher" && e["action"] == "sql.adhoc")
+        .collect();
+    assert_eq!(audited.len(), 5, "{audited:?}");
+    assert_eq!(audited.iter().filter(|e| e["status"] == 403).count(), 3);
+}

@@ -398,7 +398,10 @@ fn admitted_roles(method: &str, path: &str) -> Option<Option<&'static [&'static 
         ],
         (_, "/v1/batch" | "/v1/stream" | "/v1/config") => &["client"],
         (_, p) if p.starts_with("/ofrep/") => &["client"],
-        (_, "/v1/sql" | "/v1/queries" | "/v1/queries/{name}" | "/v1/cohorts") => &["analyst"],
+        (_, "/v1/sql" | "/v1/queries" | "/v1/queries/{name}") => {
+            &["analyst", "school_admin", "researcher"]
+        }
+        (_, "/v1/cohorts") => &["analyst", "school_admin"],
         (_, "/v1/experiments" | "/v1/experiments/{key}/results") => &["analyst"],
         // A guardian is admitted for their own children (the path names one of them).
         (_, "/v1/consent" | "/v1/consent/{subject}") => &["privacy", "guardian"],
@@ -424,6 +427,7 @@ async fn every_endpoint_admits_exactly_its_roles() {
     let service = Service::start_with(|c| {
         c.auth.tokens = tokens;
         c.auth.oidc = vec![issuer];
+        c.pipeline.segments = vec!["school_id".into()];
     })
     .await;
     // Signed-in people, with tokens from real sign-ins at the provider.
@@ -456,10 +460,14 @@ async fn every_endpoint_admits_exactly_its_roles() {
         for method in operations.as_object().unwrap().keys() {
             let admitted = admitted_roles(method, path)
                 .unwrap_or_else(|| panic!("{method} {path} has no entry in the role matrix"));
-            let filled = path
+            let mut filled = path
                 .replace("{name}", "events_per_platform")
                 .replace("{key}", "reward-animation")
                 .replace("{subject}", "child-a1");
+            if filled == "/v1/cohorts" {
+                // The segment a school admin may read (their school's).
+                filled.push_str("?segment=school_id&window=1h");
+            }
             for (token, caller) in &callers {
                 let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
                 let mut request = service.http.request(method.clone(), service.url(&filled));

@@ -12,7 +12,7 @@ use crate::counters::{CohortKey, SESSIONS_FIELD, TIME_SPENT_FIELD, Window, Windo
 use crate::counters::{CounterStore, WindowCounts};
 use crate::events::time::{format_rfc3339, parse_rfc3339};
 use crate::http::AppState;
-use crate::http::auth::{Analyst, Authorized};
+use crate::http::auth::{Authorized, SchoolAggregates};
 use crate::http::error::{ApiError, ErrorBody, ErrorCode};
 use crate::http::extract::{Params, QueryParams};
 
@@ -105,10 +105,10 @@ enum Selection {
         (status = 200, description = "A time series per cohort.", body = Cohorts),
         (status = 400, description = "A bad parameter.", body = ErrorBody),
         (status = 401, description = "Missing or unknown token.", body = ErrorBody),
-        (status = 403, description = "Not an analyst token, or a scoped token asking for more than its own school's or class's segment.", body = ErrorBody),
+        (status = 403, description = "Neither an analyst nor a school admin, or a scoped caller asking for more than its own school's or class's segment.", body = ErrorBody),
         (status = 503, description = "The counter store is unavailable.", body = ErrorBody)))]
 pub async fn cohorts(
-    caller: Authorized<Analyst>,
+    caller: Authorized<SchoolAggregates>,
     State(state): State<AppState>,
     Params(params): Params<CohortsParams>,
 ) -> Result<Json<Cohorts>, ApiError> {

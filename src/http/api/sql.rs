@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use crate::http::auth::{Analyst, Authorized, Principal};
+use crate::http::auth::{Aggregates, Authorized, Principal};
 use crate::http::error::{ApiError, ErrorBody, ErrorCode};
 use crate::http::extract::{Params, QueryParams};
 use crate::http::{AppState, audit};
@@ -77,13 +77,13 @@ impl QueryParams for FormatParam {
         (status = 200, description = "The answer: JSON {columns, rows, row_count, truncated, complete, elapsed_ms}, CSV or Arrow IPC."),
         (status = 400, description = "Malformed body, syntax error (with its position), unknown table or column, a statement that is not read-only, or a query that failed on its data.", body = ErrorBody),
         (status = 401, description = "Missing or unknown token.", body = ErrorBody),
-        (status = 403, description = "Not an analyst token, or a query a token scoped to a school or class may not run.", body = ErrorBody),
+        (status = 403, description = "Not an analyst, school admin or researcher, or a query a scoped caller (a school, a class, a researcher: aggregates only) may not run.", body = ErrorBody),
         (status = 406, description = "An Accept header naming no format the service gives.", body = ErrorBody),
         (status = 413, description = "SQL text over sql.max_sql_length.", body = ErrorBody),
         (status = 422, description = "query_timeout (over sql.timeout) or query_resources_exhausted (over sql.memory_limit).", body = ErrorBody),
         (status = 503, description = "As many queries running as allowed; Retry-After.", body = ErrorBody)))]
 pub async fn sql(
-    caller: Authorized<Analyst>,
+    caller: Authorized<Aggregates>,
     State(state): State<AppState>,
     headers: HeaderMap,
     query: Result<Params<FormatParam>, ApiError>,
@@ -128,9 +128,9 @@ pub async fn sql(
     responses(
         (status = 200, description = "The saved queries.", body = SavedQueries),
         (status = 401, description = "Missing or unknown token.", body = ErrorBody),
-        (status = 403, description = "Not an analyst token.", body = ErrorBody)))]
+        (status = 403, description = "Not an analyst, school admin or researcher.", body = ErrorBody)))]
 pub async fn list(
-    _caller: Authorized<Analyst>,
+    _caller: Authorized<Aggregates>,
     State(state): State<AppState>,
 ) -> Json<SavedQueries> {
     let queries = state
@@ -156,12 +156,12 @@ pub async fn list(
         (status = 200, description = "The answer, as for POST /v1/sql."),
         (status = 400, description = "A missing, unknown or invalid parameter.", body = ErrorBody),
         (status = 401, description = "Missing or unknown token.", body = ErrorBody),
-        (status = 403, description = "Not an analyst token.", body = ErrorBody),
+        (status = 403, description = "Not an analyst, school admin or researcher.", body = ErrorBody),
         (status = 404, description = "No saved query of that name.", body = ErrorBody),
         (status = 422, description = "query_timeout or query_resources_exhausted.", body = ErrorBody),
         (status = 503, description = "As many queries running as allowed; Retry-After.", body = ErrorBody)))]
 pub async fn saved(
-    caller: Authorized<Analyst>,
+    caller: Authorized<Aggregates>,
     State(state): State<AppState>,
     Path(name): Path<String>,
     headers: HeaderMap,
@@ -206,12 +206,20 @@ async fn run_saved(
     answer(state, QueryKind::Saved, &saved.sql, &params, format, scope).await
 }
 
-/// The view of a scoped token (school staff), if the caller's token is one.
+/// The view of a scoped caller, if the caller is one: school staff (a scoped token, or a
+/// signed-in school admin) see their school or class, researchers every school; both only in
+/// aggregates over groups of enough children.
 pub(super) fn scope_of(state: &AppState, principal: &Principal) -> Option<Scope> {
+    let min_group = state.config.auth.min_group_size;
+    if principal.role == crate::config::Role::Researcher {
+        return Some(Scope {
+            rows: None,
+            min_group,
+        });
+    }
     principal.scope.as_ref().map(|scope| Scope {
-        column: scope.key,
-        value: scope.value.clone(),
-        min_group: state.config.auth.min_group_size,
+        rows: Some((scope.key, scope.value.clone())),
+        min_group,
     })
 }
 
