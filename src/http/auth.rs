@@ -256,6 +256,9 @@ pub struct Admin;
 pub struct Custodian;
 /// Anyone signed in or holding a token.
 pub struct Anyone;
+/// Those who file data-subject requests: privacy officers (any child), guardians (their
+/// own) and school admins (the children of their school); the handler checks the relation.
+pub struct RequestFiler;
 /// Those who read aggregates by SQL: analysts (everything), school admins (their school) and
 /// researchers (every school), the last two in groups of enough children only.
 pub struct Aggregates;
@@ -280,6 +283,9 @@ impl RequiredRole for Custodian {
 }
 impl RequiredRole for Anyone {
     const ROLES: &'static [Role] = &Role::ALL;
+}
+impl RequiredRole for RequestFiler {
+    const ROLES: &'static [Role] = &[Role::Privacy, Role::Guardian, Role::SchoolAdmin];
 }
 impl RequiredRole for Aggregates {
     const ROLES: &'static [Role] = &[Role::Analyst, Role::SchoolAdmin, Role::Researcher];

@@ -98,10 +98,18 @@ impl Principal {
         }
     }
 
-    /// Whether the caller is limited to children named in their token (a guardian), so
-    /// that any other child is refused.
-    pub fn acts_for_own_children_only(&self) -> bool {
-        self.role == Role::Guardian
+    /// Whether the caller sees only the requests they filed (a guardian, a school admin),
+    /// rather than every request (a privacy officer).
+    pub fn sees_own_requests_only(&self) -> bool {
+        matches!(self.role, Role::Guardian | Role::SchoolAdmin)
+    }
+
+    /// The school a school admin acts for.
+    pub fn school(&self) -> Option<&str> {
+        match self.role {
+            Role::SchoolAdmin => self.relations().and_then(|r| r.school.as_deref()),
+            _ => None,
+        }
     }
 }
 

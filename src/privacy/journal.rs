@@ -245,6 +245,31 @@ mod tests {
     }
 
     #[test]
+    fn a_key_rotation_keeps_older_records_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let old = crate::crypto::KeyRing::single(1, [9; 32]);
+        let sealer = Arc::new(Sealer::new(&old));
+        let (mut journal, _) = Journal::<String>::open(&path, sealer.clone()).unwrap();
+        journal.append(&"before".to_owned()).unwrap();
+        let rotated = crate::crypto::KeyRing::parse(&format!(
+            "1 {}\n2 {}\n",
+            crate::crypto::to_hex(&[9; 32]),
+            crate::crypto::to_hex(&[8; 32])
+        ))
+        .unwrap();
+        sealer.rotate(&rotated);
+        journal.append(&"after".to_owned()).unwrap();
+        drop(journal);
+        let (_, records) = Journal::<String>::open(&path, Arc::new(Sealer::new(&rotated))).unwrap();
+        assert_eq!(records, ["before", "after"]);
+        let err = Journal::<String>::open(&path, Arc::new(Sealer::new(&old)))
+            .err()
+            .expect("the newer record needs the newer key");
+        assert!(err.to_string().contains("does not open"), "{err}");
+    }
+
+    #[test]
     fn records_survive_a_reopen_a_torn_tail_is_cut_and_damage_stops() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub").join("journal");

@@ -166,7 +166,8 @@ impl ConsentLedger {
         Ok(lapsed.len())
     }
 
-    fn pseudonyms(&self, user_id: &str) -> Vec<String> {
+    /// Every pseudonym of `user_id`, one per pepper version, newest first.
+    pub fn pseudonyms(&self, user_id: &str) -> Vec<String> {
         self.peppers
             .iter()
             .map(|p| p.pseudonymize(user_id).0)

@@ -14,6 +14,7 @@ pub mod counters_table;
 pub mod engine;
 pub mod erase;
 pub mod feed;
+pub mod membership;
 pub mod metrics;
 pub mod output;
 pub mod saved;

@@ -605,7 +605,7 @@ async fn the_ledger_journal_and_audit_log_hold_no_identity_in_clear() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn school_admins_and_researchers_read_aggregates_only_from_their_sign_in() {
+async fn school_admins_and_researchers_act_within_their_sign_in() {
     let provider = OidcProvider::start();
     let service = service_trusting(&provider, |config| {
         config.pipeline.segments = vec!["school_id".into(), "class_id".into()];
@@ -702,6 +702,43 @@ async fn school_admins_and_researchers_read_aggregates_only_from_their_sign_in()
             .contains("not found"),
         "{answer}"
     );
+    // The head files requests for the children of their school only (as its recent events
+    // place them), and sees only the requests they filed.
+    let request = |subject: &str| json!({"type": "access", "subject": subject});
+    let (status, filed) = send(
+        &service,
+        &head,
+        Method::POST,
+        "/v1/privacy/requests",
+        Some(request("child-4A-0")),
+    )
+    .await;
+    assert_eq!(status, 202, "{filed}");
+    for elsewhere in ["child-9Z-0", "child-never-seen"] {
+        let (status, answer) = send(
+            &service,
+            &head,
+            Method::POST,
+            "/v1/privacy/requests",
+            Some(request(elsewhere)),
+        )
+        .await;
+        assert_eq!(status, 403, "{elsewhere}: {answer}");
+    }
+    let (status, mine) = send(&service, &head, Method::GET, "/v1/privacy/requests", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(mine["requests"].as_array().unwrap().len(), 1, "{mine}");
+    assert_eq!(mine["requests"][0]["id"], filed["id"]);
+    let (status, _) = send(
+        &service,
+        &researcher,
+        Method::POST,
+        "/v1/privacy/requests",
+        Some(request("child-4A-0")),
+    )
+    .await;
+    assert_eq!(status, 403, "a researcher files no request");
+
     // Neither may read experiment results or decide for a child.
     for token in [&head, &researcher] {
         let (status, _) = send(&service, token, Method::GET, "/v1/experiments", None).await;
@@ -717,4 +754,59 @@ async fn school_admins_and_researchers_read_aggregates_only_from_their_sign_in()
         .collect();
     assert_eq!(audited.len(), 5, "{audited:?}");
     assert_eq!(audited.iter().filter(|e| e["status"] == 403).count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuer_keys_are_fetched_again_on_schedule() {
+    let provider = OidcProvider::start();
+    let mut issuer = issuer_config(&provider);
+    issuer.jwks_refresh = Duration::from_millis(300);
+    let service = Service::start_with(|config| {
+        config.auth.tokens = role_tokens();
+        config.auth.oidc = vec![issuer];
+    })
+    .await;
+    let keys = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("flagstream_oidc_keys{") && l.contains(&provider.issuer))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    until(
+        Duration::from_secs(10),
+        "the first key set is held",
+        || async {
+            let held = keys(&service.get_text("/metrics").await);
+            if held == Some(1.0) {
+                Ok(())
+            } else {
+                Err(format!("{held:?}"))
+            }
+        },
+    )
+    .await;
+    // The provider rotates; no token names the new key, yet the schedule picks it up.
+    provider.rotate().await;
+    until(
+        Duration::from_secs(10),
+        "the rotated key set is held",
+        || async {
+            let held = keys(&service.get_text("/metrics").await);
+            if held == Some(2.0) {
+                Ok(())
+            } else {
+                Err(format!("{held:?}"))
+            }
+        },
+    )
+    .await;
+    let metrics = service.get_text("/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("flagstream_oidc_key_fetches_total")
+                && l.contains("reason=\"schedule\"")
+                && l.contains("outcome=\"ok\"")),
+        "scheduled fetches are counted"
+    );
 }

@@ -405,7 +405,7 @@ fn admitted_roles(method: &str, path: &str) -> Option<Option<&'static [&'static 
         (_, "/v1/experiments" | "/v1/experiments/{key}/results") => &["analyst"],
         // A guardian is admitted for their own children (the path names one of them).
         (_, "/v1/consent" | "/v1/consent/{subject}") => &["privacy", "guardian"],
-        (_, p) if p.starts_with("/v1/privacy/") => &["privacy", "guardian"],
+        (_, p) if p.starts_with("/v1/privacy/") => &["privacy", "guardian", "school_admin"],
         (_, "/v1/admin/config") => &[],
         _ => return None,
     };

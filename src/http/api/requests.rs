@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::events::time::format_rfc3339;
 use crate::http::audit::Audited;
-use crate::http::auth::{Authorized, Custodian, Principal};
+use crate::http::auth::{Authorized, Principal, RequestFiler};
 use crate::http::error::{ApiError, ErrorBody, ErrorCode};
 use crate::http::{AppState, audit};
 use crate::ingest::now_ms;
@@ -113,10 +113,10 @@ impl RequestView {
         (status = 202, description = "Received; carried out in the background.", body = RequestView),
         (status = 400, description = "A malformed body, an unknown type or a bad subject.", body = ErrorBody),
         (status = 401, description = "Missing, unknown or invalid token.", body = ErrorBody),
-        (status = 403, description = "Neither a privacy officer nor a guardian, or a guardian naming a child their sign-in does not name.", body = ErrorBody),
+        (status = 403, description = "Not a privacy officer, guardian or school admin, or a guardian naming a child their sign-in does not name, or a school admin naming a child not seen at their school.", body = ErrorBody),
         (status = 503, description = "The request could not be recorded; nothing was received.", body = ErrorBody)))]
 pub async fn submit(
-    caller: Authorized<Custodian>,
+    caller: Authorized<RequestFiler>,
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<RequestView>), ApiError> {
@@ -159,7 +159,10 @@ async fn receive(
         )
     })?;
     super::consent::check_id("subject", &request.subject)?;
-    super::consent::may_act_for(caller, &request.subject)?;
+    match caller.school() {
+        Some(school) => of_the_school(state, school, &request.subject).await?,
+        None => super::consent::may_act_for(caller, &request.subject)?,
+    }
     let requests = state.requests.clone();
     let requester = requester_of(caller).map(str::to_owned);
     let received = tokio::task::spawn_blocking(move || {
@@ -201,10 +204,10 @@ async fn receive(
     responses(
         (status = 200, description = "The request.", body = RequestView),
         (status = 401, description = "Missing, unknown or invalid token.", body = ErrorBody),
-        (status = 403, description = "Neither a privacy officer nor a guardian.", body = ErrorBody),
+        (status = 403, description = "Not a privacy officer, guardian or school admin.", body = ErrorBody),
         (status = 404, description = "No request of that id (that the caller filed, for a guardian).", body = ErrorBody)))]
 pub async fn show(
-    caller: Authorized<Custodian>,
+    caller: Authorized<RequestFiler>,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<RequestView>, ApiError> {
@@ -228,12 +231,12 @@ pub async fn show(
             (Vec<u8> = "application/zip"),
             (String = "application/x-ndjson"))),
         (status = 401, description = "Missing, unknown or invalid token.", body = ErrorBody),
-        (status = 403, description = "Neither a privacy officer nor a guardian.", body = ErrorBody),
+        (status = 403, description = "Not a privacy officer, guardian or school admin.", body = ErrorBody),
         (status = 404, description = "No access request of that id (that the caller filed, for a guardian).", body = ErrorBody),
         (status = 409, description = "The request is not completed yet.", body = ErrorBody),
         (status = 410, description = "The export expired, or the child was erased since, and it was deleted.", body = ErrorBody)))]
 pub async fn export(
-    caller: Authorized<Custodian>,
+    caller: Authorized<RequestFiler>,
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -329,10 +332,42 @@ fn wants_ndjson(headers: &HeaderMap) -> bool {
 /// (another family's request answers as if it did not exist).
 fn find(state: &AppState, caller: &Principal, id: &str) -> Result<Request, ApiError> {
     let request = state.requests.get(id).ok_or_else(not_found)?;
-    if caller.acts_for_own_children_only() && request.requester.as_deref() != requester_of(caller) {
+    if caller.sees_own_requests_only() && request.requester.as_deref() != requester_of(caller) {
         return Err(not_found());
     }
     Ok(request)
+}
+
+/// Refuses a school admin's request about a child the SQL window holds no event of at their
+/// school (the identity provider names the school, not its pupils; the recent events do).
+async fn of_the_school(
+    state: &AppState,
+    school: &str,
+    subject: &str,
+) -> Result<(), super::consent::Refusal> {
+    let pseudonyms = state.consent.pseudonyms(subject);
+    let seen = state
+        .sql
+        .holds_subject_in(&pseudonyms, "school_id", school)
+        .await
+        .map_err(|err| {
+            tracing::warn!(error = %err, "school membership not checked");
+            ApiError::new(
+                ErrorCode::Overloaded,
+                "the school's pupils could not be checked; try again",
+            )
+            .retry_after(std::time::Duration::from_secs(5))
+        })?;
+    if seen {
+        return Ok(());
+    }
+    Err(super::consent::Refusal {
+        error: ApiError::new(
+            ErrorCode::Forbidden,
+            "no recent event places this child at your school; ask the privacy office (or the child's guardian) to file the request",
+        ),
+        other_child: Some(subject.to_owned()),
+    })
 }
 
 /// How requests name the signed-in person who filed them.
@@ -350,12 +385,12 @@ fn requester_of(caller: &Principal) -> Option<&str> {
     responses(
         (status = 200, description = "The requests, oldest first.", body = RequestList),
         (status = 401, description = "Missing, unknown or invalid token.", body = ErrorBody),
-        (status = 403, description = "Neither a privacy officer nor a guardian.", body = ErrorBody)))]
+        (status = 403, description = "Not a privacy officer, guardian or school admin.", body = ErrorBody)))]
 pub async fn list(
-    caller: Authorized<Custodian>,
+    caller: Authorized<RequestFiler>,
     State(state): State<AppState>,
 ) -> Json<RequestList> {
-    let requests = if caller.principal.acts_for_own_children_only() {
+    let requests = if caller.principal.sees_own_requests_only() {
         requester_of(&caller.principal)
             .map(|me| state.requests.filed_by(me))
             .unwrap_or_default()
