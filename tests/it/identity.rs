@@ -810,3 +810,58 @@ async fn issuer_keys_are_fetched_again_on_schedule() {
         "scheduled fetches are counted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_document_declares_the_openid_connect_scheme() {
+    let service = Service::start().await;
+    let (status, doc) = service.get_json("/openapi.json").await;
+    assert_eq!(status, 200);
+    let scheme = &doc["components"]["securitySchemes"]["oidc"];
+    assert_eq!(scheme["type"], "openIdConnect", "{scheme}");
+    assert!(
+        scheme["openIdConnectUrl"]
+            .as_str()
+            .unwrap()
+            .ends_with("/.well-known/openid-configuration")
+    );
+    for (path, method) in [
+        ("/v1/me", "get"),
+        ("/v1/consent", "post"),
+        ("/v1/privacy/requests", "get"),
+        ("/v1/privacy/requests/{id}/export", "get"),
+        ("/v1/sql", "post"),
+    ] {
+        let security = doc["paths"][path][method]["security"].to_string();
+        assert!(security.contains("oidc"), "{method} {path}: {security}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_down_at_start_is_picked_up_once_it_answers() {
+    let mut provider = OidcProvider::start();
+    let token = provider.sign_in("parent-a").await;
+    provider.stop();
+    let service = service_trusting(&provider, |_| {}).await;
+    let (status, challenge, body) = status_and_challenge(&service, &token).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(challenge.contains("invalid_token"), "{challenge}");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("could not be fetched yet"),
+        "{body}"
+    );
+    // The service answers everything else meanwhile.
+    assert_eq!(service.get_json("/healthz").await.0, 200);
+    provider.resume();
+    until(
+        Duration::from_secs(10),
+        "the provider's keys were fetched",
+        || async {
+            let (status, _, body) = status_and_challenge(&service, &token).await;
+            if status == 200 { Ok(()) } else { Err(body) }
+        },
+    )
+    .await;
+}

@@ -99,7 +99,7 @@ enum Selection {
 /// (default `1h`); `from` and `to` are RFC 3339 (default: the last 24 windows); at most 1440
 /// windows per answer.
 #[utoipa::path(get, path = "/v1/cohorts", tag = "cohorts",
-    security(("bearer" = [])),
+    security(("bearer" = []), ("oidc" = [])),
     params(CohortsParams),
     responses(
         (status = 200, description = "A time series per cohort.", body = Cohorts),

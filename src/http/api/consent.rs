@@ -130,7 +130,7 @@ pub struct SubjectConsent {
 /// ingest and exposures as soon as the answer is sent. The decision that counts is the latest
 /// by `at`, so a grant that arrives after a later revocation does not undo it.
 #[utoipa::path(post, path = "/v1/consent", tag = "privacy",
-    security(("bearer" = [])),
+    security(("bearer" = []), ("oidc" = [])),
     request_body = ConsentRequest,
     responses(
         (status = 201, description = "Recorded and in force.", body = ConsentEntry),
@@ -298,7 +298,7 @@ async fn record_decision(
 /// A subject's consents: the decision in force per scope and the whole history. `subject` is
 /// the child's user id or its pseudonym.
 #[utoipa::path(get, path = "/v1/consent/{subject}", tag = "privacy",
-    security(("bearer" = [])),
+    security(("bearer" = []), ("oidc" = [])),
     params(("subject" = String, Path, description = "The child's user id, or its pseudonym.")),
     responses(
         (status = 200, description = "The consents; scopes never decided are null.", body = SubjectConsent),

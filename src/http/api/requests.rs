@@ -107,7 +107,7 @@ impl RequestView {
 /// refused and leave the SQL answers), then removes its events from the write-ahead log, the
 /// SQL window and segments, the dedup state and the experiment assignments.
 #[utoipa::path(post, path = "/v1/privacy/requests", tag = "privacy",
-    security(("bearer" = [])),
+    security(("bearer" = []), ("oidc" = [])),
     request_body = RequestBody,
     responses(
         (status = 202, description = "Received; carried out in the background.", body = RequestView),
@@ -199,7 +199,7 @@ async fn receive(
 
 /// A data-subject request and where it stands.
 #[utoipa::path(get, path = "/v1/privacy/requests/{id}", tag = "privacy",
-    security(("bearer" = [])),
+    security(("bearer" = []), ("oidc" = [])),
     params(("id" = String, Path, description = "The request's id.")),
     responses(
         (status = 200, description = "The request.", body = RequestView),
@@ -224,7 +224,7 @@ pub async fn show(
 /// line, then lines of kind `event`, `assignment` and `consent`) and `summary.txt` (what is
 /// held, in plain words); with `Accept: application/x-ndjson`, the NDJSON alone.
 #[utoipa::path(get, path = "/v1/privacy/requests/{id}/export", tag = "privacy",
-    security(("bearer" = [])),
+    security(("bearer" = []), ("oidc" = [])),
     params(("id" = String, Path, description = "The request's id.")),
     responses(
         (status = 200, description = "The export: a zip of export.ndjson and summary.txt, or the NDJSON alone when asked for.", content(
@@ -381,7 +381,7 @@ fn requester_of(caller: &Principal) -> Option<&str> {
 /// The requests the caller may see, oldest first: a guardian's own, or every request for a
 /// privacy officer.
 #[utoipa::path(get, path = "/v1/privacy/requests", tag = "privacy",
-    security(("bearer" = [])),
+    security(("bearer" = []), ("oidc" = [])),
     responses(
         (status = 200, description = "The requests, oldest first.", body = RequestList),
         (status = 401, description = "Missing, unknown or invalid token.", body = ErrorBody),

@@ -70,7 +70,7 @@ impl QueryParams for FormatParam {
 /// `application/vnd.apache.arrow.stream` (or `?format=csv|arrow`) for the others. Answers
 /// over the row or byte cap are cut and marked `truncated` (header `X-Truncated`).
 #[utoipa::path(post, path = "/v1/sql", tag = "sql",
-    security(("bearer" = [])),
+    security(("bearer" = []), ("oidc" = [])),
     request_body = SqlRequest,
     params(FormatParam),
     responses(
@@ -124,7 +124,7 @@ pub async fn sql(
 
 /// Lists the saved queries with their parameters.
 #[utoipa::path(get, path = "/v1/queries", tag = "sql",
-    security(("bearer" = [])),
+    security(("bearer" = []), ("oidc" = [])),
     responses(
         (status = 200, description = "The saved queries.", body = SavedQueries),
         (status = 401, description = "Missing or unknown token.", body = ErrorBody),
@@ -150,7 +150,7 @@ pub async fn list(
 /// Runs a saved query; its parameters come from the query string (`format=` picks the
 /// answer's format, like `Accept`).
 #[utoipa::path(get, path = "/v1/queries/{name}", tag = "sql",
-    security(("bearer" = [])),
+    security(("bearer" = []), ("oidc" = [])),
     params(("name" = String, Path, description = "The saved query.")),
     responses(
         (status = 200, description = "The answer, as for POST /v1/sql."),
