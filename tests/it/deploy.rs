@@ -129,12 +129,27 @@ fn prometheus_scrapes_the_port_flagstream_serves_metrics_on() {
     );
 }
 
+/// The dashboards the stack provisions: the checks below must see both, not pass on an empty
+/// directory.
+fn dashboard_files() -> Vec<std::path::PathBuf> {
+    let dir = repo_path("grafana/dashboards");
+    let mut paths: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    paths.sort();
+    let names: Vec<String> = paths
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["experiments.json", "flagstream-service.json"]);
+    paths
+}
+
 /// Every `flagstream_*` metric named in a dashboard expression.
 fn dashboard_metrics() -> BTreeMap<String, BTreeSet<String>> {
     let mut found = BTreeMap::new();
-    let dir = repo_path("grafana/dashboards");
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
+    for path in dashboard_files() {
         let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
             .unwrap_or_else(|err| panic!("{} is not JSON: {err}", path.display()));
         let mut exprs = Vec::new();
@@ -150,9 +165,7 @@ fn dashboard_metrics() -> BTreeMap<String, BTreeSet<String>> {
 /// Grafana's own; panel ids are unique.
 #[test]
 fn dashboards_declare_their_variables_and_unique_panels() {
-    let dir = repo_path("grafana/dashboards");
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
+    for path in dashboard_files() {
         let dashboard: Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).expect("dashboard JSON");
         let declared: BTreeSet<&str> = dashboard["templating"]["list"]

@@ -602,6 +602,41 @@ async fn the_ledger_journal_and_audit_log_hold_no_identity_in_clear() {
             "{expected} was scanned: {seen:?}"
         );
     }
+    // Opened with the data keys, they hold pseudonyms and references only: no raw id, no
+    // name, no issuer#subject inside the seal either.
+    let sealer = std::sync::Arc::new(crate::harness::data_sealer(&data));
+    let mut opened = String::new();
+    for journal in ["consent/ledger", "privacy/requests"] {
+        let (_, records) = flagstream::privacy::journal::Journal::<Value>::open(
+            &data.join(journal),
+            sealer.clone(),
+        )
+        .expect("the journal opens with the data keys");
+        assert!(!records.is_empty(), "{journal} holds the records");
+        opened.extend(records.iter().map(Value::to_string));
+    }
+    let export = files(&data.join("privacy/exports"))
+        .into_iter()
+        .find(|(name, _)| name.ends_with(".sealed"))
+        .expect("the sealed export");
+    let mut plain = Vec::new();
+    let text = sealer
+        .open(&export.1, &mut plain)
+        .expect("the export opens");
+    opened.push_str(&String::from_utf8_lossy(text));
+    opened.extend(
+        crate::harness::audit_entries(&data)
+            .iter()
+            .map(Value::to_string),
+    );
+    assert!(
+        opened.contains(&child),
+        "the records name the child by pseudonym"
+    );
+    for needle in ["child-a1", "parent-a", "Ana"] {
+        assert!(!opened.contains(needle), "a sealed record holds {needle:?}");
+    }
+    assert!(!opened.contains(&format!("{}#", provider.issuer)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -482,6 +482,9 @@ async fn every_endpoint_admits_exactly_its_roles() {
                     (Some(roles), caller) if roles.contains(&caller) => "admitted",
                     (Some(_), _) => "403",
                 };
+                // Admitted means the handler answered; a server error is a failure in
+                // itself, whoever asked.
+                assert!(status < 500, "{method} {path} as {caller}: {status}");
                 let got = match status {
                     401 => "401",
                     403 => "403",

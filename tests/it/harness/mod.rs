@@ -203,16 +203,20 @@ pub fn test_config(data_dir: &Path) -> Config {
     config
 }
 
-/// The audit log of a data dir, opened with the data keys the service made there.
-pub fn audit_entries(data_dir: &Path) -> Vec<serde_json::Value> {
+/// A sealer over the data keys the service made in `data_dir`, to open what it sealed.
+pub fn data_sealer(data_dir: &Path) -> flagstream::crypto::Sealer {
     let keys = flagstream::crypto::KeyRing::from_config(
         None,
         "privacy.data_key",
         &data_dir.join("keys").join("data"),
     )
     .expect("the data keys");
-    let sealer = flagstream::crypto::Sealer::new(&keys);
-    flagstream::privacy::audit::read_entries(&data_dir.join("audit"), &sealer)
+    flagstream::crypto::Sealer::new(&keys)
+}
+
+/// The audit log of a data dir, opened with the data keys the service made there.
+pub fn audit_entries(data_dir: &Path) -> Vec<serde_json::Value> {
+    flagstream::privacy::audit::read_entries(&data_dir.join("audit"), &data_sealer(data_dir))
         .expect("the audit log opens")
 }
 
