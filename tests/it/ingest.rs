@@ -392,7 +392,8 @@ async fn the_schema_is_published_as_json_schema() {
 }
 
 /// `kill -9` while a client streams, restart, and check that every acknowledged event is stored
-/// exactly once. Repeated a few times, bounded in time.
+/// exactly once. Bounded in count: four rounds, each request with a 5 s timeout (the time it
+/// took is printed, not asserted: a slow machine is no failure).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_no_acknowledged_event() {
     let data = tempfile::tempdir().unwrap();
@@ -449,10 +450,6 @@ async fn kill_9_loses_no_acknowledged_event() {
         next_id = advanced;
         acknowledged.extend(acked);
         unacknowledged = last_unacked;
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the crash test runs too long"
-        );
     }
     // A last clean start recovers the log (truncating any torn tail) before reading it.
     drop(Process::spawn(data.path(), &[]));
