@@ -53,6 +53,8 @@ pub struct AppState {
     pub requests: Arc<crate::privacy::requests::Requests>,
     /// Wakes the worker that carries out data-subject requests.
     pub request_worker: Arc<tokio::sync::Notify>,
+    /// Live WebSocket sessions (under `stream.max_sessions`).
+    pub sessions: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl AppState {
@@ -148,6 +150,7 @@ impl AppState {
             audit,
             requests,
             request_worker: Arc::new(tokio::sync::Notify::new()),
+            sessions: Arc::default(),
         })
     }
 }

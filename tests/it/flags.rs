@@ -393,3 +393,76 @@ async fn hot_reload_applies_changes_and_rejects_broken_files_while_serving_the_l
     )
     .await;
 }
+
+/// Hostile app-launch requests: each gets a clear 4xx with the JSON error body, or, where the
+/// input is a legal context, an answer; never a 5xx, and the service goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_config_requests_get_clear_answers() {
+    let service = Service::start().await;
+    let get = |query: String| {
+        let request = service.http.get(service.url(&format!("/v1/config{query}")));
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    // Two values for one attribute: which one the flags saw would be a guess.
+    let (status, answer) = get("?targetingKey=child-1&targetingKey=child-2".into()).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"], "invalid_request");
+    assert!(
+        answer["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("targetingKey")
+    );
+    // Legal contexts, however odd: every query parameter is a context attribute.
+    for query in [
+        "?targetingKey=child-1&unknown=1".to_owned(),
+        "?targetingKey=%ZZ".to_owned(),
+        "?targetingKey=child-1&school_id=%00%01%1b".to_owned(),
+        format!("?targetingKey={}", "k".repeat(8_000)),
+        "?app_version=not-a-version&targetingKey=child-1".to_owned(),
+    ] {
+        let (status, answer) = get(query.clone()).await;
+        assert_eq!(status, 200, "{query}: {answer}");
+        assert!(answer["flags"].is_object(), "{query}: {answer}");
+    }
+    let post = |body: Vec<u8>| {
+        let request = service
+            .http
+            .post(service.url("/v1/config"))
+            .header("content-type", "application/json")
+            .body(body);
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    let deep = format!("{{\"context\": {}{}}}", "[".repeat(500), "]".repeat(500));
+    for (body, status, says) in [
+        (b"not json".to_vec(), 400, "not valid JSON"),
+        (
+            br#"{"context": {"targetingKey": 5}}"#.to_vec(),
+            400,
+            "targetingKey must be a string",
+        ),
+        (
+            br#"{"context": [1, 2]}"#.to_vec(),
+            400,
+            "context must be a JSON object",
+        ),
+        (deep.into_bytes(), 400, "not valid JSON"),
+        (vec![0xff, 0xfe, 0x00], 400, "not valid JSON"),
+    ] {
+        let shown = String::from_utf8_lossy(&body[..body.len().min(40)]).into_owned();
+        let (got, answer) = post(body).await;
+        assert_eq!(got, status, "{shown}: {answer}");
+        assert_eq!(answer["error"], "invalid_request", "{shown}: {answer}");
+        let description = answer["error_description"].as_str().unwrap();
+        assert!(description.contains(says), "{shown}: {description}");
+    }
+    assert_eq!(service.get_json("/healthz").await.0, 200);
+}

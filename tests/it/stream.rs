@@ -9,7 +9,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-use crate::harness::wait::now_ms;
+use crate::harness::wait::{now_ms, until};
 use crate::harness::{Service, client_and_analyst_tokens, stored_events};
 
 type Socket =
@@ -264,4 +264,64 @@ async fn a_client_that_never_reads_its_acks_does_not_hurt_the_others() {
     send(&mut polite, json!({"seq": 1, "event": event("polite-1")})).await;
     assert_eq!(next_of(&mut polite, "ack").await["accepted"], 1);
     assert_eq!(service.get_json("/healthz").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_over_the_limit_are_refused_until_one_ends() {
+    let service = Service::start_with(|config| config.stream.max_sessions = 2).await;
+    let mut first = connect(&service, None).await.expect("the first session");
+    let _second = connect(&service, None).await.expect("the second session");
+    // The third handshake is answered 503 (with Retry-After) and no session is opened.
+    assert_eq!(connect(&service, None).await.err(), Some(503));
+    let response = service
+        .http
+        .get(service.url("/v1/stream"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "5");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "overloaded");
+    // A session that ends gives its place back.
+    first.close(None).await.unwrap();
+    drop(first);
+    let third = until(Duration::from_secs(10), "a place is free again", || async {
+        connect(&service, None).await
+    })
+    .await;
+    drop(third);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_over_its_rate_gets_an_error_reply_and_the_session_goes_on() {
+    let service = Service::start_with(|config| {
+        config.ingest.rate_limit = 1;
+        config.ingest.rate_burst = 3;
+        config.ingest.max_batch_events = 3;
+    })
+    .await;
+    let mut socket = connect(&service, None).await.expect("a session");
+    let batch = |seq: u64, ids: &[&str]| json!({"seq": seq, "events": ids.iter().map(|id| event(id)).collect::<Vec<_>>()});
+    send(&mut socket, batch(1, &["r-1", "r-2", "r-3"])).await;
+    let ack = next_of(&mut socket, "ack").await;
+    assert_eq!(ack["accepted"], 3, "{ack}");
+    send(&mut socket, batch(2, &["r-4", "r-5"])).await;
+    let refused = next_of(&mut socket, "error").await;
+    assert_eq!(refused["seq"], 2, "{refused}");
+    assert_eq!(refused["error"], "rate_limited", "{refused}");
+    assert!(refused["retry_after"].as_u64().unwrap() >= 1, "{refused}");
+    // Nothing of the refused message was stored; the session is still open.
+    let stored = crate::harness::client::count(&service, "SELECT count(*) AS n FROM events").await;
+    assert_eq!(stored, 3, "the first message's three events only");
+    socket.send(Message::Text("not json".into())).await.unwrap();
+    let answer = next_of(&mut socket, "error").await;
+    assert_eq!(
+        answer["error"], "invalid_request",
+        "the session answers on: {answer}"
+    );
 }

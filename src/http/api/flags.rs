@@ -5,7 +5,6 @@
 //! path does not re-encode flag definitions. OFREP routes answer errors in OFREP's shape.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use axum::body::Bytes;
@@ -450,22 +449,28 @@ pub async fn ofrep_bulk(
         (status = 200, description = "Every flag's value and variant.", body = AppConfig,
             headers(("ETag" = String), ("Cache-Control" = String))),
         (status = 304, description = "Nothing changed since the ETag sent."),
-        (status = 400, description = "Invalid query.", body = ErrorBody),
+        (status = 400, description = "Invalid query, or an attribute given more than once.", body = ErrorBody),
         (status = 401, description = "Missing or unknown client key.", body = ErrorBody)))]
 pub async fn config_get(
     caller: Authorized<Client>,
     State(state): State<AppState>,
     headers: HeaderMap,
-    query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) =
         query.map_err(|err| ApiError::new(ApiCode::InvalidRequest, err.body_text()))?;
-    let context = Value::Object(
-        query
-            .into_iter()
-            .map(|(k, v)| (k, Value::String(v)))
-            .collect(),
-    );
+    let mut context = serde_json::Map::with_capacity(query.len());
+    for (key, value) in query {
+        // One value per attribute: with two, which one the flags saw would be a guess.
+        if context.contains_key(&key) {
+            return Err(ApiError::new(
+                ApiCode::InvalidRequest,
+                format!("{key} is given more than once"),
+            ));
+        }
+        context.insert(key, Value::String(value));
+    }
+    let context = Value::Object(context);
     Ok(app_config(
         &state,
         &headers,

@@ -8,6 +8,7 @@
 //! connection stays bounded. The server pings, closes idle connections, and pushes
 //! `{"type": "config_changed", "etag": …}` when the flags change.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -32,7 +33,36 @@ use crate::ingest::now_ms;
 /// The subprotocol a browser names, with its key as `key.<client key>`.
 const PROTOCOL: &str = "flagstream";
 
-static SESSIONS: AtomicUsize = AtomicUsize::new(0);
+/// One live session's place under `stream.max_sessions`, taken before the upgrade (so that
+/// concurrent handshakes cannot overshoot the limit) and given back when dropped: at the
+/// session's end, or with the upgrade when it never happens.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        let mut current = count.load(Ordering::Relaxed);
+        loop {
+            if current >= max {
+                return None;
+            }
+            match count.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(Self(count.clone())),
+                Err(now) => current = now,
+            }
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// Read and write buffer of each session, in bytes.
 const SESSION_BUFFER: usize = 8 * 1024;
@@ -77,12 +107,12 @@ pub async fn stream(
     let upgrade = upgrade
         .map_err(|rejection| ApiError::new(ErrorCode::InvalidRequest, rejection.body_text()))?;
     let limits = &state.config.stream;
-    if SESSIONS.load(Ordering::Relaxed) >= limits.max_sessions {
+    let Some(slot) = Slot::take(&state.sessions, limits.max_sessions) else {
         return Err(
             ApiError::new(ErrorCode::Overloaded, "too many live sessions")
                 .retry_after(Duration::from_secs(5)),
         );
-    }
+    };
     // Small I/O buffers: tungstenite's 128 KiB defaults cost ~140 KB per idle session.
     let upgrade = upgrade
         .read_buffer_size(SESSION_BUFFER)
@@ -91,12 +121,11 @@ pub async fn stream(
         .max_frame_size(limits.max_frame.as_usize())
         .protocols([PROTOCOL]);
     Ok(upgrade
-        .on_upgrade(move |socket| session(socket, state, caller))
+        .on_upgrade(move |socket| session(socket, state, caller, slot))
         .into_response())
 }
 
-async fn session(mut socket: WebSocket, state: AppState, caller: Principal) {
-    SESSIONS.fetch_add(1, Ordering::Relaxed);
+async fn session(mut socket: WebSocket, state: AppState, caller: Principal, slot: Slot) {
     metrics::gauge!(STREAM_SESSIONS).increment(1.0);
     let limits = state.config.stream.clone();
     let mut changes = state.flag_changes.clone();
@@ -141,7 +170,7 @@ async fn session(mut socket: WebSocket, state: AppState, caller: Principal) {
     if let Some(frame) = close {
         let _ = socket.send(Message::Close(Some(frame))).await;
     }
-    SESSIONS.fetch_sub(1, Ordering::Relaxed);
+    drop(slot);
     metrics::gauge!(STREAM_SESSIONS).decrement(1.0);
 }
 
