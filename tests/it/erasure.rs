@@ -189,6 +189,16 @@ async fn an_erasure_removes_the_child_everywhere_and_keeps_its_old_events_out() 
             assert!(!contains(&bytes, needle), "{needle} is still in {name}");
         }
     }
+    // Nor inside the seals: the log's events, the ledger and journal records, the audit log
+    // and the exports, opened with the data keys.
+    let opened = crate::harness::opened_records(data.path());
+    assert!(!opened.is_empty(), "the sealed records were read");
+    for needle in [ERASED, pseudonym.as_str(), hash.as_str()] {
+        assert!(
+            !opened.contains(needle),
+            "{needle} is still in a sealed record"
+        );
+    }
     // The assignment logs are still there, with the other child.
     wait_for_file(
         &data.path().join("pipeline"),

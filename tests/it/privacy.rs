@@ -998,6 +998,16 @@ async fn no_raw_id_or_client_address_reaches_the_logs_redis_or_the_data_dir() {
         let text = String::from_utf8_lossy(&bytes);
         assert!(!text.contains(RAW), "{path} holds the raw id");
     }
+    // Inside the seals too: the log's events, the ledger, the audit log.
+    let opened = crate::harness::opened_records(data.path());
+    assert!(
+        opened.contains("lesson_completed"),
+        "the sealed records were read"
+    );
+    assert!(
+        !opened.contains(RAW) && !opened.contains("guardian-logcheck"),
+        "a sealed record holds a raw id"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

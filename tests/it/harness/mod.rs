@@ -214,6 +214,46 @@ pub fn data_sealer(data_dir: &Path) -> flagstream::crypto::Sealer {
     flagstream::crypto::Sealer::new(&keys)
 }
 
+/// Everything the service sealed in `data_dir`, opened with its data keys, as text: the
+/// write-ahead log's events, the consent ledger and request journal records, the audit log's
+/// entries and the access exports. Scans of the data dir check this as well as the raw bytes,
+/// since a raw id sealed inside a file would not show in its bytes.
+pub fn opened_records(data_dir: &Path) -> String {
+    use flagstream::privacy::journal::Journal;
+    let sealer = std::sync::Arc::new(data_sealer(data_dir));
+    let mut text = String::new();
+    for event in stored_events(data_dir) {
+        text.push_str(&event.to_string());
+        text.push('\n');
+    }
+    for journal in ["consent/ledger", "privacy/requests"] {
+        let path = data_dir.join(journal);
+        if path.exists() {
+            let (_, records) = Journal::<serde_json::Value>::open(&path, sealer.clone())
+                .expect("the journal opens with the data keys");
+            for record in records {
+                text.push_str(&record.to_string());
+                text.push('\n');
+            }
+        }
+    }
+    for entry in audit_entries(data_dir) {
+        text.push_str(&entry.to_string());
+        text.push('\n');
+    }
+    let exports = data_dir.join("privacy").join("exports");
+    if exports.is_dir() {
+        for (name, bytes) in client::files(&exports) {
+            if name.ends_with(".sealed") {
+                let mut plain = Vec::new();
+                let opened = sealer.open(&bytes, &mut plain).expect("the export opens");
+                text.push_str(&String::from_utf8_lossy(opened));
+            }
+        }
+    }
+    text
+}
+
 /// The audit log of a data dir, opened with the data keys the service made there.
 pub fn audit_entries(data_dir: &Path) -> Vec<serde_json::Value> {
     flagstream::privacy::audit::read_entries(&data_dir.join("audit"), &data_sealer(data_dir))
