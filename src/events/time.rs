@@ -228,5 +228,45 @@ mod tests {
         fn parsing_never_panics(text in "\\PC{0,40}") {
             let _ = parse_rfc3339(&text);
         }
+
+        /// Timestamps built from their parts, in any offset and with any fraction, parse to
+        /// what a naive model computes: days since the epoch by counting every day of every
+        /// year and month before, then the time of day, less the offset.
+        #[test]
+        fn parsing_agrees_with_a_naive_model(
+            year in 1900i64..2200, month in 1i64..=12, day_seed in 0i64..31,
+            hour in 0i64..24, minute in 0i64..60, second in 0i64..60,
+            fraction in "[0-9]{0,9}", offset in -(14 * 60i64)..=(14 * 60),
+        ) {
+            let leap = |y: i64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+            let month_days = |y: i64, m: i64| match m {
+                2 if leap(y) => 29,
+                2 => 28,
+                4 | 6 | 9 | 11 => 30,
+                _ => 31,
+            };
+            let day = 1 + day_seed % month_days(year, month);
+            let mut days: i64 = 0;
+            if year >= 1970 {
+                for y in 1970..year { days += if leap(y) { 366 } else { 365 }; }
+            } else {
+                for y in year..1970 { days -= if leap(y) { 366 } else { 365 }; }
+            }
+            for m in 1..month { days += month_days(year, m); }
+            days += day - 1;
+            let millis_of_fraction = fraction.chars().take(3).fold(0i64, |acc, c| acc * 10 + i64::from(c as u8 - b'0'))
+                * 10i64.pow(3 - fraction.len().min(3) as u32);
+            let expected = ((days * 24 + hour) * 60 + minute) * 60_000 + second * 1000
+                + millis_of_fraction - offset * 60_000;
+            let zone = if offset == 0 {
+                "Z".to_owned()
+            } else {
+                let sign = if offset < 0 { '-' } else { '+' };
+                format!("{sign}{:02}:{:02}", offset.abs() / 60, offset.abs() % 60)
+            };
+            let dot = if fraction.is_empty() { String::new() } else { format!(".{fraction}") };
+            let text = format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}{dot}{zone}");
+            prop_assert_eq!(parse_rfc3339(&text), Some(expected), "{}", text);
+        }
     }
 }

@@ -322,12 +322,81 @@ mod tests {
         assert!(decode_epoch(&payload[..payload.len() - 1]).is_none());
     }
 
+    fn format_of(n: u8) -> Format {
+        [Format::Plain, Format::Sealed, Format::Padding][usize::from(n % 3)]
+    }
+
+    fn payloads() -> impl Strategy<Value = Vec<(u8, Vec<u8>)>> {
+        proptest::collection::vec(
+            (any::<u8>(), proptest::collection::vec(any::<u8>(), 0..64)),
+            1..6,
+        )
+    }
+
+    fn encoded(frames: &[(u8, Vec<u8>)]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for (format, payload) in frames {
+            encode_frame(&mut bytes, format_of(*format), payload);
+        }
+        bytes
+    }
+
     proptest! {
         #[test]
         fn scanning_random_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200), at in 0usize..220) {
             let _ = scan(&bytes, at);
             let _ = resync(&bytes, at);
             let _ = decode_epoch(&bytes);
+        }
+
+        /// Frames read back as written, in order, ending exactly at the end.
+        #[test]
+        fn frames_round_trip(frames in payloads()) {
+            let bytes = encoded(&frames);
+            let mut at = 0;
+            for (format, payload) in &frames {
+                match scan(&bytes, at) {
+                    Scan::Frame { format: read, payload: got, next } => {
+                        prop_assert_eq!(read, format_of(*format));
+                        prop_assert_eq!(got, payload.as_slice());
+                        at = next;
+                    }
+                    other => prop_assert!(false, "at {}: {:?}", at, other),
+                }
+            }
+            prop_assert_eq!(at, bytes.len());
+        }
+
+        /// A torn tail (the bytes cut anywhere inside the last frame) reads as incomplete,
+        /// never as a frame or as damage, after the intact frames before it.
+        #[test]
+        fn a_torn_tail_is_incomplete(frames in payloads(), cut in 1usize..1000) {
+            let bytes = encoded(&frames);
+            let last = encoded(&frames[..frames.len() - 1]).len();
+            let cut = last + cut % (bytes.len() - last);
+            prop_assert_eq!(scan(&bytes[..cut], last), Scan::Incomplete);
+        }
+
+        /// Any one changed byte of a frame is seen: the frame is never read with another
+        /// format or payload than it was written with.
+        #[test]
+        fn a_changed_byte_is_never_read_as_data(payload in proptest::collection::vec(any::<u8>(), 0..64), format in any::<u8>(), at in 0usize..1000, flip in 1u8..=255) {
+            let mut bytes = Vec::new();
+            encode_frame(&mut bytes, format_of(format), &payload);
+            let at = at % bytes.len();
+            bytes[at] ^= flip;
+            if let Scan::Frame { format: read, payload: got, .. } = scan(&bytes, 0) {
+                prop_assert!(false, "a changed byte at {} read as {:?} {:?}", at, read, got);
+            }
+        }
+
+        /// Epochs round trip: the number and every event, in order.
+        #[test]
+        fn any_epoch_round_trips(epoch in any::<u64>(), events in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..8)) {
+            let payload = encode_epoch(epoch, events.iter().map(Vec::as_slice));
+            let (read, got) = decode_epoch(&payload).expect("an encoded epoch decodes");
+            prop_assert_eq!(read, epoch);
+            prop_assert_eq!(got, events.iter().map(Vec::as_slice).collect::<Vec<_>>());
         }
     }
 }
