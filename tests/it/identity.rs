@@ -801,40 +801,29 @@ async fn issuer_keys_are_fetched_again_on_schedule() {
         config.auth.oidc = vec![issuer];
     })
     .await;
-    let keys = |text: &str| {
-        text.lines()
-            .find(|l| l.starts_with("flagstream_oidc_keys{") && l.contains(&provider.issuer))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-    };
-    until(
-        Duration::from_secs(10),
-        "the first key set is held",
-        || async {
-            let held = keys(&service.get_text("/metrics").await);
-            if held == Some(1.0) {
-                Ok(())
-            } else {
-                Err(format!("{held:?}"))
+    let keys_held = |count: f64, what: &'static str| {
+        let (service, issuer) = (&service, provider.issuer.clone());
+        until(Duration::from_secs(10), what, move || {
+            let issuer = issuer.clone();
+            async move {
+                let metrics = service.get_text("/metrics").await;
+                let held = metrics
+                    .lines()
+                    .find(|l| l.starts_with("flagstream_oidc_keys{") && l.contains(&issuer))
+                    .and_then(|l| l.rsplit(' ').next())
+                    .and_then(|v| v.parse::<f64>().ok());
+                if held == Some(count) {
+                    Ok(())
+                } else {
+                    Err(format!("{held:?}"))
+                }
             }
-        },
-    )
-    .await;
+        })
+    };
+    keys_held(1.0, "the first key set is held").await;
     // The provider rotates; no token names the new key, yet the schedule picks it up.
     provider.rotate().await;
-    until(
-        Duration::from_secs(10),
-        "the rotated key set is held",
-        || async {
-            let held = keys(&service.get_text("/metrics").await);
-            if held == Some(2.0) {
-                Ok(())
-            } else {
-                Err(format!("{held:?}"))
-            }
-        },
-    )
-    .await;
+    keys_held(2.0, "the rotated key set is held").await;
     let metrics = service.get_text("/metrics").await;
     assert!(
         metrics

@@ -230,32 +230,21 @@ impl OidcProvider {
             };
         }
         let code = code.expect("the flow ended with a code");
-        let answer: serde_json::Value = browser
-            .post(format!("{}/token", self.issuer))
-            .form(&[
-                ("grant_type", "authorization_code"),
-                ("code", &code),
-                ("redirect_uri", REDIRECT_URI),
-                ("code_verifier", &verifier),
-                ("client_id", CLIENT_ID),
-                ("resource", resource),
-            ])
-            .send()
-            .await
-            .expect("token")
-            .json()
-            .await
-            .expect("token answer");
-        answer["access_token"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no access token: {answer}"))
-            .to_owned()
+        let request = browser.post(format!("{}/token", self.issuer)).form(&[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("redirect_uri", REDIRECT_URI),
+            ("code_verifier", &verifier),
+            ("client_id", CLIENT_ID),
+            ("resource", resource),
+        ]);
+        self.access_token(request).await
     }
 
     /// A client-credentials token of the confidential client `client` (`expiring`: lives
     /// 1 s; `early`: not valid for an hour).
     pub async fn client_token(&self, client: &str) -> String {
-        let answer: serde_json::Value = self
+        let request = self
             .http
             .post(format!("{}/token", self.issuer))
             .basic_auth(client, Some(format!("{client}-secret")))
@@ -263,7 +252,13 @@ impl OidcProvider {
                 ("grant_type", "client_credentials"),
                 ("resource", AUDIENCE),
                 ("scope", "flagstream"),
-            ])
+            ]);
+        self.access_token(request).await
+    }
+
+    /// The access token the token endpoint answers `request` with.
+    async fn access_token(&self, request: reqwest::RequestBuilder) -> String {
+        let answer: serde_json::Value = request
             .send()
             .await
             .unwrap_or_else(|e| panic!("token: {e:?}; provider log: {}", self.log()))
