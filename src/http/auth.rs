@@ -112,25 +112,34 @@ impl Gate {
         authorization: Option<&str>,
         admitted: &[Role],
     ) -> Result<Principal, ApiError> {
-        let result = self.identify(authorization).await.and_then(|principal| {
-            if principal.role == Role::Admin || admitted.contains(&principal.role) {
-                Ok(principal)
-            } else {
+        // Who a refusal is recorded under: the caller, once identified.
+        let (who, result): (Option<(Arc<str>, Role)>, _) = match self.identify(authorization).await
+        {
+            Ok(principal)
+                if principal.role == Role::Admin || admitted.contains(&principal.role) =>
+            {
+                return Ok(principal);
+            }
+            Ok(principal) => {
                 let names: Vec<&str> = admitted.iter().map(|r| r.as_str()).collect();
                 let description = format!("this needs the {} role", names.join(" or "));
-                let header = format!(
-                    "Bearer realm=\"flagstream\", error=\"insufficient_scope\", error_description=\"{description}\""
-                );
-                Err(ApiError::new(ErrorCode::Forbidden, description).challenge(header))
+                let header = challenge(Some("insufficient_scope"), &description);
+                let refused = ApiError::new(ErrorCode::Forbidden, description).challenge(header);
+                (Some((principal.name, principal.role)), Err(refused))
             }
-        });
+            Err(err) => (None, Err(err)),
+        };
         if let (Err(err), Some(audit)) = (&result, &self.audit)
             && authorization.is_some()
         {
+            let (name, role) = match &who {
+                Some((name, role)) => (&**name, role.as_str()),
+                None => ("unauthenticated", "none"),
+            };
             audit.append(
                 now_ms(),
-                "unauthenticated",
-                "none",
+                name,
+                role,
                 "auth.refused",
                 err.description(),
                 err.code().status().as_u16(),

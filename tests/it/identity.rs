@@ -50,6 +50,21 @@ async fn event(service: &Service, user: &str, id: &str) -> (String, String) {
     post_batch(service, batch).await.remove(0)
 }
 
+/// Files a data-subject request as `token` and returns the answer, which must be 202.
+async fn file_request(service: &Service, token: &str, kind: &str, subject: &str) -> Value {
+    let body = json!({"type": kind, "subject": subject});
+    let (status, answer) = send(
+        service,
+        token,
+        Method::POST,
+        "/v1/privacy/requests",
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, 202, "{kind} request for {subject}: {answer}");
+    answer
+}
+
 /// The audit log's entries.
 fn audit_entries(service: &Service) -> Vec<Value> {
     crate::harness::audit_entries(service.data_dir())
@@ -107,26 +122,8 @@ async fn a_parent_signs_in_and_looks_after_both_children() {
     assert_eq!(consents["history"].as_array().unwrap().len(), 2);
 
     // Erase the second child; ask for the first child's data.
-    let erase = json!({"type": "erasure", "subject": "child-a2"});
-    let (status, erasure) = send(
-        &service,
-        &parent,
-        Method::POST,
-        "/v1/privacy/requests",
-        Some(erase),
-    )
-    .await;
-    assert_eq!(status, 202, "{erasure}");
-    let access = json!({"type": "access", "subject": "child-a1"});
-    let (status, access) = send(
-        &service,
-        &parent,
-        Method::POST,
-        "/v1/privacy/requests",
-        Some(access),
-    )
-    .await;
-    assert_eq!(status, 202, "{access}");
+    file_request(&service, &parent, "erasure", "child-a2").await;
+    let access = file_request(&service, &parent, "access", "child-a1").await;
     let id = access["id"].as_str().unwrap().to_owned();
 
     let mine = until(
@@ -205,16 +202,7 @@ async fn another_familys_child_is_refused_on_every_endpoint_and_audited() {
     let parent_a = provider.sign_in("parent-a").await;
     let parent_b = provider.sign_in("parent-b").await;
     // A request of parent A's, to be reached by parent B.
-    let access = json!({"type": "access", "subject": "child-a1"});
-    let (status, access) = send(
-        &service,
-        &parent_a,
-        Method::POST,
-        "/v1/privacy/requests",
-        Some(access),
-    )
-    .await;
-    assert_eq!(status, 202, "{access}");
+    let access = file_request(&service, &parent_a, "access", "child-a1").await;
     let id = access["id"].as_str().unwrap().to_owned();
     let grant = json!({"subject": "child-a1", "scope": "analytics", "granted": true});
     let erase = json!({"type": "erasure", "subject": "child-a1"});
@@ -781,6 +769,21 @@ async fn school_admins_and_researchers_act_within_their_sign_in() {
         let grant = json!({"subject": "child-4A-0", "scope": "analytics", "granted": true});
         let (status, _) = send(&service, token, Method::POST, "/v1/consent", Some(grant)).await;
         assert_eq!(status, 403);
+    }
+    // A refusal for a role is audited under the caller's name and role.
+    let refused_roles: Vec<Value> = audit_entries(&service)
+        .into_iter()
+        .filter(|e| e["action"] == "auth.refused" && e["status"] == 403)
+        .collect();
+    for role in ["school_admin", "researcher"] {
+        assert!(
+            refused_roles.iter().any(|e| e["role"] == role
+                && e["who"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("{role}:r_"))),
+            "{role}: {refused_roles:?}"
+        );
     }
     // Every researcher query is audited, refused ones too.
     let audited: Vec<Value> = audit_entries(&service)
