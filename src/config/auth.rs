@@ -284,20 +284,7 @@ impl ConfigValue for Vec<TokenConfig> {
     const KIND: &'static str = "array of {name, role, sha256, scope, project}";
     fn parse(value: &Value) -> Result<Self, String> {
         // From the environment: an inline TOML array of tables.
-        let array = super::value::inline_array(value)?;
-        let mut tokens = Vec::with_capacity(array.len());
-        let mut problems = Vec::new();
-        for (i, item) in array.iter().enumerate() {
-            match TokenConfig::parse_one(item) {
-                Ok(token) => tokens.push(token),
-                Err(e) => problems.push(format!("[{i}] {e}")),
-            }
-        }
-        if problems.is_empty() {
-            Ok(tokens)
-        } else {
-            Err(problems.join("; "))
-        }
+        super::value::parse_tables(value, TokenConfig::parse_one)
     }
     fn render(&self) -> Value {
         Value::Array(

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use toml::Value;
 
 use super::auth::Role;
-use super::value::{ConfigValue, inline_array};
+use super::value::{ConfigValue, parse_tables};
 
 /// The signature algorithms an issuer may be allowed: asymmetric only, so that no key
 /// flagstream can read (a published public key) can ever make a valid signature.
@@ -233,23 +233,7 @@ fn check_issuer_url(issuer: &str) -> Result<(), String> {
 impl ConfigValue for Vec<OidcIssuerConfig> {
     const KIND: &'static str = "array of {issuer, audience, algorithms, leeway, jwks_refresh, jwks_min_interval, claims, roles}";
     fn parse(value: &Value) -> Result<Self, String> {
-        let array = inline_array(value)?;
-        let mut issuers: Vec<OidcIssuerConfig> = Vec::with_capacity(array.len());
-        let mut problems = Vec::new();
-        for (i, item) in array.iter().enumerate() {
-            match OidcIssuerConfig::parse_one(item) {
-                Ok(issuer) if issuers.iter().any(|known| known.issuer == issuer.issuer) => {
-                    problems.push(format!("[{i}] issuer {:?} is listed twice", issuer.issuer));
-                }
-                Ok(issuer) => issuers.push(issuer),
-                Err(e) => problems.push(format!("[{i}] {e}")),
-            }
-        }
-        if problems.is_empty() {
-            Ok(issuers)
-        } else {
-            Err(problems.join("; "))
-        }
+        parse_tables(value, OidcIssuerConfig::parse_one)
     }
     fn render(&self) -> Value {
         Value::Array(self.iter().map(OidcIssuerConfig::render_one).collect())
@@ -327,11 +311,18 @@ mod tests {
             let err = parse(&format!("{{{bad}}}")).unwrap_err();
             assert!(err.contains(why), "{bad}: {err}");
         }
-        let twice = parse(
+        // Listed twice (a trailing slash is the same issuer): refused where duplicate tokens
+        // are, in the auth section's validation.
+        let mut config = crate::config::Config::default();
+        config.auth.oidc = parse(
             r#"{issuer = "https://idp", audience = "a"}, {issuer = "https://idp/", audience = "b"}"#,
         )
-        .unwrap_err();
-        assert!(twice.contains("listed twice"), "{twice}");
+        .unwrap();
+        let twice: Vec<String> = config.validate().iter().map(|p| p.to_string()).collect();
+        assert!(
+            twice.iter().any(|p| p.contains("listed twice")),
+            "{twice:?}"
+        );
         assert!(parse(r#"{issuer = "http://127.0.0.1:4000", audience = "a"}"#).is_ok());
         assert!(parse(r#"{issuer = "http://localhost:4000/x", audience = "a"}"#).is_ok());
     }

@@ -328,6 +328,15 @@ impl AuthConfig {
                 );
             }
         }
+        let mut issuers = HashSet::new();
+        for issuer in &self.oidc {
+            if !issuers.insert(issuer.issuer.as_str()) {
+                problems.add(
+                    "auth.oidc",
+                    format!("issuer {:?} is listed twice", issuer.issuer),
+                );
+            }
+        }
     }
 }
 

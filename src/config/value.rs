@@ -89,6 +89,27 @@ pub(crate) fn inline_array(value: &Value) -> Result<std::borrow::Cow<'_, [Value]
     }
 }
 
+/// Reads every table of an array with `parse_one`, reporting every bad one by its index.
+pub(crate) fn parse_tables<T>(
+    value: &Value,
+    parse_one: impl Fn(&Value) -> Result<T, String>,
+) -> Result<Vec<T>, String> {
+    let array = inline_array(value)?;
+    let mut parsed = Vec::with_capacity(array.len());
+    let mut problems = Vec::new();
+    for (i, item) in array.iter().enumerate() {
+        match parse_one(item) {
+            Ok(one) => parsed.push(one),
+            Err(e) => problems.push(format!("[{i}] {e}")),
+        }
+    }
+    if problems.is_empty() {
+        Ok(parsed)
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
 impl ConfigValue for Vec<String> {
     const KIND: &'static str = "array of strings";
     fn parse(value: &Value) -> Result<Self, String> {
